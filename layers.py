@@ -1,0 +1,212 @@
+"""Building blocks shared by the UNet (model.py) and the VAE (vae.py).
+
+Spatial layers see frames folded into the batch, `(batch * frames, channels, height, width)`.
+`fold_frames` and `unfold_frames` are the only places where that fold is made and undone.
+Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def fold_frames(video: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, frames, height, width) -> (batch * frames, channels, height, width)."""
+    return rearrange(video, "b c f h w -> (b f) c h w")
+
+
+def unfold_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(batch * frames, channels, height, width) -> (batch, channels, frames, height, width)."""
+    return rearrange(images, "(b f) c h w -> b c f h w", f=num_frames)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm on frames folded into the batch.
+
+    With `across_frames=False` each frame is normalised alone, as SDXL's image model does. With
+    `across_frames=True` the statistics of each group span every frame of the chunk, as in the
+    original video model, whose GroupNorms were applied to the 5-D tensor.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, across_frames: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.across_frames = across_frames
+
+    def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """x: (batch * frames, channels, height, width)."""
+        if not self.across_frames or num_frames == 1:
+            return super().forward(x)
+        video = unfold_frames(x, num_frames)  # (b, c, f, h, w): statistics over (c/g, f, h, w)
+        video = F.group_norm(video, self.num_groups, self.weight, self.bias, self.eps)
+        return fold_frames(video)  # (b*f, c, h, w)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm → SiLU → conv → (+ time embedding) → GroupNorm → SiLU → conv, plus a shortcut.
+
+    `time_embed_dim=None` builds the VAE's variant, which has no time embedding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_embed_dim: int | None,
+        num_groups: int,
+        eps: float,
+        across_frames: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = GroupNorm(num_groups, in_channels, eps, across_frames)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(time_embed_dim, out_channels) if time_embed_dim else None
+        self.norm2 = GroupNorm(num_groups, out_channels, eps, across_frames)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(
+        self, x: torch.Tensor, time_embedding: torch.Tensor | None = None, num_frames: int = 1
+    ) -> torch.Tensor:
+        """x: (batch * frames, in_channels, h, w); time_embedding: (batch * frames, time_embed_dim)."""
+        h = self.conv1(F.silu(self.norm1(x, num_frames)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h, num_frames))))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`.
+
+    One class serves spatial self- and cross-attention, temporal attention and the conditioner's
+    cross-attention to the context. `context_dim` is the width of the keys' source (the query's own
+    width for self-attention); `out_dim` is the output width (the query's width by default).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        out_dim: int | None = None,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        inner_dim = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, out_dim or query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, tokens, query_dim); context: (batch, context_tokens, context_dim) or None."""
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, tokens, head_dim)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the inner width; one half gated by the GELU of the other."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner_dim * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with inner width 4 * dim (`net.0.proj`, `net.2` as in diffusers)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """LayerNorm → attention → residual, twice, then LayerNorm → GEGLU feed-forward → residual.
+
+    The three uses in the video UNet:
+    - spatial (`context_dim` = text width): self-attention, then cross-attention to the text;
+    - temporal (`double_self_attention`): self-attention, then optionally a second self-attention;
+    - conditioner (`context_dim` = its width, `only_cross_attention`): both attentions attend to
+      the context.
+    Without `context_dim` and `double_self_attention` there is no second attention (`norm2`,
+    `attn2` absent), as in diffusers' `BasicTransformerBlock`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        only_cross_attention: bool = False,
+        double_self_attention: bool = False,
+    ):
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None)
+        self.norm2 = self.attn2 = None
+        if context_dim is not None or double_self_attention:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, tokens, dim); context: (batch, context_tokens, context_dim) or None."""
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (`conv`).
+
+    `padding=1` pads every side (the UNet); `padding=0` pads only the right and bottom edges by
+    one (the VAE's encoder), as the SDXL checkpoints were trained.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.pad_right_bottom = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_right_bottom:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to `size` (twice the input by default), then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (batch, channels, h, w); size: the output (height, width), e.g. a skip's size."""
+        size = size or (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
