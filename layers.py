@@ -1,7 +1,8 @@
 """Building blocks shared by the UNet (model.py) and the VAE (vae.py).
 
-Spatial layers see frames folded into the batch, `(batch * frames, channels, height, width)`.
-`fold_frames` and `unfold_frames` are the only places where that fold is made and undone.
+Spatial layers see frames folded into the batch, `(batch * frames, channels, height, width)`;
+temporal layers see positions folded into the batch, `(batch * height * width, frames, channels)`.
+The helpers below are the only places where those folds are made and undone.
 Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
 """
 
@@ -19,6 +20,21 @@ def fold_frames(video: torch.Tensor) -> torch.Tensor:
 def unfold_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch * frames, channels, height, width) -> (batch, channels, frames, height, width)."""
     return rearrange(images, "(b f) c h w -> b c f h w", f=num_frames)
+
+
+def repeat_per_frame(per_video: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(batch, ...) -> (batch * frames, ...): a per-video condition given to every frame."""
+    return per_video.repeat_interleave(num_frames, dim=0)
+
+
+def frames_to_tokens(images: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(batch * frames, channels, h, w) -> (batch * h * w, frames, channels): one sequence per position."""
+    return rearrange(images, "(b f) c h w -> (b h w) f c", f=num_frames)
+
+
+def tokens_to_frames(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(batch * h * w, frames, channels) -> (batch * frames, channels, h, w): `frames_to_tokens` undone."""
+    return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)
 
 
 class GroupNorm(nn.GroupNorm):

@@ -1,0 +1,501 @@
+"""The SDXL UNet with a temporal transformer and a temporal conditioner transformer.
+
+Latents are `(batch, channels, frames, height, width)`. The UNet folds frames into the batch once
+at the start (`fold_frames`) and unfolds them once at the end; spatial layers then work frame by
+frame, and the two temporal modules fold positions into the batch to look across frames:
+- `TemporalTransformer` (`temp_attentions.N`): the chunk's frames attend to each other;
+- `TemporalConditionerTransformer` (`temp_cond_attentions.N`): the chunk's frames cross-attend
+  to the context, the clean latents of the last frames already made (`previous_latents`).
+Spatial module names are diffusers', so an SDXL UNet state dict loads with a strict
+`load_state_dict`; a freshly built model has zero output projections in its temporal modules and
+so computes exactly what SDXL computes frame by frame (with per-frame GroupNorm).
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from layers import (
+    Downsample,
+    GroupNorm,
+    ResnetBlock,
+    TransformerBlock,
+    Upsample,
+    fold_frames,
+    frames_to_tokens,
+    repeat_per_frame,
+    tokens_to_frames,
+    unfold_frames,
+)
+
+GROUPNORM_SCOPES = ("frame", "chunk")
+NUM_TIME_IDS = 6  # original height and width, crop top and left, target height and width
+
+
+@dataclass
+class UNetConfig:
+    """Everything that shapes the UNet. `sdxl()` and `tiny()` are the presets.
+
+    `head_dim` is the number of channels per attention head everywhere (spatial, temporal and
+    conditioner attention): SDXL's "[5, 10, 20] heads" are 64 channels each.
+    `transformer_layers_per_block[level]` is the spatial transformer depth; 0 means no attention
+    (and no temporal modules) at that level. The mid block uses the last level's depth.
+    `temporal_layers` is the number of transformer blocks in each temporal transformer (0 builds
+    no temporal modules at all: plain SDXL); `conditioner_layers` and `conditioner_dim` (D) shape
+    each conditioner. `groupnorm_scope` is "frame" (SDXL exact) or "chunk" (statistics across the
+    chunk's frames, as the original video weights were trained).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    layers_per_block: int = 2
+    transformer_layers_per_block: tuple[int, ...] = (0, 2, 10)
+    head_dim: int = 64
+    cross_attention_dim: int = 2048
+    pooled_text_dim: int = 1280
+    addition_time_embed_dim: int = 256
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int = 128
+    temporal_layers: int = 2
+    temporal_double_self_attention: bool = True
+    conditioner_layers: int = 1
+    conditioner_dim: int = 2560
+    groupnorm_scope: str = "frame"
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.transformer_layers_per_block = tuple(self.transformer_layers_per_block)
+        for field in fields(self):
+            value = getattr(self, field.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if field.type in (int, tuple[int, ...]) and any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in numbers
+            ):
+                raise ValueError(f"UNetConfig.{field.name} must hold non-negative integers, got {value!r}")
+        if self.groupnorm_scope not in GROUPNORM_SCOPES:
+            raise ValueError(f"UNetConfig.groupnorm_scope must be one of {GROUPNORM_SCOPES}, got {self.groupnorm_scope!r}")
+        if not self.block_out_channels or 0 in self.block_out_channels:
+            raise ValueError(f"UNetConfig.block_out_channels must be positive widths, got {self.block_out_channels}")
+        if len(self.transformer_layers_per_block) != len(self.block_out_channels):
+            raise ValueError(
+                f"UNetConfig.transformer_layers_per_block must have {len(self.block_out_channels)} entries "
+                f"(one per level of block_out_channels), got {self.transformer_layers_per_block}"
+            )
+        for name in ("in_channels", "out_channels", "layers_per_block", "head_dim", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UNetConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups or channels % self.head_dim:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels entries must be multiples of norm_num_groups "
+                    f"({self.norm_num_groups}) and head_dim ({self.head_dim}), got {channels}"
+                )
+        if self.block_out_channels[0] % 2 or self.addition_time_embed_dim % 2:
+            raise ValueError("UNetConfig.block_out_channels[0] and addition_time_embed_dim must be even")
+        if self.temporal_layers and self.conditioner_dim < 1:
+            raise ValueError(f"UNetConfig.conditioner_dim must be at least 1, got {self.conditioner_dim}")
+
+    @classmethod
+    def sdxl(cls, **overrides) -> "UNetConfig":
+        """SDXL base 1.0 (reference/sdxl-base-1.0/unet/config.json) with the original temporal modules."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UNetConfig":
+        """A few-hundred-thousand-parameter model with every path of the full one, for tests."""
+        settings = dict(
+            block_out_channels=(16, 32, 32),
+            transformer_layers_per_block=(0, 1, 2),
+            head_dim=8,
+            cross_attention_dim=24,
+            pooled_text_dim=16,
+            addition_time_embed_dim=8,
+            norm_num_groups=8,
+            sample_size=16,
+            layers_per_block=1,
+            conditioner_dim=24,
+        )
+        return cls(**{**settings, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (batch,) numbers -> (batch, dim), cosines first (SDXL's layout)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=timesteps.device) / half)
+    angles = timesteps.float()[:, None] * frequencies[None]  # (batch, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def frame_position_encoding(num_frames: int, dim: int, device=None) -> torch.Tensor:
+    """(frames, dim): cos(p / 10000^(2i/dim)) at channel 2i and sin(...) at 2i+1, for frame p."""
+    positions = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]
+    even_channels = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    angles = positions / 10000 ** (even_channels / dim)  # (frames, ceil(dim/2))
+    encoding = torch.zeros(num_frames, dim, device=device)
+    encoding[:, 0::2] = angles.cos()
+    encoding[:, 1::2] = angles[:, : dim // 2].sin()
+    return encoding
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear → SiLU → Linear (`linear_1`, `linear_2`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Conditioning(NamedTuple):
+    """What every block needs besides its input, with frames folded into the batch."""
+
+    time_embedding: torch.Tensor  # (batch * frames, time_embed_dim)
+    text: torch.Tensor  # (batch * frames, tokens, cross_attention_dim)
+    num_frames: int
+    previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame transformer over the h*w tokens: self-attention and cross-attention to the text."""
+
+    def __init__(self, channels: int, depth: int, config: UNetConfig):
+        super().__init__()
+        across_frames = config.groupnorm_scope == "chunk"
+        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, across_frames)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, channels // config.head_dim, config.head_dim, config.cross_attention_dim)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: (batch * frames, channels, h, w)."""
+        height, width = x.shape[-2:]
+        tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")
+        tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, cond.text)
+        tokens = self.proj_out(tokens)
+        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)
+
+
+class TemporalTransformer(nn.Module):
+    """Frames of a chunk attend to each other at every spatial position.
+
+    GroupNorm across the chunk's frames, `proj_in`, plus a sinusoidal frame-position encoding,
+    transformer blocks (self-attention, optionally a second self-attention, GEGLU), `proj_out`
+    (zero when built fresh), residual. With one frame it returns its input.
+    """
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, across_frames=True)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(
+                channels,
+                channels // config.head_dim,
+                config.head_dim,
+                double_self_attention=config.temporal_double_self_attention,
+            )
+            for _ in range(config.temporal_layers)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: (batch * frames, channels, h, w)."""
+        if cond.num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        tokens = frames_to_tokens(self.norm(x, cond.num_frames), cond.num_frames)  # (b*h*w, f, c)
+        tokens = self.proj_in(tokens)
+        tokens = tokens + frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype)
+        for block in self.transformer_blocks:
+            tokens = block(tokens)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+
+
+class TemporalConditionerTransformer(nn.Module):
+    """Frames of a chunk cross-attend to the context (the last frames already made).
+
+    The context latents are resized to the block's (context_frames, h, w), repeated along the
+    batch when guidance doubled it, and projected to width D by `conv_in`; the chunk is normalised
+    by `ln` and projected to D by `proj_in`. Frame positions add exp(p / k) to context frame p and
+    exp(-p / f) to chunk frame p. Transformer blocks of width D cross-attend to the context in
+    both attentions, then `proj_out` (zero when built fresh) returns to the block's width.
+    Without a context, or with one frame, it returns its input.
+    """
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        width = config.conditioner_dim
+        self.conv_in = nn.Conv3d(config.in_channels, width, kernel_size=1)
+        self.ln = nn.LayerNorm(channels)
+        self.proj_in = nn.Linear(channels, width)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(
+                width, channels // config.head_dim, config.head_dim, context_dim=width, only_cross_attention=True
+            )
+            for _ in range(config.conditioner_layers)
+        )
+        self.proj_out = nn.Linear(width, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def encode_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+        """(context_batch, in_channels, k, H, W) -> (batch * height * width, k, D)."""
+        context_frames = previous_latents.shape[2]
+        context = F.interpolate(
+            previous_latents.to(self.conv_in.weight.dtype),
+            size=(context_frames, height, width),
+            mode="trilinear",
+            align_corners=False,
+        )  # (context_batch, c, k, h, w)
+        context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)  # (b, c, k, h, w)
+        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")
+        positions = torch.arange(context_frames, device=tokens.device, dtype=tokens.dtype)
+        return tokens + torch.exp(positions / context_frames)[:, None]
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: (batch * frames, channels, h, w)."""
+        if cond.previous_latents is None or cond.num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        batch = x.shape[0] // cond.num_frames
+        context = self.encode_context(cond.previous_latents, batch, height, width)  # (b*h*w, k, D)
+        tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
+        positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
+        tokens = tokens + torch.exp(-positions / cond.num_frames)[:, None]
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+
+
+def make_layer(channels: int, depth: int, config: UNetConfig) -> dict[str, nn.Module]:
+    """The attention modules that follow one resnet at an attention level, keyed by list name."""
+    layer = {"attentions": SpatialTransformer(channels, depth, config)}
+    if config.temporal_layers:
+        layer["temp_attentions"] = TemporalTransformer(channels, config)
+        layer["temp_cond_attentions"] = TemporalConditionerTransformer(channels, config)
+    return layer
+
+
+class UNetLevel(nn.Module):
+    """One resolution level of the encoder or the decoder.
+
+    Each resnet is followed, at attention levels, by spatial transformer → temporal transformer →
+    conditioner. An encoder level ends with a stride-2 downsampler (all but the lowest level); a
+    decoder level takes a skip before every resnet and ends with an upsampler (all but the
+    highest level).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, depth: int, sampler: str | None, config: UNetConfig):
+        super().__init__()
+        across_frames = config.groupnorm_scope == "chunk"
+        self.resnets = nn.ModuleList(
+            ResnetBlock(
+                channels, out_channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, across_frames
+            )
+            for channels in in_channels
+        )
+        layers = [make_layer(out_channels, depth, config) for _ in in_channels] if depth else []
+        for name in layers[0] if layers else ():
+            setattr(self, name, nn.ModuleList(layer[name] for layer in layers))
+        if sampler == "down":
+            self.downsamplers = nn.ModuleList([Downsample(out_channels)])
+        if sampler == "up":
+            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
+
+    def attention_modules(self, index: int) -> list[nn.Module]:
+        names = ("attentions", "temp_attentions", "temp_cond_attentions")
+        return [getattr(self, name)[index] for name in names if hasattr(self, name)]
+
+    def forward(self, x, cond: Conditioning, skips: tuple[torch.Tensor, ...] = (), upsample_size=None):
+        """x: (batch * frames, channels, h, w); `skips`: a decoder level's skips, one per resnet,
+        nearest first; `upsample_size`: the (h, w) the upsampler makes. Returns x and the
+        outputs an encoder level leaves as skips."""
+        made = []
+        for index, resnet in enumerate(self.resnets):
+            if skips:
+                x = torch.cat([x, skips[index]], dim=1)  # (b*f, c + skip_c, h, w)
+            x = resnet(x, cond.time_embedding, cond.num_frames)
+            for module in self.attention_modules(index):
+                x = module(x, cond)
+            made.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            made.append(x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, upsample_size)
+        return x, made
+
+
+class UNetMidBlock(nn.Module):
+    """resnet 0, then conditioner → temporal transformer → spatial transformer → resnet 1."""
+
+    def __init__(self, channels: int, depth: int, config: UNetConfig):
+        super().__init__()
+        across_frames = config.groupnorm_scope == "chunk"
+        self.resnets = nn.ModuleList(
+            ResnetBlock(channels, channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, across_frames)
+            for _ in range(2)
+        )
+        for name, module in make_layer(channels, depth, config).items():
+            setattr(self, name, nn.ModuleList([module]))
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x = self.resnets[0](x, cond.time_embedding, cond.num_frames)
+        if hasattr(self, "temp_cond_attentions"):
+            x = self.temp_cond_attentions[0](x, cond)
+            x = self.temp_attentions[0](x, cond)
+        x = self.attentions[0](x, cond)
+        return self.resnets[1](x, cond.time_embedding, cond.num_frames)
+
+
+class UNet(nn.Module):
+    """SDXL's UNet on video latents, with temporal modules after every spatial transformer."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        widths, depths = config.block_out_channels, config.transformer_layers_per_block
+        across_frames = config.groupnorm_scope == "chunk"
+        num_levels = len(widths)
+
+        self.time_embedding = TimestepEmbedding(widths[0], config.time_embed_dim)
+        added_dim = config.pooled_text_dim + NUM_TIME_IDS * config.addition_time_embed_dim
+        self.add_embedding = TimestepEmbedding(added_dim, config.time_embed_dim)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+
+        # Encoder: track the width of every skip it pushes, so the decoder can pop them.
+        skip_widths = [widths[0]]
+        self.down_blocks = nn.ModuleList()
+        for level, (width, depth) in enumerate(zip(widths, depths)):
+            in_widths = [skip_widths[-1]] + [width] * (config.layers_per_block - 1)
+            last = level == num_levels - 1
+            self.down_blocks.append(UNetLevel(in_widths, width, depth, None if last else "down", config))
+            skip_widths += [width] * (config.layers_per_block + (0 if last else 1))
+
+        self.mid_block = UNetMidBlock(widths[-1], depths[-1], config)
+
+        self.up_blocks = nn.ModuleList()
+        previous_width = widths[-1]
+        for level in reversed(range(num_levels)):
+            skips = [skip_widths.pop() for _ in range(config.layers_per_block + 1)]
+            in_widths = [w + s for w, s in zip([previous_width] + [widths[level]] * config.layers_per_block, skips)]
+            sampler = "up" if level > 0 else None
+            self.up_blocks.append(UNetLevel(in_widths, widths[level], depths[level], sampler, config))
+            previous_width = widths[level]
+
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, widths[0], config.norm_eps, across_frames)
+        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+
+    def temporal_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the temporal modules (what video training trains)."""
+        return [p for name, p in self.named_parameters() if ".temp_" in name]
+
+    def check_inputs(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, previous_latents):
+        """Raise ValueError naming the first argument whose shape is not what the model takes."""
+        config = self.config
+        if sample.ndim != 5 or sample.shape[1] != config.in_channels:
+            raise ValueError(
+                f"sample must be (batch, {config.in_channels}, frames, height, width), got {tuple(sample.shape)}"
+            )
+        batch = sample.shape[0]
+        expected = {
+            "encoder_hidden_states": (encoder_hidden_states, (batch, None, config.cross_attention_dim)),
+            "text_embeds": (text_embeds, (batch, config.pooled_text_dim)),
+            "time_ids": (time_ids, (batch, NUM_TIME_IDS)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tensor.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
+                wanted = tuple("tokens" if s is None else s for s in shape)
+                raise ValueError(f"{name} must have shape {wanted}, got {tuple(tensor.shape)}")
+        timestep = torch.as_tensor(timestep)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, batch)):
+            raise ValueError(f"timestep must be a number or have shape ({batch},), got {tuple(timestep.shape)}")
+        if previous_latents is not None:
+            shape = tuple(previous_latents.shape)
+            if previous_latents.ndim != 5 or shape[1] != config.in_channels or shape[2] < 1:
+                raise ValueError(
+                    f"previous_latents must be (batch, {config.in_channels}, frames, height, width), got {shape}"
+                )
+            if batch % shape[0]:
+                raise ValueError(f"previous_latents batch must divide the sample batch {batch}, got {shape[0]}")
+
+    def embed_time(self, timestep, text_embeds, time_ids, batch: int, dtype) -> torch.Tensor:
+        """Timestep plus pooled text and micro-conditioning -> (batch, time_embed_dim)."""
+        timesteps = torch.as_tensor(timestep, device=text_embeds.device).reshape(-1).expand(batch)
+        embedding = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
+        time_ids_embedding = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)
+        time_ids_embedding = time_ids_embedding.reshape(batch, -1)  # (b, 6 * addition_time_embed_dim)
+        added = torch.cat([text_embeds, time_ids_embedding.to(text_embeds.dtype)], dim=-1).to(dtype)
+        return embedding + self.add_embedding(added)
+
+    def run(self, module: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        previous_latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise of a chunk of video latents.
+
+        sample: (batch, in_channels, frames, h, w); timestep: a number or (batch,);
+        encoder_hidden_states: (batch, tokens, cross_attention_dim); text_embeds: (batch,
+        pooled_text_dim); time_ids: (batch, 6); previous_latents: the context, (batch or a
+        divisor of it, in_channels, context_frames, H, W), or None.
+        Returns (batch, out_channels, frames, h, w).
+        """
+        self.check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, previous_latents)
+        batch, _, num_frames = sample.shape[:3]
+        time_embedding = self.embed_time(timestep, text_embeds, time_ids, batch, sample.dtype)
+        cond = Conditioning(
+            time_embedding=repeat_per_frame(time_embedding, num_frames),  # (b*f, time_embed_dim)
+            text=repeat_per_frame(encoder_hidden_states, num_frames),  # (b*f, tokens, text_dim)
+            num_frames=num_frames,
+            previous_latents=previous_latents,
+        )
+
+        x = self.conv_in(fold_frames(sample))  # (b*f, c0, h, w)
+        skips = [x]
+        for block in self.down_blocks:
+            x, made = self.run(block, x, cond)
+            skips += made
+        x = self.run(self.mid_block, x, cond)
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_skips, skips = tuple(skips[-count:][::-1]), skips[:-count]  # nearest skip first
+            upsample_size = tuple(skips[-1].shape[-2:]) if skips else None  # forced when h, w are odd
+            x, _ = self.run(block, x, cond, block_skips, upsample_size)
+        x = self.conv_out(F.silu(self.conv_norm_out(x, num_frames)))
+        return unfold_frames(x, num_frames)  # (b, out_channels, f, h, w)
