@@ -5,7 +5,7 @@
 - The SDXL preset covers every key of diffusers' SDXL UNet, with the same shapes.
 - The temporal modules compute what SEED_FORMAT.md says, written out here independently with
   explicit softmax, and the whole UNet reproduces the outputs the original code computed for the
-  tiny model in ../shared/fixtures/original-video-unet-tiny.
+  tiny model in tests/fixtures/original-video-unet-tiny (a copy of ../shared/fixtures).
 """
 
 import json
@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from model import Conditioning, TemporalConditionerTransformer, TemporalTransformer, UNet, UNetConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SDXL_UNET_CONFIG = SHARED / "reference" / "sdxl-base-1.0" / "unet" / "config.json"
-FIXTURE = SHARED / "fixtures" / "original-video-unet-tiny"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SDXL_UNET_CONFIG = REPOSITORY / "configs" / "sdxl-base-1.0" / "unet" / "config.json"
+FIXTURE = REPOSITORY / "tests" / "fixtures" / "original-video-unet-tiny"
 TOLERANCE = 1e-5
 
 
