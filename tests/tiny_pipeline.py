@@ -1,0 +1,86 @@
+"""A tiny SDXL pipeline in diffusers and the same weights in ours, built offline in a second.
+
+The diffusers side is the oracle: `diffusers_tiny_pipeline` builds a `StableDiffusionXLPipeline`
+with random (perturbed) weights, and `ours_from_diffusers` loads its state dicts into our modules.
+"""
+
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from model import UNet, UNetConfig
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SchedulerConfig
+from text import TextEncoder
+from tiny_text import tiny_text_encoders, tiny_tokenizers
+from vae import AutoencoderKL, VAEConfig
+
+UNET_CONFIG = UNetConfig.tiny(cross_attention_dim=32 + 24, pooled_text_dim=32)
+VAE_CONFIG = VAEConfig.tiny()
+
+
+def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Move every weight off its initial value so that no path is trivially zero."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return module.eval()
+
+
+def diffusers_unet(config: UNetConfig) -> UNet2DConditionModel:
+    depths = config.transformer_layers_per_block
+    return UNet2DConditionModel(
+        sample_size=config.sample_size,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
+        layers_per_block=config.layers_per_block,
+        transformer_layers_per_block=tuple(max(d, 1) for d in depths),
+        attention_head_dim=tuple(c // config.head_dim for c in config.block_out_channels),  # heads
+        cross_attention_dim=config.cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim,
+        norm_num_groups=config.norm_num_groups,
+        use_linear_projection=True,
+    )
+
+
+def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
+    levels = len(config.block_out_channels)
+    return DiffusersAutoencoderKL(
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        latent_channels=config.latent_channels,
+        scaling_factor=config.scaling_factor,
+    )
+
+
+def diffusers_tiny_pipeline(folder, scheduler_config: SchedulerConfig, seed: int = 0) -> StableDiffusionXLPipeline:
+    """diffusers' SDXL pipeline with tiny random components; tokenizer files are written to `folder`."""
+    tokenizer, tokenizer_2 = tiny_tokenizers(folder)
+    text_encoder, text_encoder_2 = tiny_text_encoders(tokenizer, seed=seed)
+    torch.manual_seed(seed)
+    return StableDiffusionXLPipeline(
+        vae=perturbed(diffusers_vae(VAE_CONFIG)),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=perturbed(diffusers_unet(UNET_CONFIG)),
+        scheduler=DPMSolverMultistepScheduler(**scheduler_config.to_dict()),
+    )
+
+
+def ours_from_diffusers(reference: StableDiffusionXLPipeline, scheduler_config: SchedulerConfig):
+    """Our pipeline holding the weights of `reference`, with fresh temporal modules."""
+    unet = UNet(UNET_CONFIG)
+    loaded = unet.load_state_dict(reference.unet.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(".temp_" in key for key in loaded.missing_keys)
+    vae = AutoencoderKL(VAE_CONFIG)
+    vae.load_state_dict(reference.vae.state_dict(), strict=True)
+    text_encoder = TextEncoder(reference.tokenizer, reference.tokenizer_2, reference.text_encoder, reference.text_encoder_2)
+    return StableDiffusionXLVideoPipeline(unet.eval(), vae.eval(), text_encoder, scheduler_config)
