@@ -30,6 +30,19 @@ CHECKPOINT_FORMAT = "sdxl-video-checkpoint/1"
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 
 
+def randn(shape, generator, device, dtype) -> torch.Tensor:
+    """Normal noise of `shape` drawn in float32 on the generator's device, then moved and cast.
+
+    `generator` is one torch.Generator, or a list of one per batch item (so that item i of a batch
+    gets the numbers a run of item i alone would get).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator must be one torch.Generator or a list of {shape[0]}, got {len(generator)}")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
+
+
 def load_checkpoint_config(folder) -> dict:
     """config.json of a checkpoint folder, checked to be one; ValueError naming the folder otherwise."""
     path = Path(folder) / "config.json"
@@ -117,9 +130,10 @@ class StableDiffusionXLVideoPipeline:
         shape = (batch_size, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
-            device = generator.device if generator is not None else self.device
-            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
+            if generator is None:
+                raise ValueError("generator is needed to draw the starting latents (never the global RNG)")
+            return randn(shape, generator, self.device, self.dtype)
+        if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(self.device, self.dtype)
 
@@ -138,7 +152,7 @@ class StableDiffusionXLVideoPipeline:
         num_frames: int = 4,
         num_inference_steps: int = 50,
         guidance_scale: float = 9.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         previous_latents: torch.Tensor | None = None,
         latent_image: torch.Tensor | None = None,
@@ -155,7 +169,8 @@ class StableDiffusionXLVideoPipeline:
         latent_image: scaled latents (batch or 1, 4, 1 or frames, h, w) to start from; with
         conditioning_strength s in [0, 1] the first round(s * steps) steps are skipped and the
         chunk starts from the image noised to that step (0 ignores it, 1 returns it).
-        generator: every random draw (starting noise, SDE noise). callback(step, total): progress.
+        generator: a torch.Generator, or a list of one per batch item, for every random draw
+        (starting noise, SDE noise); never the global RNG. callback(step, total): progress.
         Returns latents (batch, 4, frames, h, w) for output_type "latent"; a video in [0, 1]
         (batch, 3, frames, H, W) for "pt"; (batch, frames, H, W, 3) float for "np"; lists of PIL
         images for "pil".
@@ -170,6 +185,9 @@ class StableDiffusionXLVideoPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not 0.0 <= conditioning_strength <= 1.0:
             raise ValueError(f"conditioning_strength must be in [0, 1], got {conditioning_strength}")
+        stochastic = self.scheduler_config.algorithm_type == "sde-dpmsolver++"
+        if generator is None and (stochastic or latents is None):
+            raise ValueError("generator is needed for the starting noise and the SDE noise (never the global RNG)")
         do_classifier_free_guidance = guidance_scale > 1.0
 
         # 1. Text: embeddings once per call (or given), then the guidance batch [negative, positive].
@@ -212,7 +230,8 @@ class StableDiffusionXLVideoPipeline:
             if do_classifier_free_guidance:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, timestep, latents, generator=generator)
+            noise = randn(latents.shape, generator, self.device, torch.float32) if stochastic else None
+            latents = scheduler.step(noise_pred, timestep, latents, noise=noise)
             if callback is not None:
                 callback(index + 1, len(timesteps))
 
