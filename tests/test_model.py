@@ -20,6 +20,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 
 from model import Conditioning, TemporalConditionerTransformer, TemporalTransformer, UNet, UNetConfig
+from tiny_pipeline import diffusers_unet, perturbed
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SDXL_UNET_CONFIG = REPOSITORY / "configs" / "sdxl-base-1.0" / "unet" / "config.json"
@@ -29,27 +30,8 @@ TOLERANCE = 1e-5
 
 def diffusers_tiny_unet(config: UNetConfig) -> UNet2DConditionModel:
     """diffusers' SDXL-style UNet with the widths of `config`, weights perturbed away from init."""
-    depths = config.transformer_layers_per_block
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=config.sample_size,
-        block_out_channels=config.block_out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
-        layers_per_block=config.layers_per_block,
-        transformer_layers_per_block=tuple(max(d, 1) for d in depths),
-        attention_head_dim=tuple(c // config.head_dim for c in config.block_out_channels),  # heads
-        cross_attention_dim=config.cross_attention_dim,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=config.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim,
-        norm_num_groups=config.norm_num_groups,
-        use_linear_projection=True,
-    ).eval()
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return unet
+    return perturbed(diffusers_unet(config))
 
 
 @pytest.fixture(scope="module")
