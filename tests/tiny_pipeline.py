@@ -4,6 +4,8 @@ The diffusers side is the oracle: `diffusers_tiny_pipeline` builds a `StableDiff
 with random (perturbed) weights, and `ours_from_diffusers` loads its state dicts into our modules.
 """
 
+import dataclasses
+
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -84,3 +86,15 @@ def ours_from_diffusers(reference: StableDiffusionXLPipeline, scheduler_config: 
     vae.load_state_dict(reference.vae.state_dict(), strict=True)
     text_encoder = TextEncoder(reference.tokenizer, reference.tokenizer_2, reference.text_encoder, reference.text_encoder_2)
     return StableDiffusionXLVideoPipeline(unet.eval(), vae.eval(), text_encoder, scheduler_config)
+
+
+def tiny_video_pipeline(folder, seed: int = 0, groupnorm_scope: str = "chunk") -> StableDiffusionXLVideoPipeline:
+    """Our pipeline with tiny random weights everywhere, temporal modules included (so the context
+    and the frame order matter), the original sampler settings; tokenizer files go to `folder`."""
+    tokenizer, tokenizer_2 = tiny_tokenizers(folder)
+    text_encoder, text_encoder_2 = tiny_text_encoders(tokenizer, seed=seed)
+    torch.manual_seed(seed)
+    unet = perturbed(UNet(dataclasses.replace(UNET_CONFIG, groupnorm_scope=groupnorm_scope)), scale=0.1)
+    vae = perturbed(AutoencoderKL(VAE_CONFIG))
+    text_encoder = TextEncoder(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
+    return StableDiffusionXLVideoPipeline(unet, vae, text_encoder, SchedulerConfig.video_model())
