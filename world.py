@@ -24,6 +24,9 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (24, 24, 32)
 VOCABULARY = ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
+# Never trained on: the evaluation asks for these combinations of words the model knows separately.
+HELD_OUT = {("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
+            ("yellow", "triangle", "right"), ("white", "circle", "down")}
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,16 @@ class Clip:
         return f"a {self.colour} {self.shape} moving {self.direction}"
 
 
-def random_clip(seed: int, size: int) -> Clip:
-    """The clip of `seed` for frames of size x size pixels."""
+def random_clip(seed: int, size: int, held_out: bool = False) -> Clip:
+    """The clip of `seed` for frames of size x size pixels: a training clip (never a HELD_OUT
+    combination), or with `held_out` one of the HELD_OUT combinations."""
     rng = random.Random(seed)
+    combinations = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if ((c, s, d) in HELD_OUT) == held_out]
+    colour, shape, direction = rng.choice(combinations)
     return Clip(
-        colour=rng.choice(list(COLOURS)),
-        shape=rng.choice(SHAPES),
-        direction=rng.choice(list(DIRECTIONS)),
+        colour=colour,
+        shape=shape,
+        direction=direction,
         x=rng.uniform(0, size),
         y=rng.uniform(0, size),
         radius=rng.uniform(0.14, 0.2) * size,
