@@ -3,7 +3,8 @@
 A checkpoint folder (what `convert_weights.py` and `train.py` write, what `sample.py` loads):
 
     config.json          {"format": ..., "unet": UNetConfig, "vae": VAEConfig,
-                          "scheduler": SchedulerConfig, "provenance": {...}}
+                          "scheduler": SchedulerConfig, "provenance": {...},
+                          "sample_defaults": {...}}
     unet.safetensors     the UNet, spatial and temporal weights
     vae.safetensors      the VAE
     text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   transformers' layout
@@ -84,8 +85,10 @@ class StableDiffusionXLVideoPipeline:
         pipeline.provenance = config.get("provenance", {})
         return pipeline
 
-    def save_pretrained(self, folder, provenance: dict | None = None) -> None:
-        """Write the checkpoint folder (weights in their current dtype); `provenance` goes into config.json."""
+    def save_pretrained(self, folder, provenance: dict | None = None, sample_defaults: dict | None = None) -> None:
+        """Write the checkpoint folder (weights in their current dtype). config.json also keeps
+        `provenance` (where each part came from) and `sample_defaults` (sample.py's defaults for
+        this model: height, width, frames, context_frames, steps, guidance)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.unet.state_dict().items()}, folder / "unet.safetensors")
@@ -97,6 +100,7 @@ class StableDiffusionXLVideoPipeline:
             "vae": asdict(self.vae.config),
             "scheduler": self.scheduler_config.to_dict(),
             "provenance": provenance or {},
+            "sample_defaults": sample_defaults or {},
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

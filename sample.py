@@ -10,6 +10,7 @@ was stopped or killed with exactly the frames an uninterrupted run would have ma
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -286,12 +287,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--chunks", type=int, help="chunks to write (default: until Ctrl-C)")
     length.add_argument("--seconds", type=float, help="length of the video in seconds")
-    parser.add_argument("--frames", type=int, default=4, help="frames per chunk")
-    parser.add_argument("--context-frames", type=int, default=4, help="latents of the last frames each chunk sees")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=9.0)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int, help="frames per chunk")
+    parser.add_argument("--context-frames", type=int, help="latents of the last frames each chunk sees")
+    parser.add_argument("--steps", type=int, help="denoising steps per chunk")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, help="pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=6)
     parser.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
@@ -312,10 +313,17 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def settings_from_arguments(args: argparse.Namespace) -> Settings:
+    """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
+    if args.model == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").is_file():
+        raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
+    names = {f.name for f in dataclasses.fields(Settings)} - {"timeline"}
+    values = {name: getattr(args, name) for name in names}
+    for name, value in load_checkpoint_config(args.model).get("sample_defaults", {}).items():
+        values[name] = value if values.get(name) is None else values[name]
+    values = {name: value for name, value in values.items() if value is not None}
+    frames = values.get("frames", Settings.frames)
     prompts = args.prompt + (read_timeline_file(args.timeline) if args.timeline else [])
-    names = {f.name for f in Settings.__dataclass_fields__.values()} - {"timeline"}
-    settings = Settings(timeline=parse_timeline(prompts, args.fps, args.frames),
-                        **{name: getattr(args, name) for name in names})
+    settings = Settings(timeline=parse_timeline(prompts, args.fps, frames), **values)
     check_settings(settings)
     return settings
 
