@@ -51,6 +51,7 @@ class TrainConfig:
     mode: str = "baby"  # "baby" (everything from scratch) or "temporal" (a checkpoint's temporal modules)
     model: str = ""  # mode temporal: the checkpoint folder to start from
     data: str = "shapes"  # "shapes" (the shapes world) or a folder of videos with captions
+    clips: int = 0  # shapes world: cycle over this many clips (e.g. 1 to overfit one); 0: endless
     out: str = "runs/baby"
     size: int = 32  # frame height and width in pixels
     frame_stride: int = 1  # video folders: keep every n-th frame
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"--data must be 'shapes' or a folder of videos, got {self.data!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"--autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        if self.clips < 0:
+            raise ValueError(f"--clips must be >= 0, got {self.clips}")
         for name in ("size", "frame_stride", "context_frames", "chunk_frames", "batch_size", "gradient_accumulation",
                      "steps", "log_every", "sample_every", "checkpoint_every", "vae_batch_size"):
             if getattr(self, name) < 1:
@@ -101,13 +104,15 @@ class TrainConfig:
 
 
 class ShapesData:
-    """Clips of the shapes world; sample `index` is always the same clip."""
+    """Clips of the shapes world; sample `index` is always the same clip. With `num_clips` > 0
+    the samples cycle over that many clips."""
 
-    def __init__(self, size: int, num_frames: int, seed: int):
-        self.size, self.num_frames, self.seed = size, num_frames, seed
+    def __init__(self, size: int, num_frames: int, seed: int, num_clips: int = 0):
+        self.size, self.num_frames, self.seed, self.num_clips = size, num_frames, seed, num_clips
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         """(3, frames, size, size) in [-1, 1] and its caption."""
+        index = index % self.num_clips if self.num_clips else index
         clip = world.random_clip(self.seed * 1_000_003 + index, self.size)
         start = (index * 7919) % 64  # any stretch of the endless clip
         return world.render(clip, self.num_frames, self.size, first_frame=start), clip.caption
@@ -393,7 +398,7 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
     pipeline = build_pipeline(config)
     pipeline.unet.gradient_checkpointing = config.gradient_checkpointing
     frames = config.context_frames + config.chunk_frames
-    data = (ShapesData(config.size, frames, config.seed) if config.data == "shapes"
+    data = (ShapesData(config.size, frames, config.seed, config.clips) if config.data == "shapes"
             else VideoFolder(config.data, config.size, frames, config.frame_stride, config.seed))
 
     if config.mode == "baby":
