@@ -1,0 +1,712 @@
+"""Import SDXL and original video-model weights into this codebase's checkpoint folder.
+
+    python convert_weights.py SRC OUT [--video-unet DIR] [--tokenizers DIR] [--configs DIR]
+                                      [--dtype fp32|fp16|bf16] [--overwrite]
+
+SRC is one of:
+- an SDXL folder in diffusers' layout (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+  tokenizer_2/), weights as .safetensors or .bin, fp32 or fp16, fp16 variants and shards included;
+- a single-file SDXL checkpoint in the original layout (`sd_xl_base_1.0.safetensors`, fine-tunes).
+  It holds no configs and no tokenizers: the configs come from `--configs` (SDXL base 1.0's copy in
+  configs/ by default), the tokenizers from the SDXL folder given with `--tokenizers`;
+- a full folder of the original video release: diffusers' layout with a video UNet in the original
+  design's layout (SEED_FORMAT.md: `.spatial_conv` wrappers, `temp_attentions`, `temp_cond_attentions`).
+`--video-unet DIR` takes the whole UNet, spatial and temporal weights, from such a video UNet next to
+an SDXL SRC (the video UNet's spatial weights were trained with its temporal ones, so they win).
+
+OUT is written by `StableDiffusionXLVideoPipeline.save_pretrained` (pipeline.py): UNet and VAE as
+safetensors, text encoders and tokenizers in transformers' layout, and a config.json with the model
+configs, the scheduler settings and sample.py's defaults of the original inference setup, and the
+provenance of every part.
+A UNet without temporal weights gets fresh ones with zero output projections and per-frame
+GroupNorm, so it makes images frame by frame exactly as SDXL does; an imported video UNet gets
+GroupNorm across the chunk's frames, as it was trained.
+
+Every key and shape is checked before anything is written; pickled .bin files are read with
+`torch.load(weights_only=True)` only; OUT is written to a temporary sibling folder and moved into
+place when complete, so a failure loses nothing.
+"""
+
+import argparse
+import json
+import pickle
+import re
+import secrets
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from model import NUM_TIME_IDS, TemporalConditionerTransformer, TemporalTransformer, UNet, UNetConfig
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SchedulerConfig
+from text import TextEncoder
+from vae import AutoencoderKL, VAEConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
+MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                 "text_encoder_2": CLIPTextModelWithProjection}
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+FRESH_SEED = 0
+# sample.py's defaults for a converted model: the original inference loop's chunk, context and steps.
+SAMPLE_DEFAULTS = {"frames": 4, "context_frames": 4, "steps": 50, "guidance": 9.0}
+SHOWN = 5  # names listed per problem
+
+
+class ConversionError(ValueError):
+    """Bad input: raised before anything is written."""
+
+
+# 1. Weights, read lazily: names and shapes first, one tensor at a time when building.
+
+
+class LazyTensor(NamedTuple):
+    name: str  # in the source, for messages
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+# A component folder's weight files, preferred first: safetensors before pickles, full precision
+# before the fp16 variant, one file before shards (diffusers' and transformers' names).
+WEIGHT_NAMES = tuple(
+    name
+    for extension, stems in (("safetensors", ("diffusion_pytorch_model", "model")),
+                             ("bin", ("diffusion_pytorch_model", "pytorch_model")))
+    for variant in ("", ".fp16")
+    for stem in stems
+    for name in (f"{stem}{variant}.{extension}", f"{stem}.{extension}.index{variant}.json")
+)
+
+
+def read_weights(path: Path) -> dict[str, LazyTensor]:
+    """The tensors of a .safetensors file, a .bin file (weights_only, memory-mapped) or a shard index."""
+    if path.name.endswith(".json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        shards = {name: read_weights(path.parent / name) for name in set(weight_map.values())}
+        return {key: shards[name][key] for key, name in weight_map.items()}
+    if path.suffix == ".safetensors":
+        handle = safe_open(path, framework="pt")
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return {key: LazyTensor(key, shape, lambda key=key: handle.get_tensor(key)) for key, shape in shapes.items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ConversionError(f"{path} holds more than tensors, which is not unpickled: {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConversionError(f"{path} is not a state dict of tensors")
+    return {key: LazyTensor(key, tuple(value.shape), lambda value=value: value) for key, value in state.items()}
+
+
+def find_weights(folder: Path) -> Path:
+    """The preferred weight file of a component folder."""
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ConversionError(f"{folder} holds no weights; looked for {', '.join(WEIGHT_NAMES[:4])}, ...")
+
+
+# 2. Configs: diffusers' and the original video UNet's config.json into ours.
+
+# Settings that must have these values, because model.py and vae.py implement only SDXL's;
+# checked where a config.json has them. Keys in neither table nor read below are refused.
+UNET_REQUIRED_VALUES = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "attention_type": "default",
+    "center_input_sample": False, "class_embed_type": None, "class_embeddings_concat": False,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_norm": None, "downsample_padding": 1,
+    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None,
+    "num_class_embeds": None, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "reverse_transformer_layers_per_block": None, "time_cond_proj_dim": None, "time_embedding_act_fn": None,
+    "time_embedding_dim": None, "time_embedding_type": "positional", "timestep_post_act": None,
+    "use_linear_projection": True,
+}
+# Inference-only or precision-only settings, and the temporal depth (read from the weights instead).
+UNET_INERT_KEYS = {"addition_embed_type_num_heads", "dropout", "upcast_attention", "temporal_layers_per_block"}
+UNET_READ_KEYS = {
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "transformer_layers_per_block",
+    "attention_head_dim", "cross_attention_dim", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim", "norm_num_groups", "norm_eps", "sample_size", "down_block_types",
+    "up_block_types",
+}
+DOWN_BLOCK_HAS_ATTENTION = {"DownBlock2D": False, "CrossAttnDownBlock2D": True,
+                            "DownBlock3D": False, "CrossAttnDownBlock3D": True}
+# What `attention_head_dim` means (SEED_FORMAT.md): heads per level in diffusers' SDXL config,
+# channels per head in the original video UNet's config: (level width, value) -> channels per head.
+HEAD_DIM_FROM = {"diffusers": lambda width, value: width // value, "original": lambda width, value: value}
+
+VAE_REQUIRED_VALUES = {
+    "act_fn": "silu", "latents_mean": None, "latents_std": None, "shift_factor": None,
+    "mid_block_add_attention": True, "use_quant_conv": True, "use_post_quant_conv": True,
+}
+VAE_FIELDS = {field.name for field in fields(VAEConfig)}
+VAE_READ_KEYS = VAE_FIELDS | {"down_block_types", "up_block_types"}
+VAE_INERT_KEYS = {"sample_size"}
+
+
+def load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+
+def check_config(values: dict, read: set, required: dict, inert: set, path: Path) -> None:
+    """ConversionError naming `path` for a setting we do not implement or a key we do not know."""
+    problems = [f"{key}={value!r} (only {required[key]!r} is supported)"
+                for key, value in values.items() if key in required and value != required[key]]
+    problems += [f"unknown key {key!r}" for key in values
+                 if key not in read | required.keys() | inert and not key.startswith("_")]
+    if problems:
+        raise ConversionError(f"{path}: " + "; ".join(problems))
+
+
+def per_level(value, levels: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def unet_spatial_config(path: Path, layout: str) -> dict:
+    """UNetConfig's spatial fields from a UNet config.json in `layout` ("diffusers" or "original")."""
+    values = load_json(path)
+    check_config(values, UNET_READ_KEYS, UNET_REQUIRED_VALUES, UNET_INERT_KEYS, path)
+    if missing := sorted(UNET_READ_KEYS - values.keys()):
+        raise ConversionError(f"{path} lacks {missing}")
+    widths, down, up = values["block_out_channels"], values["down_block_types"], values["up_block_types"]
+    mirrored = [name.replace("Down", "Up") for name in reversed(down)]
+    if any(name not in DOWN_BLOCK_HAS_ATTENTION for name in down) or up != mirrored:
+        raise ConversionError(f"{path}: block types {down} / {up} are not an SDXL-style UNet's")
+    depths = [depth if DOWN_BLOCK_HAS_ATTENTION[name] else 0
+              for name, depth in zip(down, per_level(values["transformer_layers_per_block"], len(widths)))]
+    head_values = per_level(values["attention_head_dim"], len(widths))
+    head_dims = {HEAD_DIM_FROM[layout](width, value)
+                 for width, value, depth in zip(widths, head_values, depths) if depth}
+    if len(head_dims) != 1:
+        raise ConversionError(f"{path}: attention heads of different widths per level are not supported")
+    time_ids_dim = NUM_TIME_IDS * values["addition_time_embed_dim"]
+    return dict(
+        in_channels=values["in_channels"], out_channels=values["out_channels"], block_out_channels=tuple(widths),
+        layers_per_block=values["layers_per_block"], transformer_layers_per_block=tuple(depths),
+        head_dim=head_dims.pop(), cross_attention_dim=values["cross_attention_dim"],
+        pooled_text_dim=values["projection_class_embeddings_input_dim"] - time_ids_dim,
+        addition_time_embed_dim=values["addition_time_embed_dim"], norm_num_groups=values["norm_num_groups"],
+        norm_eps=values["norm_eps"], sample_size=values["sample_size"],
+    )
+
+
+def fresh_temporal_config(spatial: dict) -> dict:
+    """The original design's temporal modules (two blocks with a second self-attention, one
+    conditioner block), the conditioner twice as wide as the widest level (2560 at SDXL's size),
+    with SDXL's per-frame GroupNorm: fresh modules then leave SDXL's images unchanged."""
+    return dict(temporal_layers=2, temporal_double_self_attention=True, conditioner_layers=1,
+                conditioner_dim=2 * max(spatial["block_out_channels"]), groupnorm_scope="frame")
+
+
+def imported_temporal_config(shapes: dict[str, tuple]) -> dict:
+    """Temporal depth, second self-attention and conditioner width, read from a video UNet's keys
+    and shapes; GroupNorm across the chunk's frames, as the original weights were trained."""
+    def count_blocks(module: str) -> int:
+        pattern = rf"\.{module}\.\d+\.transformer_blocks\.(\d+)\."
+        return 1 + max((int(m[1]) for key in shapes if (m := re.search(pattern, key))), default=-1)
+
+    conv_in = r"\.temp_cond_attentions\.\d+\.conv_in\.weight$"
+    return dict(
+        temporal_layers=count_blocks("temp_attentions"),
+        temporal_double_self_attention=any(re.search(r"\.temp_attentions\..*\.attn2\.", key) for key in shapes),
+        conditioner_layers=count_blocks("temp_cond_attentions"),
+        conditioner_dim=max((shape[0] for key, shape in shapes.items() if re.search(conv_in, key)), default=0),
+        groupnorm_scope="chunk",
+    )
+
+
+def vae_config(path: Path) -> VAEConfig:
+    values = load_json(path)
+    check_config(values, VAE_READ_KEYS, VAE_REQUIRED_VALUES, VAE_INERT_KEYS, path)
+    blocks = set(values.get("down_block_types", [])) | set(values.get("up_block_types", []))
+    if not blocks <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
+        raise ConversionError(f"{path}: block types {sorted(blocks)} are not SDXL's VAE's")
+    return make_config(VAEConfig, path, **{key: values[key] for key in values.keys() & VAE_FIELDS})
+
+
+def make_config(config_class, path: Path, **values):
+    """The config, or a ConversionError naming the file the values came from."""
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"{path}: {error}") from error
+
+
+def meta_model(component: str, config) -> nn.Module:
+    """The component built on the meta device: its state dict gives the expected keys and shapes."""
+    with torch.device("meta"):
+        return MODEL_CLASSES[component](config)
+
+
+def image_unet_model(path: Path) -> nn.Module:
+    """An SDXL UNet from diffusers' config.json, with fresh temporal modules to come."""
+    spatial = unet_spatial_config(path, "diffusers")
+    return meta_model("unet", make_config(UNetConfig, path, **spatial, **fresh_temporal_config(spatial)))
+
+
+def vae_and_text_models(configs: Path) -> dict[str, nn.Module]:
+    """The VAE and both text encoders from the config.json files of a folder in diffusers' layout."""
+    text = {name: CLIPTextConfig.from_dict(load_json(configs / name / "config.json"))
+            for name in ("text_encoder", "text_encoder_2")}
+    return {"vae": meta_model("vae", vae_config(configs / "vae" / "config.json")),
+            **{name: meta_model(name, config) for name, config in text.items()}}
+
+
+def text_prefix(model: nn.Module) -> str:
+    """Where transformers keeps the text transformer: CLIPTextModel is flat since transformers 5.6."""
+    return "text_model." if hasattr(model, "text_model") else ""
+
+
+# 3. Key mapping: one table-driven function, with the tables for each layout below it.
+
+TRANSFORMS = {
+    "copy": lambda t: t,
+    "linear": lambda t: t.reshape(t.shape[0], -1) if t.ndim > 2 else t,  # 1x1 conv weight -> linear
+    "transpose": lambda t: t.T.contiguous(),
+    "q": lambda t: t.chunk(3)[0].clone(),  # fused in_proj: q, k, v stacked on dim 0
+    "k": lambda t: t.chunk(3)[1].clone(),
+    "v": lambda t: t.chunk(3)[2].clone(),
+}
+COPY = (("", "copy"),)
+
+
+class Rule(NamedTuple):
+    """Source keys starting with `source` go to `component` (None: dropped) with `source` replaced by
+    `target`; `inner` renames the start of the rest: fragment -> ((new fragment, transform), ...)."""
+
+    source: str
+    component: str | None
+    target: str = ""
+    inner: dict = {}
+
+
+class Mapped(NamedTuple):
+    parts: dict[str, dict[str, LazyTensor]]  # component -> our key -> tensor
+    unknown: list[str]  # source keys that no rule takes, or that land on a key already taken
+    dropped: list[str]  # source keys of buffers and parameters that no model here uses
+
+
+def transformed(tensor: LazyTensor, transform: str) -> LazyTensor:
+    function = TRANSFORMS[transform]
+    shape = tuple(function(torch.empty(tensor.shape, device="meta")).shape)
+    return LazyTensor(tensor.name, shape, lambda: function(tensor.read()))
+
+
+def map_weights(weights: dict[str, LazyTensor], rules: list[Rule]) -> Mapped:
+    """Apply to every source key the rule with the longest matching `source` prefix."""
+    rules = sorted(rules, key=lambda rule: len(rule.source), reverse=True)
+    mapped = Mapped(defaultdict(dict), [], [])
+    for key, tensor in weights.items():
+        rule = next((rule for rule in rules if key.startswith(rule.source)), None)
+        if rule is None or rule.component is None:
+            (mapped.unknown if rule is None else mapped.dropped).append(key)
+            continue
+        rest = key[len(rule.source):]
+        fragment = max((f for f in rule.inner if rest.startswith(f)), key=len, default="")
+        for new_fragment, transform in rule.inner.get(fragment, COPY):
+            name = rule.target + new_fragment + rest[len(fragment):]
+            if name in mapped.parts[rule.component]:
+                mapped.unknown.append(f"{key} (lands on {name}, already taken)")
+            else:
+                mapped.parts[rule.component][name] = transformed(tensor, transform)
+    return mapped
+
+
+def renames(table: dict[str, str], transform: str = "copy") -> dict:
+    return {old: ((new, transform),) for old, new in table.items()}
+
+
+UNET_RESNET = renames({"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
+                       "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."})
+VAE_RESNET = renames({"nin_shortcut.": "conv_shortcut."})
+VAE_ATTENTION = renames(
+    {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}, "linear"
+)
+OPENCLIP_LAYER = {
+    **renames({"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.",
+               "attn.out_proj.": "self_attn.out_proj."}),
+    **{f"attn.in_proj_{kind}": tuple((f"self_attn.{p}_proj.{kind}", p) for p in "qkv")
+       for kind in ("weight", "bias")},
+}
+
+
+def unet_rules(config: UNetConfig, prefix: str = "model.diffusion_model.") -> list[Rule]:
+    """The original UNet's names (STYLE.md's table, for any number of levels and resnets per level)."""
+    per_level, levels = config.layers_per_block + 1, len(config.block_out_channels)
+    pairs = [("time_embed.0.", "time_embedding.linear_1.", {}), ("time_embed.2.", "time_embedding.linear_2.", {}),
+             ("label_emb.0.0.", "add_embedding.linear_1.", {}), ("label_emb.0.2.", "add_embedding.linear_2.", {}),
+             ("input_blocks.0.0.", "conv_in.", {}), ("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET),
+             ("middle_block.1.", "mid_block.attentions.0.", {}),
+             ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET),
+             ("out.0.", "conv_norm_out.", {}), ("out.2.", "conv_out.", {})]
+    for level, depth in enumerate(config.transformer_layers_per_block):
+        first = 1 + per_level * level
+        for i in range(config.layers_per_block):
+            block = f"input_blocks.{first + i}."
+            pairs.append((f"{block}0.", f"down_blocks.{level}.resnets.{i}.", UNET_RESNET))
+            pairs += [(f"{block}1.", f"down_blocks.{level}.attentions.{i}.", {})] if depth else []
+        if level < levels - 1:
+            downsampler = f"input_blocks.{first + config.layers_per_block}.0.op."
+            pairs.append((downsampler, f"down_blocks.{level}.downsamplers.0.conv.", {}))
+    for up, depth in enumerate(reversed(config.transformer_layers_per_block)):
+        for i in range(per_level):
+            block = f"output_blocks.{per_level * up + i}."
+            pairs.append((f"{block}0.", f"up_blocks.{up}.resnets.{i}.", UNET_RESNET))
+            pairs += [(f"{block}1.", f"up_blocks.{up}.attentions.{i}.", {})] if depth else []
+        if up < levels - 1:
+            upsampler = f"output_blocks.{per_level * up + per_level - 1}.{2 if depth else 1}.conv."
+            pairs.append((upsampler, f"up_blocks.{up}.upsamplers.0.conv.", {}))
+    return [Rule(prefix + source, "unet", target, inner) for source, target, inner in pairs]
+
+
+def vae_rules(config: VAEConfig, prefix: str = "first_stage_model.") -> list[Rule]:
+    """The original VAE's names; its decoder numbers levels from the lowest resolution up."""
+    levels = len(config.block_out_channels)
+    pairs = [("", "", {}), ("encoder.norm_out.", "encoder.conv_norm_out.", {}),
+             ("decoder.norm_out.", "decoder.conv_norm_out.", {})]
+    for coder in ("encoder", "decoder"):
+        pairs += [(f"{coder}.mid.block_1.", f"{coder}.mid_block.resnets.0.", VAE_RESNET),
+                  (f"{coder}.mid.block_2.", f"{coder}.mid_block.resnets.1.", VAE_RESNET),
+                  (f"{coder}.mid.attn_1.", f"{coder}.mid_block.attentions.0.", VAE_ATTENTION)]
+    for level in range(levels):
+        down, up = f"encoder.down.{level}.", f"decoder.up.{levels - 1 - level}."
+        pairs += [(f"{down}block.{i}.", f"encoder.down_blocks.{level}.resnets.{i}.", VAE_RESNET)
+                  for i in range(config.layers_per_block)]
+        pairs += [(f"{up}block.{i}.", f"decoder.up_blocks.{level}.resnets.{i}.", VAE_RESNET)
+                  for i in range(config.layers_per_block + 1)]
+        if level < levels - 1:
+            pairs += [(f"{down}downsample.conv.", f"encoder.down_blocks.{level}.downsamplers.0.conv.", {}),
+                      (f"{up}upsample.conv.", f"decoder.up_blocks.{level}.upsamplers.0.conv.", {})]
+    return [Rule(prefix + source, "vae", target, inner) for source, target, inner in pairs]
+
+
+def clip_rules(component: str, model: nn.Module, prefix: str) -> list[Rule]:
+    """CLIP ViT-L in transformers' names, with or without the `text_model.` level."""
+    return [Rule(prefix, component, ""), Rule(prefix + "text_model.", component, text_prefix(model)),
+            Rule(prefix + "embeddings.position_ids", None),
+            Rule(prefix + "text_model.embeddings.position_ids", None)]
+
+
+def open_clip_rules(model: nn.Module, prefix: str = "conditioner.embedders.1.model.") -> list[Rule]:
+    """OpenCLIP ViT-bigG: fused attention projections, a transposed text projection."""
+    text = text_prefix(model)
+    rules = [Rule(prefix + "token_embedding.", "text_encoder_2", text + "embeddings.token_embedding."),
+             Rule(prefix + "positional_embedding", "text_encoder_2", text + "embeddings.position_embedding.weight"),
+             Rule(prefix + "ln_final.", "text_encoder_2", text + "final_layer_norm."),
+             Rule(prefix + "text_projection", "text_encoder_2", "text_projection.weight", {"": (("", "transpose"),)}),
+             Rule(prefix + "logit_scale", None)]
+    return rules + [
+        Rule(f"{prefix}transformer.resblocks.{i}.", "text_encoder_2", f"{text}encoder.layers.{i}.", OPENCLIP_LAYER)
+        for i in range(model.config.num_hidden_layers)
+    ]
+
+
+def single_file_rules(models: dict[str, nn.Module]) -> list[Rule]:
+    """Every rule of an original single-file SDXL checkpoint, for models of these configs; without a
+    UNet model (the UNet comes from --video-unet) the file's UNet is left out."""
+    unet = unet_rules(models["unet"].config) if "unet" in models else [Rule("model.diffusion_model.", None)]
+    return [*unet, *vae_rules(models["vae"].config),
+            *clip_rules("text_encoder", models["text_encoder"], "conditioner.embedders.0.transformer."),
+            *open_clip_rules(models["text_encoder_2"]), Rule("denoiser.sigmas", None)]
+
+
+# 4. Reading a source: each component as a model on the meta device, weights under our names, origin.
+
+
+@dataclass
+class Part:
+    """One component of the checkpoint: its model, its source tensors under our names, their origin."""
+
+    model: nn.Module  # on the meta device until built
+    weights: dict[str, LazyTensor]
+    origin: str
+    fresh_temporal: bool = False  # temporal modules are made fresh, not read
+
+
+def is_original_video_layout(weights: dict[str, LazyTensor]) -> bool:
+    return any(".spatial_conv." in key or ".temp_attentions." in key for key in weights)
+
+
+def read_video_unet(folder: Path) -> Part:
+    """A video UNet in the original layout: spatial and temporal weights, `.spatial_conv` stripped."""
+    path = find_weights(folder)
+    weights = {key.replace(".spatial_conv.", "."): tensor for key, tensor in read_weights(path).items()}
+    spatial = unet_spatial_config(folder / "config.json", "original")
+    temporal = imported_temporal_config({key: tensor.shape for key, tensor in weights.items()})
+    config = make_config(UNetConfig, folder / "config.json", **spatial, **temporal)
+    return Part(meta_model("unet", config), weights, f"{path} (original video layout)")
+
+
+def read_unet_folder(folder: Path) -> Part:
+    """diffusers' SDXL UNet (temporal modules to be made fresh) or a video UNet in the original layout."""
+    path = find_weights(folder)
+    weights = read_weights(path)
+    if is_original_video_layout(weights):
+        return read_video_unet(folder)
+    return Part(image_unet_model(folder / "config.json"), weights, str(path), fresh_temporal=True)
+
+
+def read_diffusers_folder(folder: Path, unet: Part | None) -> tuple[dict[str, Part], Mapped]:
+    """An SDXL folder in diffusers' layout or the original release's folder (its UNet unless given)."""
+    parts = {"unet": unet or read_unet_folder(folder / "unet")}
+    mapped = Mapped({}, [], [])
+    for name, model in vae_and_text_models(folder).items():
+        path = find_weights(folder / name)
+        rules = clip_rules(name, model, "") if name.startswith("text") else [Rule("", name)]
+        component = map_weights(read_weights(path), rules)
+        parts[name] = Part(model, component.parts[name], str(path))
+        mapped.unknown.extend(component.unknown)
+        mapped.dropped.extend(component.dropped)
+    return parts, mapped
+
+
+def read_single_file(path: Path, configs: Path, unet: Part | None) -> tuple[dict[str, Part], Mapped]:
+    """An original single-file SDXL checkpoint, for the component configs in `configs`."""
+    models = vae_and_text_models(configs)
+    if unet is None:
+        models["unet"] = image_unet_model(configs / "unet" / "config.json")
+    mapped = map_weights(read_weights(path), single_file_rules(models))
+    prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                "text_encoder": "conditioner.embedders.0.transformer.",
+                "text_encoder_2": "conditioner.embedders.1.model."}
+    parts = {name: Part(model, mapped.parts.get(name, {}), f"{path} ({prefixes[name]}*)", name == "unet")
+             for name, model in models.items()}
+    return {"unet": unet, **parts} if unet else parts, mapped
+
+
+# 5. Checks, all reported together.
+
+
+def listing(what: str, names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+    return f"{len(names)} {what}: {shown}"
+
+
+def key_problems(name: str, part: Part) -> list[str]:
+    """Missing keys, unknown keys and shape mismatches of one component."""
+    expected = {key: tuple(value.shape) for key, value in part.model.state_dict().items()
+                if not (part.fresh_temporal and ".temp_" in key)}
+    given = part.weights
+    found = {
+        "missing keys": [key for key in expected if key not in given],
+        "unknown keys": [given[key].name for key in given if key not in expected],
+        "shape mismatches": [f"{given[key].name} is {given[key].shape}, the model needs {expected[key]}"
+                             for key in given if key in expected and given[key].shape != expected[key]],
+    }
+    return [f"{name}: {listing(what, names)}" for what, names in found.items() if names]
+
+
+def consistency_problems(parts: dict[str, Part]) -> list[str]:
+    """Widths that the components must agree on."""
+    unet, vae, text, text_2 = (parts[name].model.config for name in MODEL_CLASSES)
+    pairs = [
+        ("UNet cross_attention_dim", unet.cross_attention_dim, "the text encoders' hidden sizes add up to",
+         text.hidden_size + text_2.hidden_size),
+        ("UNet pooled_text_dim", unet.pooled_text_dim, "text_encoder_2's projection_dim is", text_2.projection_dim),
+        ("UNet in_channels", unet.in_channels, "the VAE's latent_channels is", vae.latent_channels),
+        ("UNet out_channels", unet.out_channels, "the VAE's latent_channels is", vae.latent_channels),
+    ]
+    return [f"{a} is {x}, but {b} {y}" for a, x, b, y in pairs if x != y]
+
+
+def check(parts: dict[str, Part], unknown: list[str]) -> None:
+    """One ConversionError listing every problem, or nothing."""
+    problems = [listing("unknown source keys", unknown)] if unknown else []
+    for name, part in parts.items():
+        problems += key_problems(name, part)
+    problems += consistency_problems(parts)
+    if problems:
+        raise ConversionError("the weights do not fit the model, nothing was written:\n  " + "\n  ".join(problems))
+
+
+# 6. Building: assign the source tensors to the meta models, one copy in the stored dtype.
+
+
+def add_fresh_temporal_modules(unet: UNet, dtype: torch.dtype) -> None:
+    """Freshly initialised temporal modules (zero output projections) in place of the meta ones."""
+    with torch.random.fork_rng():
+        torch.manual_seed(FRESH_SEED)
+        for name, module in list(unet.named_modules()):
+            if isinstance(module, (TemporalTransformer, TemporalConditionerTransformer)):
+                unet.set_submodule(name, type(module)(module.proj_in.in_features, unet.config).to(dtype))
+
+
+def restore_position_ids(model: nn.Module) -> None:
+    """CLIP's position ids are a buffer outside the state dict, so it is still on the meta device."""
+    embeddings = getattr(model, "text_model", model).embeddings
+    embeddings.position_ids = torch.arange(embeddings.position_embedding.num_embeddings).expand(1, -1)
+
+
+def build(part: Part, dtype: torch.dtype) -> nn.Module:
+    """The part's meta model holding its tensors, one at a time read and cast to `dtype`."""
+    state = {key: tensor.read().to(dtype) for key, tensor in part.weights.items()}
+    model = part.model
+    model.load_state_dict(state, strict=not part.fresh_temporal, assign=True)
+    if part.fresh_temporal:
+        add_fresh_temporal_modules(model, dtype)
+    if isinstance(model, CLIPTextModel | CLIPTextModelWithProjection):
+        restore_position_ids(model)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    assert not left, f"not built: {left[:SHOWN]}"
+    return model.eval()
+
+
+# 7. Writing: into a temporary sibling folder, moved into place when complete.
+
+
+def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, provenance: dict) -> None:
+    """Save into a hidden sibling of OUT; only a complete folder replaces OUT."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.converting"
+    staging.mkdir()
+    try:
+        pipeline.save_pretrained(staging, provenance, SAMPLE_DEFAULTS)
+        previous = staging.with_suffix(".previous")
+        if out.exists():
+            out.rename(previous)
+        try:
+            staging.rename(out)
+        except OSError:
+            if previous.exists():
+                previous.rename(out)
+            raise
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# 8. The conversion.
+
+
+def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dtype: str, overwrite: bool) -> None:
+    """ConversionError for bad input, before any weights are read."""
+    single_file = source.is_file()
+    folders = (*MODEL_CLASSES, *TOKENIZERS)
+    inputs = {Path(path).resolve() for path in (source, video_unet, tokenizers) if path}
+    problems = {
+        f"SRC {source} does not exist": not source.exists(),
+        f"a single-file SRC must be a .safetensors file, got {source.name}":
+            single_file and source.suffix != ".safetensors",
+        f"SRC {source} lacks {[n for n in folders if not (source / n).is_dir()]} of an SDXL folder":
+            source.is_dir() and not all((source / name).is_dir() for name in folders),
+        "a single-file SRC has no tokenizers: give an SDXL folder in diffusers' layout with --tokenizers DIR":
+            single_file and tokenizers is None,
+        f"--tokenizers {tokenizers} lacks tokenizer/ or tokenizer_2/":
+            tokenizers is not None and not all((Path(tokenizers) / name).is_dir() for name in TOKENIZERS),
+        "--tokenizers and --configs are for a single-file SRC only": source.is_dir() and bool(tokenizers or configs),
+        f"--video-unet {video_unet} is not a folder": video_unet is not None and not Path(video_unet).is_dir(),
+        f"--dtype must be one of {list(DTYPES)}, got {dtype!r}": dtype not in DTYPES,
+        f"OUT {out} exists; pass --overwrite to replace it": out.exists() and not overwrite,
+        f"OUT {out} exists and is not a folder": out.exists() and not out.is_dir(),
+        f"OUT {out} is one of the inputs": out.resolve() in inputs,
+    }
+    if failed := [message for message, fails in problems.items() if fails]:
+        raise ConversionError("; ".join(failed))
+
+
+def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: str = "fp32",
+            overwrite: bool = False) -> dict:
+    """Convert SRC (and a video UNet) into a checkpoint folder OUT; return its provenance."""
+    started = time.perf_counter()
+    source, out = Path(source), Path(out)
+
+    # 1. Read names, shapes and configs, and check them all: nothing is written unless this passes.
+    check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite)
+    print(f"reading {source}" + (f" and {video_unet}" if video_unet else ""))
+    unet = read_video_unet(Path(video_unet)) if video_unet else None
+    if source.is_file():
+        configs = Path(configs or SDXL_CONFIGS)
+        parts, mapped = read_single_file(source, configs, unet)
+        tokenizer_paths = [Path(tokenizers) / name for name in TOKENIZERS]
+    else:
+        parts, mapped = read_diffusers_folder(source, unet)
+        tokenizer_paths = [source / name for name in TOKENIZERS]
+    check(parts, mapped.unknown)
+
+    # 2. Read the tensors into the models, in the stored dtype.
+    print(f"building the models in {DTYPES[dtype]}")
+    models = {name: build(part, DTYPES[dtype]) for name, part in parts.items()}
+    clip_tokenizers = [CLIPTokenizer.from_pretrained(path, local_files_only=True) for path in tokenizer_paths]
+    text_encoder = TextEncoder(*clip_tokenizers, models["text_encoder"], models["text_encoder_2"])
+    scheduler = SchedulerConfig.video_model()
+    pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler)
+
+    # 3. Write a complete folder next to OUT, then move it into place.
+    provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype)
+    print(f"writing {out}")
+    write_checkpoint(pipeline, out, provenance)
+    print(summary(models, provenance, mapped.dropped, time.perf_counter() - started))
+    return provenance
+
+
+def make_provenance(source: Path, parts: dict[str, Part], tokenizer_paths, configs, dtype: str) -> dict:
+    """Which part came from where, which is fresh; stored in config.json."""
+    unet = parts["unet"]
+    temporal = (f"fresh: initialised with seed {FRESH_SEED}, zero output projections" if unet.fresh_temporal
+                else f"imported with the spatial weights from {unet.origin}")
+    return {
+        "converted_by": "convert_weights.py", "source": str(source), "dtype": str(DTYPES[dtype]).removeprefix("torch."),
+        **{name: part.origin for name, part in parts.items()},
+        "unet_temporal": temporal, "groupnorm_scope": unet.model.config.groupnorm_scope,
+        **{name: str(path) for name, path in zip(TOKENIZERS, tokenizer_paths)},
+        **({"configs": str(configs)} if configs else {}),
+        "scheduler": "SchedulerConfig.video_model(): the original video model's inference setup",
+    }
+
+
+def count(parameters) -> str:
+    return f"{sum(p.numel() for p in parameters):>15,}"
+
+
+def summary(models: dict[str, nn.Module], provenance: dict, dropped: list[str], seconds: float) -> str:
+    """Parameters per component, where they came from, the stored dtype."""
+    unet = models["unet"]
+    temporal = {id(p) for p in unet.temporal_parameters()}
+    lines = [
+        f"converted {provenance['source']} in {seconds:.1f} s, stored as {provenance['dtype']}",
+        f"  {'unet':<16}{count(p for p in unet.parameters() if id(p) not in temporal)}  spatial, "
+        f"from {provenance['unet']}",
+        f"  {'':<16}{count(unet.temporal_parameters())}  temporal, {provenance['unet_temporal']}; "
+        f"GroupNorm scope {provenance['groupnorm_scope']!r}",
+        *(f"  {name:<16}{count(models[name].parameters())}  from {provenance[name]}"
+          for name in ("vae", "text_encoder", "text_encoder_2")),
+        f"  {'tokenizers':<16}{'':>15}  from {provenance['tokenizer']}, {provenance['tokenizer_2']}",
+        f"  {'scheduler':<16}{'':>15}  {provenance['scheduler']}",
+    ]
+    return "\n".join(lines + ([f"  {listing('source keys not used', dropped)}"] if dropped else []))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", metavar="SRC",
+                        help="SDXL folder (diffusers' layout or the original video release) or single .safetensors")
+    parser.add_argument("out", metavar="OUT", help="checkpoint folder to write")
+    parser.add_argument("--video-unet", metavar="DIR",
+                        help="video UNet in the original layout: the whole UNet comes from it")
+    parser.add_argument("--tokenizers", metavar="DIR",
+                        help="SDXL folder whose tokenizer/ and tokenizer_2/ a single-file SRC uses")
+    parser.add_argument("--configs", metavar="DIR",
+                        help=f"component configs for a single-file SRC (default {SDXL_CONFIGS})")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored precision (default fp32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it exists, once the new folder is complete")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.source, args.out, args.video_unet, args.tokenizers, args.configs, args.dtype, args.overwrite)
+    except ConversionError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
