@@ -1,0 +1,581 @@
+"""convert_weights.py on tiny random models: every source layout, the end-to-end images, every error.
+
+- diffusers' folder layout (safetensors, .bin with old transformers names, fp16 variant, shards):
+  the converted UNet, VAE and text encoders compute what diffusers computes from the same folder.
+- The original single-file layout, built here from a tiny diffusers pipeline: our conversion equals
+  diffusers' own single-file conversion (`diffusers.loaders.single_file_utils`) tensor by tensor.
+- The original video layout: the fixture of the original code (tests/fixtures/original-video-unet-tiny)
+  reproduces the outputs that code computed, and a hand-built video UNet round-trips exactly.
+- End to end: folder -> convert -> `StableDiffusionXLVideoPipeline.from_pretrained` makes diffusers' images.
+- Bad input raises before anything is written.
+"""
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+import convert_weights
+from convert_weights import (
+    SDXL_CONFIGS,
+    ConversionError,
+    LazyTensor,
+    check,
+    convert,
+    key_problems,
+    main,
+    read_single_file,
+    read_video_unet,
+)
+from model import UNet, UNetConfig
+from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
+from scheduler import SchedulerConfig
+from tiny_pipeline import UNET_CONFIG, VAE_CONFIG, diffusers_tiny_pipeline, diffusers_unet, diffusers_vae, perturbed
+from tiny_text import tiny_tokenizers
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original-video-unet-tiny"
+PROMPT, NEGATIVE = "a red circle moving left", "blue square"
+VIDEO_UNET_CONFIG = UNetConfig.tiny(cross_attention_dim=16, sample_size=8)  # the fixture's spatial shapes
+
+
+# Sources in diffusers' layout.
+
+
+def save_with_old_text_encoder_names(pipeline: StableDiffusionXLPipeline, folder: Path) -> None:
+    """Pickled .bin weights everywhere; the text encoders as transformers 4 wrote SDXL's
+    (`text_model.` keys, a stored `position_ids`), which transformers 5 no longer writes."""
+    pipeline.save_pretrained(folder, safe_serialization=False)
+    for name in ("text_encoder", "text_encoder_2"):
+        state = load_file(folder / name / "model.safetensors")
+        state = {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+                 for k, v in state.items()}
+        state["text_model.embeddings.position_ids"] = torch.arange(16)[None]
+        torch.save(state, folder / name / "pytorch_model.bin")
+        (folder / name / "model.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    """A tiny SDXL pipeline saved by diffusers in four ways; {variant: (folder, diffusers variant)}."""
+    root = tmp_path_factory.mktemp("sdxl")
+    config = SchedulerConfig.video_model()
+    reference = diffusers_tiny_pipeline(root / "tokenizer-files", config)
+    reference.save_pretrained(root / "safetensors")
+    save_with_old_text_encoder_names(reference, root / "bin")
+    reference.save_pretrained(root / "sharded", max_shard_size="100KB")
+    half = diffusers_tiny_pipeline(root / "tokenizer-files", config).to(torch.float16)
+    half.save_pretrained(root / "fp16", variant="fp16")
+    return {name: (root / name, "fp16" if name == "fp16" else None)
+            for name in ("safetensors", "bin", "sharded", "fp16")}
+
+
+def unet_inputs(config: UNetConfig, frames: int = 2, size: int = 8) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        sample=torch.randn(1, 4, frames, size, size, generator=generator),
+        timestep=torch.tensor(417.0),
+        encoder_hidden_states=torch.randn(1, 7, config.cross_attention_dim, generator=generator),
+        text_embeds=torch.randn(1, config.pooled_text_dim, generator=generator),
+        time_ids=torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+    )
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", ["safetensors", "bin", "sharded", "fp16"])
+@torch.no_grad()
+def test_diffusers_folder_computes_what_diffusers_computes(sdxl_folders, tmp_path, variant):
+    folder, diffusers_variant = sdxl_folders[variant]
+    convert(folder, tmp_path / "out")
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, variant=diffusers_variant, dtype=torch.float32)
+    assert ours.provenance["unet_temporal"].startswith("fresh") and ours.unet.config.groupnorm_scope == "frame"
+
+    inputs = unet_inputs(ours.unet.config)
+    added = dict(text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
+    for frame in range(2):
+        expected = reference.unet(inputs["sample"][:, :, frame], inputs["timestep"], inputs["encoder_hidden_states"],
+                                  added_cond_kwargs=added).sample
+        assert max_difference(ours.unet(**inputs)[:, :, frame], expected) <= 1e-5
+
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert max_difference(ours.vae.encode(images).mean, reference.vae.encode(images).latent_dist.mean) <= 1e-5
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    assert max_difference(ours.vae.decode(latents), reference.vae.decode(latents).sample) <= 1e-5
+
+    expected = reference.encode_prompt(PROMPT, device=torch.device("cpu"), negative_prompt=NEGATIVE)
+    for mine, theirs in zip(ours.encode_prompt(PROMPT, NEGATIVE), expected):
+        assert max_difference(mine, theirs) <= 1e-5
+
+
+def test_dtype_sets_the_stored_precision(sdxl_folders, tmp_path):
+    folder, _ = sdxl_folders["safetensors"]
+    convert(folder, tmp_path / "fp32")
+    convert(folder, tmp_path / "bf16", dtype="bf16")
+    for name in ("unet.safetensors", "vae.safetensors", "text_encoder/model.safetensors",
+                 "text_encoder_2/model.safetensors"):
+        full, half = load_file(tmp_path / "fp32" / name), load_file(tmp_path / "bf16" / name)
+        assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.bfloat16}
+        assert all(torch.equal(half[k], v.to(half[k].dtype)) for k, v in full.items())
+
+
+@torch.no_grad()
+def test_end_to_end_images_equal_diffusers(sdxl_folders, tmp_path):
+    """diffusers saves SDXL, the CLI converts it, our pipeline loads it: the same images, one frame
+    with the original SDE sampler, and two frames with a context (temporal modules fresh)."""
+    folder, _ = sdxl_folders["safetensors"]
+    main([str(folder), str(tmp_path / "out")])
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    assert ours.scheduler_config == SchedulerConfig.video_model()
+    assert load_checkpoint_config(tmp_path / "out")["sample_defaults"] == {"frames": 4, "context_frames": 4,
+                                                                          "steps": 50, "guidance": 9.0}
+    assert ours.unet.config == dataclasses.replace(UNET_CONFIG, conditioner_dim=64, groupnorm_scope="frame")
+    ode = dataclasses.replace(SchedulerConfig.sdxl_base(), timestep_spacing="trailing")
+    reference = diffusers_tiny_pipeline(tmp_path / "tokenizer-files", ours.scheduler_config)
+    latents, context = torch.randn(2, 1, 4, 2, 8, 6, generator=torch.Generator().manual_seed(3))
+    arguments = dict(negative_prompt=NEGATIVE, height=64, width=48, num_inference_steps=8, guidance_scale=5.0,
+                     output_type="pt")
+
+    for frames, config in [(1, ours.scheduler_config), (2, ode)]:
+        ours.scheduler_config = config
+        reference.scheduler = DPMSolverMultistepScheduler(**config.to_dict())
+        video = ours(PROMPT, num_frames=frames, latents=latents[:, :, :frames], previous_latents=context,
+                     generator=torch.Generator().manual_seed(7), **arguments)
+        for frame in range(frames):
+            expected = reference(PROMPT, latents=latents[:, :, frame], generator=torch.Generator().manual_seed(7),
+                                 **arguments).images
+            assert max_difference(video[:, :, frame], expected) <= 1e-4
+
+
+# The original single-file layout, written from diffusers' names independently of convert_weights.py.
+
+RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def original_unet_key(key: str, per_level: int, attention_levels: set[int]) -> str:
+    """diffusers' UNet key -> the original's (STYLE.md's table, `per_level` = resnets per level + 1)."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    module, parameter = key.rsplit(".", 1)
+    if module in fixed:
+        return f"{fixed[module]}.{parameter}"
+    if m := re.fullmatch(r"(down|up|mid)_blocks?\.(?:(\d+)\.)?(resnets|attentions)\.(\d+)\.(.+)", module):
+        side, level, kind, index, rest = m[1], int(m[2] or 0), m[3], int(m[4]), m[5]
+        rest = RESNET_NAMES.get(rest, rest) if kind == "resnets" else rest
+        slot = 0 if kind == "resnets" else 1
+        block = {"down": f"input_blocks.{1 + per_level * level + index}.{slot}",
+                 "up": f"output_blocks.{per_level * level + index}.{slot}",
+                 "mid": f"middle_block.{2 * index if kind == 'resnets' else 1}"}[side]
+        return f"{block}.{rest}.{parameter}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"input_blocks.{per_level * (int(m[1]) + 1)}.0.op.{parameter}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module)
+    level = int(m[1])
+    return f"output_blocks.{per_level * level + per_level - 1}.{2 if level in attention_levels else 1}.conv.{parameter}"
+
+
+def original_vae_key(key: str, levels: int) -> str:
+    """diffusers' VAE key -> the original's; its decoder numbers levels from the lowest resolution."""
+    def up(match: re.Match) -> str:
+        return f"decoder.up.{levels - 1 - int(match[1])}."
+
+    module, parameter = key.rsplit(".", 1)
+    module = re.sub(r"(coder)\.conv_norm_out", r"\1.norm_out", module)
+    module = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", module)
+    module = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", module)
+    module = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: up(m) + "block.", module)
+    module = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: up(m) + "upsample.", module)
+    module = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", module)
+    module = module.replace("conv_shortcut", "nin_shortcut").replace("mid_block.attentions.0", "mid.attn_1")
+    for new, old in VAE_ATTENTION_NAMES.items():
+        module = re.sub(rf"mid\.attn_1\.{re.escape(new)}$", f"mid.attn_1.{old}", module)
+    return f"{module}.{parameter}"
+
+
+def open_clip_state(model: CLIPTextModelWithProjection) -> dict:
+    """transformers' CLIP -> OpenCLIP: fused q, k, v; text projection transposed."""
+    state, out = model.state_dict(), {}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(model.config.num_hidden_layers):
+        layer = f"text_model.encoder.layers.{i}."
+        for new, old in names.items():
+            for p in ("weight", "bias"):
+                out[f"transformer.resblocks.{i}.{old}.{p}"] = state[f"{layer}{new}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
+                [state[f"{layer}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    out["token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
+    for p in ("weight", "bias"):
+        out[f"ln_final.{p}"] = state[f"text_model.final_layer_norm.{p}"]
+    out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    out["logit_scale"] = torch.tensor(4.6)
+    return out
+
+
+def original_single_file(reference: StableDiffusionXLPipeline) -> dict:
+    """The state dict of `reference` in the original single-file layout (sd_xl_base_1.0.safetensors)."""
+    unet_config = reference.unet.config
+    attention_levels = {i for i, name in enumerate(unet_config.up_block_types) if name.startswith("CrossAttn")}
+    state = {f"model.diffusion_model.{original_unet_key(k, unet_config.layers_per_block + 1, attention_levels)}": v
+             for k, v in reference.unet.state_dict().items()}
+    levels = len(reference.vae.config.block_out_channels)
+    for key, value in reference.vae.state_dict().items():
+        original = original_vae_key(key, levels)
+        is_conv = ".mid.attn_1." in original and value.ndim == 2  # 1x1 convs in the original
+        state[f"first_stage_model.{original}"] = value[:, :, None, None] if is_conv else value
+    clip = "conditioner.embedders.0.transformer.text_model."
+    state.update({f"{clip}{k.removeprefix('text_model.')}": v for k, v in reference.text_encoder.state_dict().items()})
+    state[f"{clip}embeddings.position_ids"] = torch.arange(16)[None]
+    open_clip = open_clip_state(reference.text_encoder_2)
+    state.update({f"conditioner.embedders.1.model.{k}": v for k, v in open_clip.items()})
+    state["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
+    return state
+
+
+@pytest.fixture(scope="module")
+def single_file(sdxl_folders, tmp_path_factory):
+    """The original-layout file, the diffusers pipeline it holds, an SDXL folder for configs and tokenizers."""
+    folder, _ = sdxl_folders["safetensors"]
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    path = tmp_path_factory.mktemp("single") / "tiny_sdxl.safetensors"
+    save_file(original_single_file(reference), path)
+    return path, reference, folder
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_single_file_equals_diffusers_single_file_conversion(single_file, tmp_path):
+    path, reference, folder = single_file
+    convert(path, tmp_path / "out", tokenizers=folder, configs=folder)
+    original = load_file(path)
+    out = tmp_path / "out"
+
+    oracle = {
+        "unet": convert_ldm_unet_checkpoint(original, reference.unet.config),
+        "vae": convert_ldm_vae_checkpoint(original, reference.vae.config),
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()
+                         if not k.endswith("position_ids")},
+        "text_encoder_2": convert_open_clip_checkpoint(reference.text_encoder_2, original,
+                                                       prefix="conditioner.embedders.1.model."),
+    }
+    ours = {
+        "unet": {k: v for k, v in load_file(out / "unet.safetensors").items() if ".temp_" not in k},
+        "vae": load_file(out / "vae.safetensors"),
+        "text_encoder": {k.removeprefix("text_model."): v
+                         for k, v in load_file(out / "text_encoder/model.safetensors").items()},
+        "text_encoder_2": load_file(out / "text_encoder_2/model.safetensors"),
+    }
+    for name in oracle:
+        assert_same_tensors(ours[name], oracle[name])
+        source = {k.removeprefix("text_model.") if name == "text_encoder" else k: v
+                  for k, v in getattr(reference, name).state_dict().items()}
+        assert_same_tensors(ours[name], source)  # and the file held exactly the diffusers model
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    assert provenance["tokenizer"] == str(folder / "tokenizer") and provenance["configs"] == str(folder)
+
+
+def diffusers_config(name: str) -> dict:
+    """SDXL base 1.0's config of one component, as diffusers' constructor takes it."""
+    values = json.loads((SDXL_CONFIGS / name / "config.json").read_text())
+    return {key: value for key, value in values.items() if not key.startswith("_")}
+
+
+def meta_weights(state: dict) -> dict:
+    return {key: LazyTensor(key, tuple(value.shape), lambda: value) for key, value in state.items()}
+
+
+def test_sdxl_size_single_file_maps_every_key(monkeypatch):
+    """At SDXL's size (configs/sdxl-base-1.0, on the meta device) every key of the original
+    single-file layout lands on a parameter of the right shape, and every parameter is covered."""
+    with torch.device("meta"):
+        reference = SimpleNamespace(
+            unet=UNet2DConditionModel(**diffusers_config("unet")), vae=AutoencoderKL(**diffusers_config("vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder")),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2")),
+        )
+    monkeypatch.setattr(convert_weights, "read_weights", lambda path: meta_weights(original_single_file(reference)))
+    parts, mapped = read_single_file(Path("sd_xl_base_1.0.safetensors"), SDXL_CONFIGS, None)
+    check(parts, mapped.unknown)
+    assert len(mapped.dropped) == 3  # position_ids, logit_scale, denoiser.sigmas
+    sizes = {name: sum(math.prod(t.shape) for t in part.weights.values()) for name, part in parts.items()}
+    assert sizes == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                     "text_encoder_2": 694_659_840}
+
+
+# The original video layout.
+
+
+def text_encoders_of_width(tokenizer, width: int, projection: int):
+    """Random tiny CLIP text encoders of the given hidden width and pooled projection."""
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=16, num_hidden_layers=2, num_attention_heads=2,
+                  hidden_size=width, intermediate_size=2 * width, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return (CLIPTextModel(CLIPTextConfig(**common)),
+            CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=projection, **common)))
+
+
+@pytest.fixture(scope="module")
+def video_sdxl_folder(tmp_path_factory):
+    """A tiny SDXL folder whose widths fit the fixture (text 8 + 8 = 16, pooled 16), its own random UNet."""
+    folder = tmp_path_factory.mktemp("video-sdxl")
+    tokenizer, tokenizer_2 = tiny_tokenizers(folder / "tokenizer-files")
+    text_encoder, text_encoder_2 = text_encoders_of_width(tokenizer, 8, 16)
+    torch.manual_seed(0)
+    StableDiffusionXLPipeline(
+        vae=perturbed(diffusers_vae(VAE_CONFIG)),
+        text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=perturbed(diffusers_unet(VIDEO_UNET_CONFIG)),
+        scheduler=DPMSolverMultistepScheduler(**SchedulerConfig.video_model().to_dict()),
+    ).save_pretrained(folder / "sdxl")
+    return folder / "sdxl"
+
+
+def assert_fixture_outputs(unet: UNet) -> None:
+    io = load_file(FIXTURE / "reference_io.safetensors")
+    conditions = (io["timestep"], io["encoder_hidden_states"], io["text_embeds"], io["time_ids"])
+    context = io["previous_latents"]
+    with torch.no_grad():
+        outputs = {"expected_with_context": unet(io["sample"], *conditions, previous_latents=context),
+                   "expected_without_context": unet(io["sample"], *conditions),
+                   "expected_one_frame": unet(io["one_frame_sample"], *conditions, previous_latents=context)}
+    for name, output in outputs.items():
+        assert max_difference(output, io[name]) <= 1e-4, name
+
+
+def release_folder(sdxl: Path, root: Path) -> Path:
+    """The original release's layout: an SDXL folder whose unet/ is the video UNet."""
+    shutil.copytree(sdxl, root / "release", ignore=shutil.ignore_patterns("unet"))
+    shutil.copytree(FIXTURE / "unet", root / "release" / "unet")
+    return root / "release"
+
+
+@pytest.mark.parametrize("layout", ["--video-unet", "release folder"])
+def test_original_video_unet_reproduces_the_original_outputs(video_sdxl_folder, tmp_path, layout):
+    """The whole UNet comes from the video weights: SRC's own random UNet, which has the same
+    shapes, is not used, and the outputs are the original code's."""
+    if layout == "--video-unet":
+        convert(video_sdxl_folder, tmp_path / "out", video_unet=FIXTURE / "unet")
+    else:
+        convert(release_folder(video_sdxl_folder, tmp_path), tmp_path / "out")
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    expected = dataclasses.replace(VIDEO_UNET_CONFIG, conditioner_dim=24, groupnorm_scope="chunk")
+    assert ours.unet.config == expected
+    assert ours.provenance["unet_temporal"].startswith("imported")
+    assert ours.provenance["unet"].endswith("diffusion_pytorch_model.bin (original video layout)")
+    assert_fixture_outputs(ours.unet)
+
+
+def original_video_state(unet: UNet) -> dict:
+    """Our UNet's state dict under the original video names: every 2-D conv wrapped in `.spatial_conv`."""
+    convs = {name for name, module in unet.named_modules() if type(module) is nn.Conv2d}
+    return {(f"{module}.spatial_conv.{p}" if module in convs else key): value
+            for key, value in unet.state_dict().items() for module, p in [key.rsplit(".", 1)]}
+
+
+def hand_built_video_unet(spatial: UNetConfig) -> UNet:
+    """A video UNet with other temporal settings than the fixture's, which only its weights tell."""
+    config = dataclasses.replace(spatial, temporal_layers=1, temporal_double_self_attention=False,
+                                 conditioner_layers=2, conditioner_dim=12, groupnorm_scope="chunk")
+    torch.manual_seed(0)
+    return perturbed(UNet(config))
+
+
+def write_video_unet(state: dict, config: UNetConfig, folder: Path) -> Path:
+    """The weights and the original config.json (its temporal_layers_per_block [2, 2, 2] is not what
+    the weights say; the converter reads the weights)."""
+    values = json.loads((FIXTURE / "unet" / "config.json").read_text()) | dict(
+        cross_attention_dim=config.cross_attention_dim, sample_size=config.sample_size,
+        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(values))
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("source", ["SDXL folder", "single file"])
+def test_hand_built_original_video_unet_round_trips(video_sdxl_folder, single_file, tmp_path, source):
+    """The whole UNet comes from --video-unet, next to either SDXL source, tensor for tensor."""
+    path, _, folder = single_file
+    spatial, arguments = {"SDXL folder": (VIDEO_UNET_CONFIG, dict(source=video_sdxl_folder)),
+                          "single file": (UNET_CONFIG, dict(source=path, tokenizers=folder, configs=folder))}[source]
+    unet = hand_built_video_unet(spatial)
+    state = original_video_state(unet)
+    assert sum(".spatial_conv." in key for key in state) == 2 * sum(type(m) is nn.Conv2d for m in unet.modules())
+    convert(**arguments, out=tmp_path / "out", video_unet=write_video_unet(state, unet.config, tmp_path / "video"))
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    assert ours.unet.config == unet.config
+    assert_same_tensors(ours.unet.state_dict(), unet.state_dict())
+
+
+BROKEN_VIDEO_UNETS = {
+    "missing temporal key": (lambda s: s.pop("down_blocks.1.temp_attentions.0.proj_in.bias"),
+                             "unet: 1 missing keys: down_blocks.1.temp_attentions.0.proj_in.bias"),
+    "wrong shape": (lambda s: s.update({"up_blocks.1.resnets.0.conv1.spatial_conv.weight": torch.zeros(32, 64, 1, 1)}),
+                    r"unet: 1 shape mismatches: up_blocks.1.resnets.0.conv1.spatial_conv.weight is \(32, 64, 1, 1\), "
+                    r"the model needs \(32, 64, 3, 3\)"),
+    "unknown key": (lambda s: s.update({"mid_block.temp_attentions.0.extra.weight": torch.zeros(1)}),
+                    "unet: 1 unknown keys: mid_block.temp_attentions.0.extra.weight"),
+}
+
+
+@pytest.mark.parametrize("breakage", BROKEN_VIDEO_UNETS)
+def test_broken_video_unet_is_refused(video_sdxl_folder, tmp_path, breakage):
+    change, message = BROKEN_VIDEO_UNETS[breakage]
+    unet = hand_built_video_unet(VIDEO_UNET_CONFIG)
+    state = original_video_state(unet)
+    change(state)
+    video = write_video_unet(state, unet.config, tmp_path / "video")
+    with pytest.raises(ConversionError, match=message):
+        convert(video_sdxl_folder, tmp_path / "out", video_unet=video)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video"]
+
+
+def test_sdxl_size_video_unet_maps_every_key(monkeypatch, tmp_path):
+    """The original release's UNet at full size: two temporal blocks per slot with a second
+    self-attention and a 2,560-wide conditioner are read from the weights, 4.21 B parameters."""
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.sdxl(groupnorm_scope="chunk"))
+    config = json.loads((FIXTURE / "unet" / "config.json").read_text()) | dict(
+        block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
+        attention_head_dim=64, cross_attention_dim=2048, addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "diffusion_pytorch_model.safetensors").touch()
+    monkeypatch.setattr(convert_weights, "read_weights", lambda path: meta_weights(original_video_state(unet)))
+    part = read_video_unet(tmp_path)
+    assert part.model.config == unet.config and key_problems("unet", part) == []
+    assert round(sum(math.prod(t.shape) for t in part.weights.values()) / 1e9, 2) == 4.21
+
+
+# Errors: reported before anything is written.
+
+
+def test_problems_are_reported_together_and_nothing_is_written(single_file, tmp_path):
+    path, _, folder = single_file
+    state = load_file(path)
+    state["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    for key in [k for k in state if k.startswith("first_stage_model.decoder.")]:
+        del state[key]
+    state["conditioner.embedders.1.model.text_projection"] = torch.zeros(3, 3)
+    save_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(ConversionError) as error:
+        convert(tmp_path / "broken.safetensors", tmp_path / "out", tokenizers=folder, configs=folder)
+    message = str(error.value)
+    assert "1 unknown source keys: model.diffusion_model.extra.weight" in message
+    assert re.search(r"vae: \d+ missing keys: (decoder\.\S+, ){5}\.\.\.", message)
+    assert "text_encoder_2: 1 shape mismatches: conditioner.embedders.1.model.text_projection is (3, 3)" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors"]
+
+
+BAD_ARGUMENTS = {  # name: (convert's arguments, from the fixtures' paths; what the error says)
+    "single file without --tokenizers": (lambda folder, file: dict(source=file), "--tokenizers DIR"),
+    "--tokenizers with a folder SRC": (lambda folder, file: dict(source=folder, tokenizers=folder),
+                                       "for a single-file SRC only"),
+    "bad --dtype": (lambda folder, file: dict(source=folder, dtype="fp64"), "--dtype must be one of"),
+    "missing SRC": (lambda folder, file: dict(source=folder / "nothing"), "does not exist"),
+    "SRC not safetensors": (lambda folder, file: dict(source=folder / "model_index.json"), "must be a .safetensors"),
+    "OUT is SRC": (lambda folder, file: dict(source=folder, out=folder, overwrite=True), "is one of the inputs"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ARGUMENTS)
+def test_bad_arguments_write_nothing(single_file, tmp_path, name):
+    path, _, folder = single_file
+    arguments, message = BAD_ARGUMENTS[name]
+    with pytest.raises(ConversionError, match=message):
+        convert(**{"out": tmp_path / "out", **arguments(folder, path)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_errors_exit_with_a_message(single_file, tmp_path, capsys):
+    path, _, folder = single_file
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), str(tmp_path / "out")])
+    assert exit_.value.code == 1 and "error: a single-file SRC has no tokenizers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder), str(tmp_path / "out"), "--dtype", "fp64"])
+    assert exit_.value.code == 2 and "--dtype" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+CONFIG_CHANGES = {
+    "use_linear_projection": (False, "use_linear_projection=False \\(only True is supported\\)"),
+    "made_up_setting": (1, "unknown key 'made_up_setting'"),
+}
+
+
+@pytest.mark.parametrize("key", CONFIG_CHANGES)
+def test_unsupported_unet_config_is_refused(sdxl_folders, tmp_path, key):
+    value, message = CONFIG_CHANGES[key]
+    source = tmp_path / "sdxl"
+    shutil.copytree(sdxl_folders["safetensors"][0], source)
+    config = source / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))
+    with pytest.raises(ConversionError, match=message):
+        convert(source, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["sdxl"]
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_pickled_code_is_never_run(sdxl_folders, tmp_path):
+    source = tmp_path / "sdxl"
+    shutil.copytree(sdxl_folders["bin"][0], source)
+    weights = source / "vae" / "diffusion_pytorch_model.bin"
+    torch.save({**torch.load(weights, weights_only=True), "trap": RunsCodeWhenUnpickled(tmp_path / "ran")}, weights)
+    with pytest.raises(ConversionError, match="holds more than tensors, which is not unpickled"):
+        convert(source, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["sdxl"]
+
+
+def test_existing_out_is_kept_unless_overwrite(sdxl_folders, tmp_path):
+    folder, _ = sdxl_folders["safetensors"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        convert(folder, out)
+    broken = tmp_path / "broken.safetensors"
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, broken)
+    with pytest.raises(ConversionError, match="missing keys"):
+        convert(broken, out, tokenizers=folder, configs=folder, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "out"]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+    convert(folder, out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "out"]
