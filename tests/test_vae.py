@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
+from tiny_pipeline import diffusers_vae
 from vae import AutoencoderKL, VAEConfig
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -22,27 +23,11 @@ CONFIGS = {
 }
 
 
-def diffusers_kwargs(config: VAEConfig) -> dict:
-    levels = len(config.block_out_channels)
-    return dict(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        latent_channels=config.latent_channels,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        scaling_factor=config.scaling_factor,
-        force_upcast=config.force_upcast,
-    )
-
-
 def build_pair(config: VAEConfig):
     """A diffusers VAE with perturbed random weights (GroupNorms and biases off their 1/0 init) and
     ours loaded from its state dict with strict=True."""
     torch.manual_seed(0)
-    reference = DiffusersAutoencoderKL(**diffusers_kwargs(config)).eval()
+    reference = diffusers_vae(config).eval()
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))

@@ -51,6 +51,8 @@ def diffusers_unet(config: UNetConfig) -> UNet2DConditionModel:
 def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
     levels = len(config.block_out_channels)
     return DiffusersAutoencoderKL(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
         norm_num_groups=config.norm_num_groups,
@@ -58,6 +60,7 @@ def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
         up_block_types=["UpDecoderBlock2D"] * levels,
         latent_channels=config.latent_channels,
         scaling_factor=config.scaling_factor,
+        force_upcast=config.force_upcast,
     )
 
 
