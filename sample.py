@@ -301,7 +301,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--image", help="image-to-video: start from this image")
     parser.add_argument("--image-strength", type=float, default=0.5, help="how much of --image the first chunk keeps")
     parser.add_argument("--extend", help="continue this video: its last frames are the first context")
-    parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out")
+    parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
     parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
     parser.add_argument("--transition", type=int, default=0, help="chunks over which timeline prompts blend")
     parser.add_argument("--context-noise", type=float, default=0.0, help="std of noise added to the context")
