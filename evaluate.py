@@ -43,7 +43,10 @@ import numpy as np
 import torch
 
 from pipeline import StableDiffusionXLVideoPipeline
-from sample import DEFAULT_MODEL, DTYPES, Progress, Settings, VideoState, check_settings, generate_latents, to_uint8_frames
+from sample import (
+    DEFAULT_MODEL, DTYPES, Progress, Settings, VideoState, check_settings, generate_latents, to_uint8_frames,
+    with_model_defaults,
+)
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
@@ -280,10 +283,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
-    """sample.py's Settings for one video; options not given keep sample.py's defaults."""
+    """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
     names = ("model", "frames", "context_frames", "steps", "guidance", "height", "width", "context_noise",
              "anchor_frame", "renormalize", "decode_frames", "device", "dtype")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = with_model_defaults({name: getattr(args, name) for name in names})
     settings = Settings(timeline=[(0, text)], seed=seed, **given)
     check_settings(settings)
     return settings

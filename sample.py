@@ -312,18 +312,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def with_model_defaults(values: dict) -> dict:
+    """`values` (None: not given) completed by the model's `sample_defaults`; what is still None is
+    dropped, so that Settings' own defaults apply."""
+    if values["model"] == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").is_file():
+        raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
+    defaults = load_checkpoint_config(values["model"]).get("sample_defaults", {})
+    values = {**defaults, **{name: value for name, value in values.items() if value is not None}}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def settings_from_arguments(args: argparse.Namespace) -> Settings:
     """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
-    if args.model == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").is_file():
-        raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
     names = {f.name for f in dataclasses.fields(Settings)} - {"timeline"}
-    values = {name: getattr(args, name) for name in names}
-    for name, value in load_checkpoint_config(args.model).get("sample_defaults", {}).items():
-        values[name] = value if values.get(name) is None else values[name]
-    values = {name: value for name, value in values.items() if value is not None}
-    frames = values.get("frames", Settings.frames)
+    values = with_model_defaults({name: getattr(args, name) for name in names})
     prompts = args.prompt + (read_timeline_file(args.timeline) if args.timeline else [])
-    settings = Settings(timeline=parse_timeline(prompts, args.fps, frames), **values)
+    timeline = parse_timeline(prompts, args.fps, values.get("frames", Settings.frames))
+    settings = Settings(timeline=timeline, **values)
     check_settings(settings)
     return settings
 
