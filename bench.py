@@ -1,0 +1,570 @@
+"""Speed and memory of the video UNet and of endless generation: one JSON object per line.
+
+    python bench.py                         # CPU, one thread, under 5 minutes
+    python bench.py --threads 2 --rows unet_vs_diffusers,temporal_overhead
+    python bench.py --device cuda           # full SDXL sizes in bf16 (written for an H100, untested)
+
+Rows (`--rows` picks some):
+- full_size_flops: parameters and model FLOPs per frame of SDXL and of the original video
+  architecture at 768x768, counted on the meta device (no time, no memory);
+- unet_vs_diffusers: our UNet without temporal modules against diffusers' UNet2DConditionModel,
+  same config, weights and frames (diffusers gets the frames as a batch of images);
+- temporal_overhead: the same UNet with and without its temporal modules, with a context, in
+  time and in FLOPs (torch.utils.flop_counter);
+- chunk: one whole chunk per frame: text encoding, denoising with guidance, VAE decode;
+- vae_decode: the VAE decode in float32 and in bfloat16;
+- endless / peak_memory: chunk after chunk as sample.py makes them, each run in a fresh process:
+  throughput, and peak memory (RSS on CPU, max_memory_allocated on GPU) at 5 and at 50 chunks.
+
+Times are medians over `--repeats` runs after `--warmup` runs; ours and diffusers are interleaved
+in one process so that a busy machine slows both alike. On the CPU the models are SDXL's block
+structure at a fifth of its widths (`bench_unet_config`); on a GPU they are SDXL's own sizes from
+configs/sdxl-base-1.0 with random weights.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import world
+from model import UNet, UNetConfig
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SchedulerConfig
+from text import TextEncoder
+from vae import AutoencoderKL, VAEConfig
+
+try:  # the reference; a test-only dependency, needed only by unet_vs_diffusers
+    from diffusers import UNet2DConditionModel
+except ImportError:
+    UNet2DConditionModel = None
+
+REPOSITORY = Path(__file__).resolve().parent
+SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
+CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
+GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "endless")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPT = "a red circle moving left"
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--rows", help=f"comma-separated rows (default CPU: {','.join(CPU_ROWS)})")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5 on CPU, 3 on GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNets (both sides in unet_vs_diffusers)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    parser.add_argument("--chunk-steps", type=int, help="denoising steps in the chunk row (default 2 on CPU, 25 on GPU)")
+    parser.add_argument("--endless-steps", type=int, help="steps per chunk in endless/peak_memory (default 25 on CPU, 2 on GPU)")
+    parser.add_argument("--endless-chunks", default="5,50", help="chunk counts of the peak_memory runs; the last is the endless row")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one endless run in this process
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.rows = args.rows.split(",") if args.rows else list(GPU_ROWS if cuda else CPU_ROWS)
+    unknown = set(args.rows) - set(CPU_ROWS) - set(GPU_ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {sorted(set(CPU_ROWS + GPU_ROWS))}")
+    args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    args.repeats = args.repeats or (3 if cuda else 5)
+    args.chunk_steps = args.chunk_steps or (25 if cuda else 2)
+    args.endless_steps = args.endless_steps or (2 if cuda else 25)
+    return args
+
+
+# Models ----------------------------------------------------------------------------------------
+
+
+def bench_unet_config(**overrides) -> UNetConfig:
+    """SDXL's UNet at a fifth of its widths: the same levels, depths (0, 2, 10), 64-channel heads,
+    two temporal blocks per slot and a conditioner twice as wide as the widest level. At 48x48
+    latents its levels hold the same token-to-width balance as SDXL's at 768x768 (96x96)."""
+    settings = dict(block_out_channels=(64, 128, 256), cross_attention_dim=384, pooled_text_dim=256,
+                    addition_time_embed_dim=64, conditioner_dim=512, sample_size=48)
+    return UNetConfig(**{**settings, **overrides})
+
+
+def bench_vae_config() -> VAEConfig:
+    """SDXL's VAE at a quarter of its widths (GroupNorm needs multiples of 32)."""
+    return VAEConfig(block_out_channels=(32, 64, 128, 128))
+
+
+def diffusers_unet(config: UNetConfig):
+    """diffusers' UNet2DConditionModel with the spatial layers of `config` (as tests/tiny_pipeline.py)."""
+    depths = config.transformer_layers_per_block
+    return UNet2DConditionModel(
+        sample_size=config.sample_size,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
+        layers_per_block=config.layers_per_block,
+        transformer_layers_per_block=tuple(max(d, 1) for d in depths),
+        attention_head_dim=tuple(c // config.head_dim for c in config.block_out_channels),  # heads
+        cross_attention_dim=config.cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim,
+        norm_num_groups=config.norm_num_groups,
+        norm_eps=config.norm_eps,
+        use_linear_projection=True,
+    )
+
+
+def text_encoder(widths: tuple[int, int], layers: tuple[int, int], projection: int, folder: Path) -> TextEncoder:
+    """Two random CLIP text encoders (77 tokens, 64-channel heads) and a tokenizer of the world's words."""
+    tokenizer_folder = world.write_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, pad_token="!",
+                                                local_files_only=True)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    encoders = [
+        model_class(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
+                                   num_attention_heads=width // 64, projection_dim=projection, **common))
+        for model_class, width, depth in zip((CLIPTextModel, CLIPTextModelWithProjection), widths, layers)
+    ]
+    return TextEncoder(tokenizer, tokenizer_2, *encoders)
+
+
+def sdxl_text_encoder(folder: Path) -> TextEncoder:
+    """SDXL's two text encoders from configs/sdxl-base-1.0 with random weights (our tokenizer)."""
+    tokenizer_folder = world.write_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, pad_token="!",
+                                                local_files_only=True)
+    configs = [CLIPTextConfig.from_pretrained(SDXL / name) for name in ("text_encoder", "text_encoder_2")]
+    return TextEncoder(tokenizer, tokenizer_2, CLIPTextModel(configs[0]), CLIPTextModelWithProjection(configs[1]))
+
+
+def build_pipeline(args, folder: Path, scale: str) -> StableDiffusionXLVideoPipeline:
+    """"sdxl" (full size, GPU), "bench" (a fifth of SDXL's widths) or "baby" (train.py's default model)."""
+    torch.manual_seed(0)
+    if scale == "sdxl":
+        unet_config, vae_config = UNetConfig.sdxl(), VAEConfig.sdxl()
+        encoder = sdxl_text_encoder(folder)
+    elif scale == "bench":
+        unet_config, vae_config = bench_unet_config(), bench_vae_config()
+        encoder = text_encoder((128, 256), (12, 32), 256, folder)
+    else:
+        from train import baby_configs, baby_text_encoder
+
+        unet_config, vae_config = baby_configs(32)
+        encoder = baby_text_encoder(folder, seed=0)
+    with torch.device(args.device):
+        unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
+    randomise_temporal(unet)
+    pipeline = StableDiffusionXLVideoPipeline(unet.eval(), vae.eval(), encoder, SchedulerConfig.video_model())
+    return pipeline.to(args.device, args.dtype)
+
+
+@torch.no_grad()
+def randomise_temporal(unet: UNet) -> UNet:
+    """Non-zero temporal output projections, so the temporal modules change what they return."""
+    for name, parameter in unet.named_parameters():
+        if ".temp_" in name and "proj_out" in name:
+            parameter.normal_(0.0, 0.02)
+    return unet
+
+
+def unet_inputs(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,
+                device, dtype, seed: int = 0) -> dict:
+    """Random inputs of a UNet call on latents of height x width (context: `context_frames`, batch 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(shape, generator=generator).to(device, dtype)
+    return dict(
+        sample=draw(batch, config.in_channels, frames, height, width),
+        timestep=torch.tensor(500.0, device=device),
+        encoder_hidden_states=draw(batch, 77, config.cross_attention_dim),
+        text_embeds=draw(batch, config.pooled_text_dim),
+        time_ids=torch.tensor([[8.0 * height, 8.0 * width, 0, 0, 8.0 * height, 8.0 * width]], device=device,
+                              dtype=dtype).repeat(batch, 1),
+        previous_latents=draw(1, config.in_channels, context_frames, height, width) if context_frames else None,
+    )
+
+
+def as_images(inputs: dict) -> tuple:
+    """The same call for diffusers: frames folded into the batch, text and conditions per frame."""
+    sample = inputs["sample"]
+    frames = sample.shape[2]
+    images = sample.transpose(1, 2).flatten(0, 1)  # (b*f, c, h, w)
+    per_frame = lambda t: t.repeat_interleave(frames, dim=0)
+    added = dict(text_embeds=per_frame(inputs["text_embeds"]), time_ids=per_frame(inputs["time_ids"]))
+    return images, inputs["timestep"], per_frame(inputs["encoder_hidden_states"]), added
+
+
+# Measuring -------------------------------------------------------------------------------------
+
+
+def synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(functions: dict, warmup: int, repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of each of `functions`, called in turn, `repeats` times after `warmup` rounds."""
+    times = {name: [] for name in functions}
+    for round_ in range(warmup + repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def timed(function, device):
+    """function() and the seconds it took."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def count_flops(function) -> int:
+    """Model FLOPs of one call (matmuls, convolutions, attention), with torch.utils.flop_counter."""
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def meta_flops(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int) -> int:
+    """FLOPs of one forward, counted on the meta device (free, whatever the size)."""
+    with torch.device("meta"):
+        unet = UNet(config)
+    inputs = unet_inputs(config, batch, frames, height, width, context_frames, "meta", torch.float32)
+    with torch.no_grad():
+        return count_flops(lambda: unet(**inputs))
+
+
+def maybe_compile(module, args):
+    return torch.compile(module) if args.compile else module
+
+
+def peak_memory(device) -> int:
+    """Peak bytes so far: max_memory_allocated on a GPU, the process's peak RSS on a CPU.
+
+    The RSS peak is VmHWM from /proc (Linux): unlike getrusage's ru_maxrss it is not inherited
+    across fork and exec from the parent that started this process.
+    """
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def current_rss() -> int:
+    """Resident bytes now (Linux), 0 where /proc is missing."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def describe_device(args) -> dict:
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"device": args.device, "device_name": name, "threads": torch.get_num_threads(),
+            "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__}
+
+
+# Rows ------------------------------------------------------------------------------------------
+
+
+def full_size_flops(args) -> dict:
+    """SEED_FORMAT.md's figures: 4.21 B parameters against 2.57 B; per frame at 768x768 (8 frames,
+    4 context frames), 3.64 TFLOP for SDXL, 4.51 without a context, 7.35 with one."""
+    sizes = dict(batch=1, frames=8, height=96, width=96, context_frames=4)
+    with torch.device("meta"):
+        parameters = {name: sum(p.numel() for p in UNet(UNetConfig.sdxl(temporal_layers=layers)).parameters())
+                      for name, layers in (("sdxl", 0), ("video", 2))}
+    per_frame = lambda flops: round(flops / sizes["frames"] / 1e12, 3)
+    sdxl = meta_flops(UNetConfig.sdxl(temporal_layers=0), **{**sizes, "context_frames": 0})
+    without_context = meta_flops(UNetConfig.sdxl(), **{**sizes, "context_frames": 0})
+    with_context = meta_flops(UNetConfig.sdxl(), **sizes)
+    return {
+        "name": "full_size_flops", "config": "UNetConfig.sdxl() (conditioner 2560, two temporal blocks per slot)",
+        "shapes": sizes, "device": "meta",
+        "parameters_billion": {name: round(count / 1e9, 2) for name, count in parameters.items()},
+        "parameters": parameters,
+        "tflop_per_frame": {"sdxl": per_frame(sdxl), "video_without_context": per_frame(without_context),
+                            "video_with_context": per_frame(with_context)},
+        "ratio_with_context": round(with_context / sdxl, 3),
+    }
+
+
+@torch.no_grad()
+def unet_vs_diffusers(args) -> dict:
+    if UNet2DConditionModel is None:
+        return {"name": "unet_vs_diffusers", "skipped": "diffusers is not installed"}
+    cuda = args.device.startswith("cuda")
+    config = UNetConfig.sdxl(temporal_layers=0) if cuda else bench_unet_config(temporal_layers=0)
+    sizes = [(2, 8, 96, 96), (2, 8, 72, 128)] if cuda else [(1, 4, 48, 48)]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        reference = diffusers_unet(config) if not cuda else UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SDXL / "unet"))
+    reference = (reference if args.dtype == torch.float32 else reference.to(dtype=args.dtype)).eval()
+    with torch.device(args.device):
+        ours = UNet(config)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours = ours.to(dtype=args.dtype).eval()
+    run_ours, run_reference = maybe_compile(ours, args), maybe_compile(reference, args)
+    rows = []
+    for batch, frames, height, width in sizes:
+        inputs = unet_inputs(config, batch, frames, height, width, 0, args.device, args.dtype)
+        images = as_images(inputs)
+        times = interleaved({"ours": lambda: run_ours(**inputs),
+                             "diffusers": lambda: run_reference(*images[:3], added_cond_kwargs=images[3])},
+                            args.warmup, args.repeats, args.device)
+        expected = reference(*images[:3], added_cond_kwargs=images[3]).sample  # (b*f, c, h, w)
+        difference = (ours(**inputs).transpose(1, 2).flatten(0, 1) - expected).abs().max()
+        ours_s, reference_s = median(times["ours"]), median(times["diffusers"])
+        row = {
+            "name": "unet_vs_diffusers", "ratio": round(ours_s / reference_s, 3),
+            "config": "sdxl" if cuda else "bench (SDXL / 5)", "unet": config.to_dict(),
+            "shapes": {"batch": batch, "frames": frames, "latent": [height, width], "text_tokens": 77},
+            **describe_device(args), "compile": args.compile,
+            "seconds_per_frame": {"ours": round(ours_s / batch / frames, 4), "diffusers": round(reference_s / batch / frames, 4)},
+            "times": {name: rounded(values) for name, values in times.items()},
+            "max_abs_difference": float(difference),
+        }
+        if cuda:
+            flops = meta_flops(config, batch, frames, height, width, 0)
+            row["tflop_per_forward"] = round(flops / 1e12, 2)
+            row["mfu"] = {"ours": round(flops / ours_s / 1e12 / args.peak_tflops, 3),
+                          "diffusers": round(flops / reference_s / 1e12 / args.peak_tflops, 3)}
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def temporal_overhead(args) -> dict:
+    cuda = args.device.startswith("cuda")
+    config = UNetConfig.sdxl() if cuda else bench_unet_config()
+    batch, frames, height, width, context_frames = (2, 8, 96, 96, 4) if cuda else (1, 4, 48, 48, 4)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        video = randomise_temporal(UNet(config))
+        image = UNet(replace(config, temporal_layers=0))
+    image.load_state_dict({k: v for k, v in video.state_dict().items() if ".temp_" not in k}, strict=True)
+    video, image = video.to(dtype=args.dtype).eval(), image.to(dtype=args.dtype).eval()
+    inputs = unet_inputs(config, batch, frames, height, width, context_frames, args.device, args.dtype)
+    run_video, run_image = maybe_compile(video, args), maybe_compile(image, args)
+    times = interleaved({"with": lambda: run_video(**inputs), "without": lambda: run_image(**inputs)},
+                        args.warmup, args.repeats, args.device)
+    flops = {"with": meta_flops(config, batch, frames, height, width, context_frames),
+             "without": meta_flops(replace(config, temporal_layers=0), batch, frames, height, width, context_frames)}
+    ratio = median(times["with"]) / median(times["without"])
+    flop_ratio = flops["with"] / flops["without"]
+    return {
+        "name": "temporal_overhead", "ratio": round(ratio, 3), "flop_ratio": round(flop_ratio, 3),
+        "ratio_over_flop_ratio": round(ratio / flop_ratio, 3),
+        "config": "sdxl" if cuda else "bench (SDXL / 5)", "unet": config.to_dict(),
+        "shapes": {"batch": batch, "frames": frames, "latent": [height, width], "context_frames": context_frames},
+        **describe_device(args), "compile": args.compile,
+        "seconds_per_frame": {name: round(median(values) / batch / frames, 4) for name, values in times.items()},
+        "gflop_per_frame": {name: round(value / batch / frames / 1e9, 2) for name, value in flops.items()},
+        "times": {name: rounded(values) for name, values in times.items()},
+    }
+
+
+@torch.no_grad()
+def chunk(args) -> list[dict]:
+    """A whole chunk in the middle of a video: prompt, denoising with guidance and a context, decode."""
+    cuda = args.device.startswith("cuda")
+    settings = [(768, 768, 8), (768, 768, 16), (576, 1024, 8), (576, 1024, 16)] if cuda else [(384, 384, 4)]
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline = build_pipeline(args, Path(folder), "sdxl" if cuda else "bench")
+    pipeline.unet = maybe_compile(pipeline.unet, args)
+    config = pipeline.unet.config
+    rows = []
+    for height, width, frames in settings:
+        context = torch.randn(1, 4, 4, height // 8, width // 8).to(args.device, args.dtype)
+        parts = {"text": [], "denoise": [], "decode": []}
+        for round_ in range(args.warmup + (args.repeats if cuda else 1)):  # a CPU chunk is long: one timed
+            embeddings, text_s = timed(lambda: pipeline.encode_prompt(PROMPT, ""), args.device)
+            latents, denoise_s = timed(lambda: pipeline(
+                prompt_embeds=embeddings, height=height, width=width, num_frames=frames,
+                num_inference_steps=args.chunk_steps, guidance_scale=9.0, generator=torch.Generator().manual_seed(0),
+                previous_latents=context, output_type="latent"), args.device)
+            _, decode_s = timed(lambda: pipeline.vae.decode_video(latents), args.device)
+            if round_ >= args.warmup:
+                for part, seconds in zip(parts, (text_s, denoise_s, decode_s)):
+                    parts[part].append(seconds)
+        seconds = {part: median(values) for part, values in parts.items()}
+        total = sum(seconds.values())
+        row = {
+            "name": "chunk", "seconds_per_frame": round(total / frames, 4),
+            "config": "sdxl" if cuda else "bench (SDXL / 5, VAE / 4)", "unet": config.to_dict(),
+            "shapes": {"height": height, "width": width, "frames": frames, "context_frames": 4,
+                       "steps": args.chunk_steps, "guidance": 9.0},
+            **describe_device(args), "compile": args.compile,
+            "seconds": {part: round(value, 4) for part, value in seconds.items()},
+            "seconds_per_step": round(seconds["denoise"] / args.chunk_steps, 4),
+            "seconds_per_frame_at_25_steps": round((total + (25 - args.chunk_steps) * seconds["denoise"] / args.chunk_steps) / frames, 3),
+            "times": {part: rounded(values) for part, values in parts.items()},
+        }
+        flops = 2 * meta_flops(config, 1, frames, height // 8, width // 8, 4)  # guidance doubles the batch
+        row["unet_tflop_per_step"] = round(flops / 1e12, 3)
+        if cuda:
+            row["mfu_denoise"] = round(flops * args.chunk_steps / seconds["denoise"] / 1e12 / args.peak_tflops, 3)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def vae_decode(args) -> dict:
+    """Decoding in bfloat16 against float32: time, and the difference in 8-bit levels."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(bench_vae_config()).eval()
+    latents = torch.randn(1, 4, 2, 48, 48)
+    vae_bf16 = AutoencoderKL(bench_vae_config()).eval()
+    vae_bf16.load_state_dict(vae.state_dict())
+    vae_bf16.to(torch.bfloat16)
+    times = interleaved({"fp32": lambda: vae.decode_video(latents), "bf16": lambda: vae_bf16.decode_video(latents)},
+                        args.warmup, args.repeats, args.device)
+    to_levels = lambda video: ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+    difference = (to_levels(vae.decode_video(latents)) - to_levels(vae_bf16.decode_video(latents))).abs()
+    return {
+        "name": "vae_decode", "ratio": round(median(times["bf16"]) / median(times["fp32"]), 3),
+        "config": "bench VAE (SDXL / 4), random weights", "shapes": {"frames": 2, "latent": [48, 48]},
+        **describe_device(args),
+        "seconds_per_frame": {name: round(median(values) / 2, 4) for name, values in times.items()},
+        "bf16_minus_fp32_levels": {"max": float(difference.max()), "mean": round(float(difference.mean()), 4)},
+        "times": {name: rounded(values) for name, values in times.items()},
+    }
+
+
+@torch.no_grad()
+def endless_child(args) -> dict:
+    """`args.child` chunks as sample.py makes them (prompt once, context between chunks, decode
+    each chunk), in this fresh process; peak memory at the end."""
+    from sample import Settings, VideoState, generate_latents, to_uint8_frames
+
+    cuda = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline = build_pipeline(args, Path(folder), "sdxl" if cuda else "baby")
+    size = (768, 768) if cuda else (32, 32)
+    settings = Settings(timeline=[(0, PROMPT)], height=size[0], width=size[1], frames=8 if cuda else 4,
+                        context_frames=4 if cuda else 2, steps=args.endless_steps, guidance=9.0)
+    embeddings = [pipeline.encode_prompt(PROMPT, "", True)]
+    generator = torch.Generator().manual_seed(0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_memory(args.device)
+    chunks = generate_latents(pipeline, settings, embeddings, VideoState(), generator)
+    seconds, resident = [], []
+    for _ in range(args.child):
+        synchronize(args.device)
+        start = time.perf_counter()
+        frames = to_uint8_frames(pipeline.vae.decode_video(next(chunks), frames_per_batch=2)[0])
+        synchronize(args.device)
+        seconds.append(time.perf_counter() - start)
+        resident.append(current_rss())
+    return {
+        "chunks": args.child, "frames": args.child * settings.frames, "seconds": rounded(seconds),
+        "peak_bytes": peak_memory(args.device), "peak_bytes_before_loop": before, "rss_after_each_chunk": resident,
+        "settings": {"height": settings.height, "width": settings.width, "frames": settings.frames,
+                     "context_frames": settings.context_frames, "steps": settings.steps, "guidance": settings.guidance,
+                     "shape": list(frames.shape)},
+    }
+
+
+def endless(args) -> list[dict]:
+    """Run each chunk count in a fresh process, so that each peak is its own."""
+    runs = {}
+    for count in (int(n) for n in args.endless_chunks.split(",")):
+        command = [sys.executable, __file__, "--child", str(count), "--device", args.device,
+                   "--threads", str(args.threads), "--dtype", {v: k for k, v in DTYPES.items()}[args.dtype],
+                   "--endless-steps", str(args.endless_steps)] + (["--compile"] if args.compile else [])
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        runs[count] = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = sorted(runs)
+    longest = runs[counts[-1]]
+    per_chunk = longest["seconds"][1:]  # the first chunk also warms up
+    config = "sdxl" if args.device.startswith("cuda") else "baby (train.baby_configs(32), random weights)"
+    memory_unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    return [
+        {
+            "name": "endless", "config": config, "settings": longest["settings"], **describe_device(args),
+            "chunks": longest["chunks"], "seconds_per_chunk": round(median(per_chunk), 4),
+            "frames_per_second": round(longest["settings"]["frames"] / median(per_chunk), 3),
+            "seconds_first_and_last_5": [rounded(longest["seconds"][1:6]), rounded(longest["seconds"][-5:])],
+            "times": longest["seconds"],
+        },
+        {
+            "name": "peak_memory", "measure": memory_unit, "config": config, "settings": longest["settings"],
+            **describe_device(args),
+            "peak_mib": {str(count): round(runs[count]["peak_bytes"] / 2**20, 1) for count in counts},
+            "ratio": round(runs[counts[-1]]["peak_bytes"] / runs[counts[0]]["peak_bytes"], 4),
+            "peak_mib_before_loop": {str(c): round(runs[c]["peak_bytes_before_loop"] / 2**20, 1) for c in counts},
+            "loop_mib": {str(c): round((runs[c]["peak_bytes"] - runs[c]["peak_bytes_before_loop"]) / 2**20, 1)
+                         for c in counts},
+            "rss_mib_after_chunk": {str(c): [round(r / 2**20, 1) for r in runs[c]["rss_after_each_chunk"]][:: max(c // 10, 1)]
+                                    for c in counts},
+        },
+    ]
+
+
+ROWS = {"full_size_flops": full_size_flops, "unet_vs_diffusers": unet_vs_diffusers,
+        "temporal_overhead": temporal_overhead, "chunk": chunk, "vae_decode": vae_decode, "endless": endless}
+
+
+def main(argv=None) -> None:
+    args = parse_arguments(argv)
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(json.dumps({"name": "skipped", "reason": f"--device {args.device}: no CUDA device here"}), flush=True)
+        return
+    if args.child:
+        print(json.dumps(endless_child(args)), flush=True)
+        return
+    started = time.perf_counter()
+    for name in args.rows:
+        start = time.perf_counter()
+        rows = ROWS[name](args)
+        for row in rows if isinstance(rows, list) else [rows]:
+            row["bench_seconds"] = round(time.perf_counter() - start, 1)
+            print(json.dumps(row), flush=True)
+    print(json.dumps({"name": "total", "seconds": round(time.perf_counter() - started, 1), **describe_device(args)}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
