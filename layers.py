@@ -123,7 +123,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, out_dim or query_dim), nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (batch, tokens, query_dim); context: (batch, context_tokens, context_dim) or None."""
+        """x: (batch, tokens, query_dim); context: (batch, context_tokens, context_dim) or None.
+
+        A context with fewer items than x, (batch / m, context_tokens, context_dim), is shared by m
+        consecutive items of x (the frames of one video share its text): their queries attend to
+        it together, so its keys and values are computed once, not once per frame.
+        """
+        if context is not None and context.shape[0] != x.shape[0]:
+            batch, tokens, _ = x.shape
+            shared = self(x.reshape(context.shape[0], -1, x.shape[-1]), context)  # (batch / m, m * tokens, out)
+            return shared.reshape(batch, tokens, -1)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))

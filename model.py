@@ -168,7 +168,7 @@ class Conditioning(NamedTuple):
     """What every block needs besides its input, with frames folded into the batch."""
 
     time_embedding: torch.Tensor  # (batch * frames, time_embed_dim)
-    text: torch.Tensor  # (batch * frames, tokens, cross_attention_dim)
+    text: torch.Tensor  # (batch, tokens, cross_attention_dim), shared by the frames of each video
     num_frames: int
     previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
 
@@ -481,7 +481,7 @@ class UNet(nn.Module):
         time_embedding = self.embed_time(timestep, text_embeds, time_ids, batch, sample.dtype)
         cond = Conditioning(
             time_embedding=repeat_per_frame(time_embedding, num_frames),  # (b*f, time_embed_dim)
-            text=repeat_per_frame(encoder_hidden_states, num_frames),  # (b*f, tokens, text_dim)
+            text=encoder_hidden_states,  # (b, tokens, text_dim): shared by the frames of each video
             num_frames=num_frames,
             previous_latents=previous_latents,
         )
