@@ -59,7 +59,7 @@ def random_clip(seed: int, size: int, held_out: bool = False) -> Clip:
         x=rng.uniform(0, size),
         y=rng.uniform(0, size),
         radius=rng.uniform(0.14, 0.2) * size,
-        speed=rng.uniform(0.05, 0.08) * size,
+        speed=rng.uniform(0.08, 0.12) * size,
     )
 
 
