@@ -6,6 +6,8 @@ The helpers below are the only places where those folds are made and undone.
 Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -90,10 +92,17 @@ class ResnetBlock(nn.Module):
         """x: (batch * frames, in_channels, h, w); time_embedding: (batch * frames, time_embed_dim)."""
         h = self.conv1(F.silu(self.norm1(x, num_frames)))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]
+            h += self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h, num_frames))))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return h.add_(shortcut)  # in place on a fresh output (convolutions keep only their inputs for backward)
+
+
+class KeysValues(NamedTuple):
+    """An attention's keys and values, (batch, heads, tokens, head_dim) each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -122,22 +131,35 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, out_dim or query_dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (batch, tokens, query_dim); context: (batch, context_tokens, context_dim) or None.
+    def project(self, x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
+        """x through some of to_q, to_k, to_v in one matmul of their stacked weights (one large
+        product is faster than several small ones), each split into heads: (b, heads, n, head_dim)."""
+        stack = lambda tensors: torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        weight = stack([layer.weight for layer in layers])
+        bias = None if layers[0].bias is None else stack([layer.bias for layer in layers])
+        out = F.linear(x, weight, bias)  # (b, n, len(layers) * inner)
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in out.chunk(len(layers), dim=-1)]
 
-        A context with fewer items than x, (batch / m, context_tokens, context_dim), is shared by m
-        consecutive items of x (the frames of one video share its text): their queries attend to
-        it together, so its keys and values are computed once, not once per frame.
+    def keys_values(self, context: torch.Tensor) -> KeysValues:
+        """context: (batch, context_tokens, context_dim) -> its keys and values, to reuse while it is fixed."""
+        return KeysValues(*self.project(context, self.to_k, self.to_v))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | KeysValues | None = None) -> torch.Tensor:
+        """x: (batch, tokens, query_dim); context: (batch, context_tokens, context_dim), its
+        `keys_values`, or None for self-attention.
+
+        A context with fewer items than x (batch / m) is shared by m consecutive items of x (the
+        frames of one video share its text): their queries attend to it together, so its keys and
+        values are computed once, not once per frame.
         """
-        if context is not None and context.shape[0] != x.shape[0]:
-            batch, tokens, _ = x.shape
-            shared = self(x.reshape(context.shape[0], -1, x.shape[-1]), context)  # (batch / m, m * tokens, out)
-            return shared.reshape(batch, tokens, -1)
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, tokens, head_dim)
-        out = rearrange(out, "b h n d -> b n (h d)")
+        batch, tokens, _ = x.shape
+        if context is None:
+            q, k, v = self.project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            k, v = context if isinstance(context, KeysValues) else self.keys_values(context)
+            (q,) = self.project(x.reshape(k.shape[0], -1, x.shape[-1]), self.to_q)  # (shared, heads, m * tokens, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (shared, heads, m * tokens, head_dim)
+        out = rearrange(out, "b h n d -> b n (h d)").reshape(batch, tokens, -1)  # (batch, tokens, inner)
         return self.to_out[0](out)
 
 
@@ -150,7 +172,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        return F.gelu(gate).mul_(hidden)  # in place: one large temporary fewer
 
 
 class FeedForward(nn.Module):
@@ -189,6 +211,7 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
+        self.double_self_attention = context_dim is None and double_self_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None)
         self.norm2 = self.attn2 = None
@@ -198,12 +221,22 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (batch, tokens, dim); context: (batch, context_tokens, context_dim) or None."""
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+    def keys_values(self, context: torch.Tensor) -> list[KeysValues | None]:
+        """The keys and values of the attentions that attend to `context` (None for a self-attention),
+        for `forward` to reuse while the context is fixed (the steps of a chunk)."""
+        attends = [self.only_cross_attention, self.attn2 is not None and not self.double_self_attention]
+        attentions = [self.attn1, self.attn2]
+        return [a.keys_values(context) if attending else None for a, attending in zip(attentions, attends)]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | list | None = None) -> torch.Tensor:
+        """x: (batch, tokens, dim); context: (batch, context_tokens, context_dim), its
+        `keys_values`, or None. The residual adds go in place into fresh attention and feed-forward
+        outputs (linear layers keep only their inputs for backward)."""
+        contexts = self.keys_values(context) if isinstance(context, torch.Tensor) else context or [None, None]
+        x = self.attn1(self.norm1(x), contexts[0]).add_(x)
         if self.attn2 is not None:
-            x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+            x = self.attn2(self.norm2(x), contexts[1]).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class Downsample(nn.Module):

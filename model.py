@@ -171,6 +171,17 @@ class Conditioning(NamedTuple):
     text: torch.Tensor  # (batch, tokens, cross_attention_dim), shared by the frames of each video
     num_frames: int
     previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
+    cache: dict | None = None  # what depends only on the text and the context, kept for a chunk's steps
+
+
+def once_per_chunk(cond: Conditioning, module: nn.Module, compute):
+    """compute(), or what it returned for `module` at an earlier step of the chunk, kept in
+    `cond.cache` (keyed by the module's id, which torch.compile can guard on)."""
+    if cond.cache is None:
+        return compute()
+    if id(module) not in cond.cache:
+        cond.cache[id(module)] = compute()
+    return cond.cache[id(module)]
 
 
 class SpatialTransformer(nn.Module):
@@ -192,10 +203,11 @@ class SpatialTransformer(nn.Module):
         height, width = x.shape[-2:]
         tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")
         tokens = self.proj_in(tokens)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, cond.text)
+        text = once_per_chunk(cond, self, lambda: [block.keys_values(cond.text) for block in self.transformer_blocks])
+        for block, keys_values in zip(self.transformer_blocks, text):
+            tokens = block(tokens, keys_values)
         tokens = self.proj_out(tokens)
-        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)
+        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # in x's memory format
 
 
 class TemporalTransformer(nn.Module):
@@ -230,7 +242,7 @@ class TemporalTransformer(nn.Module):
         height, width = x.shape[-2:]
         tokens = frames_to_tokens(self.norm(x, cond.num_frames), cond.num_frames)  # (b*h*w, f, c)
         tokens = self.proj_in(tokens)
-        tokens = tokens + frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype)
+        tokens.add_(frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype))
         for block in self.transformer_blocks:
             tokens = block(tokens)
         return x + tokens_to_frames(self.proj_out(tokens), height, width)
@@ -283,13 +295,19 @@ class TemporalConditionerTransformer(nn.Module):
             return x
         height, width = x.shape[-2:]
         batch = x.shape[0] // cond.num_frames
-        context = self.encode_context(cond.previous_latents, batch, height, width)  # (b*h*w, k, D)
+        context = once_per_chunk(cond, self, lambda: self.keys_values(cond.previous_latents, batch, height, width))
         tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
         positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
-        tokens = tokens + torch.exp(-positions / cond.num_frames)[:, None]
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])
+        for block, keys_values in zip(self.transformer_blocks, context):
+            tokens = block(tokens, keys_values)
         return x + tokens_to_frames(self.proj_out(tokens), height, width)
+
+    def keys_values(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list:
+        """The keys and values of every block's attentions to the encoded context: what the
+        conditioner computes from the context alone, once per chunk."""
+        context = self.encode_context(previous_latents, batch, height, width)  # (b*h*w, k, D)
+        return [block.keys_values(context) for block in self.transformer_blocks]
 
 
 def make_layer(channels: int, depth: int, config: UNetConfig) -> dict[str, nn.Module]:
@@ -380,6 +398,10 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        # Spatial activations in channels-last memory, without autograd only: convolutions run
+        # faster and the folds around every transformer are views, not copies. None: on a CPU,
+        # where bench.py measured it; True or False to choose.
+        self.channels_last: bool | None = None
         widths, depths = config.block_out_channels, config.transformer_layers_per_block
         across_frames = config.groupnorm_scope == "chunk"
         num_levels = len(widths)
@@ -445,14 +467,32 @@ class UNet(nn.Module):
             if batch % shape[0]:
                 raise ValueError(f"previous_latents batch must divide the sample batch {batch}, got {shape[0]}")
 
-    def embed_time(self, timestep, text_embeds, time_ids, batch: int, dtype) -> torch.Tensor:
-        """Timestep plus pooled text and micro-conditioning -> (batch, time_embed_dim)."""
-        timesteps = torch.as_tensor(timestep, device=text_embeds.device).reshape(-1).expand(batch)
-        embedding = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
+    def embed_time(self, timestep, batch: int, dtype, device) -> torch.Tensor:
+        """The timestep -> (batch, time_embed_dim)."""
+        timesteps = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        return self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
+
+    def embed_added(self, text_embeds, time_ids, dtype) -> torch.Tensor:
+        """Pooled text and micro-conditioning -> (batch, time_embed_dim): the same at every step."""
         time_ids_embedding = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)
-        time_ids_embedding = time_ids_embedding.reshape(batch, -1)  # (b, 6 * addition_time_embed_dim)
+        time_ids_embedding = time_ids_embedding.reshape(time_ids.shape[0], -1)  # (b, 6 * addition_time_embed_dim)
         added = torch.cat([text_embeds, time_ids_embedding.to(text_embeds.dtype)], dim=-1).to(dtype)
-        return embedding + self.add_embedding(added)
+        return self.add_embedding(added)
+
+    def check_cache(self, cache: dict, sample, encoder_hidden_states, text_embeds, time_ids, previous_latents):
+        """ValueError unless `cache` was filled (if at all) for these conditions and sizes."""
+        sizes = (sample.shape[0], *sample.shape[3:])  # batch, h, w
+        sources = (sizes, encoder_hidden_states, text_embeds, time_ids, previous_latents)
+        held = cache.setdefault("sources", sources)
+        if held[0] != sizes or any(a is not b for a, b in zip(held[1:], sources[1:])):
+            raise ValueError("cache holds what was computed for other text, time_ids, context or sizes: "
+                             "give a new dict for each chunk")
+
+    def uses_channels_last(self, device: torch.device) -> bool:
+        """Never under autograd: PyTorch 2.13's CPU GroupNorm backward crashes (segfault) on a
+        channels-last input that needs no gradient while its weight does (temporal training)."""
+        wanted = device.type == "cpu" if self.channels_last is None else self.channels_last
+        return wanted and not torch.is_grad_enabled()
 
     def run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -467,6 +507,7 @@ class UNet(nn.Module):
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
         previous_latents: torch.Tensor | None = None,
+        cache: dict | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a chunk of video latents.
 
@@ -474,19 +515,26 @@ class UNet(nn.Module):
         encoder_hidden_states: (batch, tokens, cross_attention_dim); text_embeds: (batch,
         pooled_text_dim); time_ids: (batch, 6); previous_latents: the context, (batch or a
         divisor of it, in_channels, context_frames, H, W), or None.
+        cache: a dict the caller keeps over the steps of one chunk, when the text, pooled text,
+        time_ids and context stay the same tensors: at the first step it is filled with what
+        depends on them alone (the added embedding of the pooled text and time_ids, the keys and
+        values of every attention to the text or to the encoded context), later steps reuse it.
+        Give a new dict for each chunk; a filled one given other inputs raises ValueError.
         Returns (batch, out_channels, frames, h, w).
         """
         self.check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, previous_latents)
+        if cache is not None:
+            self.check_cache(cache, sample, encoder_hidden_states, text_embeds, time_ids, previous_latents)
         batch, _, num_frames = sample.shape[:3]
-        time_embedding = self.embed_time(timestep, text_embeds, time_ids, batch, sample.dtype)
-        cond = Conditioning(
-            time_embedding=repeat_per_frame(time_embedding, num_frames),  # (b*f, time_embed_dim)
-            text=encoder_hidden_states,  # (b, tokens, text_dim): shared by the frames of each video
-            num_frames=num_frames,
-            previous_latents=previous_latents,
-        )
+        cond = Conditioning(None, encoder_hidden_states, num_frames, previous_latents, cache)
+        added = once_per_chunk(cond, self, lambda: self.embed_added(text_embeds, time_ids, sample.dtype))
+        time_embedding = self.embed_time(timestep, batch, sample.dtype, sample.device) + added
+        cond = cond._replace(time_embedding=repeat_per_frame(time_embedding, num_frames))  # (b*f, time_embed_dim)
 
-        x = self.conv_in(fold_frames(sample))  # (b*f, c0, h, w)
+        x = fold_frames(sample)  # (b*f, c, h, w)
+        if self.uses_channels_last(x.device):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv_in(x)  # (b*f, c0, h, w)
         skips = [x]
         for block in self.down_blocks:
             x, made = self.run(block, x, cond)

@@ -226,11 +226,13 @@ class StableDiffusionXLVideoPipeline:
         if previous_latents is not None:
             previous_latents = previous_latents.to(self.device, self.dtype)
 
-        # 3. Denoising loop.
+        # 3. Denoising loop. What depends only on the text and the context is computed at the first
+        # step and kept in `cache` for the others.
+        cache = {}
         for index, timestep in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
-            noise_pred = self.unet(model_input, timestep, text, pooled, time_ids, previous_latents)
+            noise_pred = self.unet(model_input, timestep, text, pooled, time_ids, previous_latents, cache=cache)
             if do_classifier_free_guidance:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
