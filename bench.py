@@ -54,7 +54,7 @@ except ImportError:
 REPOSITORY = Path(__file__).resolve().parent
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
 CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
-GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "endless")
+GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a red circle moving left"
 
@@ -151,22 +151,22 @@ def sdxl_text_encoder(folder: Path) -> TextEncoder:
 
 
 def build_pipeline(args, folder: Path, scale: str) -> StableDiffusionXLVideoPipeline:
-    """"sdxl" (full size, GPU), "bench" (a fifth of SDXL's widths) or "baby" (train.py's default model)."""
+    """"sdxl" (full size, GPU), "bench" (a fifth of SDXL's widths) or "baby" (train.py's default
+    model), random weights, built on the device."""
     torch.manual_seed(0)
-    if scale == "sdxl":
-        unet_config, vae_config = UNetConfig.sdxl(), VAEConfig.sdxl()
-        encoder = sdxl_text_encoder(folder)
-    elif scale == "bench":
-        unet_config, vae_config = bench_unet_config(), bench_vae_config()
-        encoder = text_encoder((128, 256), (12, 32), 256, folder)
-    else:
-        from train import baby_configs, baby_text_encoder
-
-        unet_config, vae_config = baby_configs(32)
-        encoder = baby_text_encoder(folder, seed=0)
     with torch.device(args.device):
-        unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
-    randomise_temporal(unet)
+        if scale == "sdxl":
+            unet_config, vae_config = UNetConfig.sdxl(), VAEConfig.sdxl()
+            encoder = sdxl_text_encoder(folder)
+        elif scale == "bench":
+            unet_config, vae_config = bench_unet_config(), bench_vae_config()
+            encoder = text_encoder((128, 256), (12, 32), 256, folder)
+        else:
+            from train import baby_configs, baby_text_encoder
+
+            unet_config, vae_config = baby_configs(32)
+            encoder = baby_text_encoder(folder, seed=0)
+        unet, vae = randomise_temporal(UNet(unet_config)), AutoencoderKL(vae_config)
     pipeline = StableDiffusionXLVideoPipeline(unet.eval(), vae.eval(), encoder, SchedulerConfig.video_model())
     return pipeline.to(args.device, args.dtype)
 
@@ -252,13 +252,31 @@ def count_flops(function) -> int:
     return counter.get_total_flops()
 
 
-def meta_flops(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int) -> int:
-    """FLOPs of one forward, counted on the meta device (free, whatever the size)."""
+def in_the_loop(unet, inputs: dict):
+    """A call as at every step of a chunk after the first: with a cache that one call filled."""
+    cache = {}
+    unet(**inputs, cache=cache)
+    return lambda: unet(**inputs, cache=cache)
+
+
+def meta_flops(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,
+               cached: bool = False) -> int:
+    """FLOPs of one forward (`cached`: of a step after the first of a chunk), counted on the meta
+    device: free, whatever the size."""
     with torch.device("meta"):
         unet = UNet(config)
     inputs = unet_inputs(config, batch, frames, height, width, context_frames, "meta", torch.float32)
     with torch.no_grad():
-        return count_flops(lambda: unet(**inputs))
+        return count_flops(in_the_loop(unet, inputs) if cached else lambda: unet(**inputs))
+
+
+def with_channels_last(unet: UNet, function):
+    """function() with the UNet's spatial activations forced into channels-last memory."""
+    setting, unet.channels_last = unet.channels_last, True
+    try:
+        return function()
+    finally:
+        unet.channels_last = setting
 
 
 def maybe_compile(module, args):
@@ -306,26 +324,46 @@ def describe_device(args) -> dict:
 # Rows ------------------------------------------------------------------------------------------
 
 
-def full_size_flops(args) -> dict:
+def full_size_flops(args=None) -> dict:
     """SEED_FORMAT.md's figures: 4.21 B parameters against 2.57 B; per frame at 768x768 (8 frames,
-    4 context frames), 3.64 TFLOP for SDXL, 4.51 without a context, 7.35 with one."""
-    sizes = dict(batch=1, frames=8, height=96, width=96, context_frames=4)
+    4 context frames), 3.64 TFLOP for SDXL, 4.51 without a context, 7.35 with one.
+
+    Those count the architecture as written, every frame computing the keys and values of its own
+    copy of the text (as diffusers and the original code do). Our forward shares them among the
+    frames of a video, and in the denoising loop it also reuses what depends only on the text and
+    the context; both are counted too ("executed", "in_the_loop")."""
+    batch, frames, height, width, context_frames = 1, 8, 96, 96, 4
+    image, video = UNetConfig.sdxl(temporal_layers=0), UNetConfig.sdxl()
     with torch.device("meta"):
-        parameters = {name: sum(p.numel() for p in UNet(UNetConfig.sdxl(temporal_layers=layers)).parameters())
-                      for name, layers in (("sdxl", 0), ("video", 2))}
-    per_frame = lambda flops: round(flops / sizes["frames"] / 1e12, 3)
-    sdxl = meta_flops(UNetConfig.sdxl(temporal_layers=0), **{**sizes, "context_frames": 0})
-    without_context = meta_flops(UNetConfig.sdxl(), **{**sizes, "context_frames": 0})
-    with_context = meta_flops(UNetConfig.sdxl(), **sizes)
-    return {
-        "name": "full_size_flops", "config": "UNetConfig.sdxl() (conditioner 2560, two temporal blocks per slot)",
-        "shapes": sizes, "device": "meta",
-        "parameters_billion": {name: round(count / 1e9, 2) for name, count in parameters.items()},
+        parameters = {"sdxl": sum(p.numel() for p in UNet(image).parameters()),
+                      "video": sum(p.numel() for p in UNet(video).parameters())}
+    sizes = (batch, frames, height, width)
+    executed = {"sdxl": meta_flops(image, *sizes, 0), "video_without_context": meta_flops(video, *sizes, 0),
+                "video_with_context": meta_flops(video, *sizes, context_frames)}
+    in_the_loop = {"sdxl": meta_flops(image, *sizes, 0, cached=True),
+                   "video_with_context": meta_flops(video, *sizes, context_frames, cached=True)}
+    frame_by_frame = meta_flops(image, batch * frames, 1, height, width, 0)  # every frame an image with its text
+    as_written = {name: flops + frame_by_frame - executed["sdxl"] for name, flops in executed.items()}
+    per_frame = lambda counts: {name: round(flops / batch / frames / 1e12, 3) for name, flops in counts.items()}
+    row = {
+        "name": "full_size_flops", "config": "UNetConfig.sdxl(): SDXL + two temporal blocks per slot, conditioner 2560",
+        "shapes": {"batch": batch, "frames": frames, "latent": [height, width], "context_frames": context_frames},
+        "device": "meta", "parameters_billion": {name: round(count / 1e9, 2) for name, count in parameters.items()},
         "parameters": parameters,
-        "tflop_per_frame": {"sdxl": per_frame(sdxl), "video_without_context": per_frame(without_context),
-                            "video_with_context": per_frame(with_context)},
-        "ratio_with_context": round(with_context / sdxl, 3),
+        "tflop_per_frame": per_frame(as_written),
+        "ratio_with_context": round(as_written["video_with_context"] / as_written["sdxl"], 3),
+        "tflop_per_frame_executed": per_frame(executed),
+        "tflop_per_frame_in_the_loop": per_frame(in_the_loop),
+        "ratio_in_the_loop": round(in_the_loop["video_with_context"] / in_the_loop["sdxl"], 3),
     }
+    if UNet2DConditionModel is not None:  # the reference's own count of SDXL
+        with torch.device("meta"):
+            reference = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL / "unet"))
+        images = as_images(unet_inputs(image, batch, frames, height, width, 0, "meta", torch.float32))
+        with torch.no_grad():
+            flops = count_flops(lambda: reference(*images[:3], added_cond_kwargs=images[3]))
+        row["tflop_per_frame"]["sdxl_diffusers"] = round(flops / batch / frames / 1e12, 3)
+    return row
 
 
 @torch.no_grad()
@@ -349,26 +387,34 @@ def unet_vs_diffusers(args) -> dict:
     for batch, frames, height, width in sizes:
         inputs = unet_inputs(config, batch, frames, height, width, 0, args.device, args.dtype)
         images = as_images(inputs)
-        times = interleaved({"ours": lambda: run_ours(**inputs),
-                             "diffusers": lambda: run_reference(*images[:3], added_cond_kwargs=images[3])},
-                            args.warmup, args.repeats, args.device)
+        functions = {"ours": lambda: run_ours(**inputs),
+                     "diffusers": lambda: run_reference(*images[:3], added_cond_kwargs=images[3]),
+                     "ours_in_the_loop": in_the_loop(run_ours, inputs)}
+        if cuda:  # channels-last is on by default only on CPUs, where it was measured
+            functions["ours_channels_last"] = lambda: with_channels_last(ours, lambda: run_ours(**inputs))
+        times = interleaved(functions, args.warmup, args.repeats, args.device)
         expected = reference(*images[:3], added_cond_kwargs=images[3]).sample  # (b*f, c, h, w)
         difference = (ours(**inputs).transpose(1, 2).flatten(0, 1) - expected).abs().max()
         ours_s, reference_s = median(times["ours"]), median(times["diffusers"])
         row = {
             "name": "unet_vs_diffusers", "ratio": round(ours_s / reference_s, 3),
+            "ratio_in_the_loop": round(median(times["ours_in_the_loop"]) / reference_s, 3),
             "config": "sdxl" if cuda else "bench (SDXL / 5)", "unet": config.to_dict(),
             "shapes": {"batch": batch, "frames": frames, "latent": [height, width], "text_tokens": 77},
             **describe_device(args), "compile": args.compile,
-            "seconds_per_frame": {"ours": round(ours_s / batch / frames, 4), "diffusers": round(reference_s / batch / frames, 4)},
+            "seconds_per_frame": {name: round(median(values) / batch / frames, 4) for name, values in times.items()},
             "times": {name: rounded(values) for name, values in times.items()},
             "max_abs_difference": float(difference),
         }
-        if cuda:
-            flops = meta_flops(config, batch, frames, height, width, 0)
-            row["tflop_per_forward"] = round(flops / 1e12, 2)
-            row["mfu"] = {"ours": round(flops / ours_s / 1e12 / args.peak_tflops, 3),
-                          "diffusers": round(flops / reference_s / 1e12 / args.peak_tflops, 3)}
+        if cuda:  # MFU: the FLOPs each call executes (counted on meta) / seconds / the card's peak
+            with torch.device("meta"):
+                meta_reference = UNet2DConditionModel.from_config(reference.config)
+            meta_images = as_images(unet_inputs(config, batch, frames, height, width, 0, "meta", torch.float32))
+            flops = {"ours": meta_flops(config, batch, frames, height, width, 0),
+                     "diffusers": count_flops(lambda: meta_reference(*meta_images[:3], added_cond_kwargs=meta_images[3]))}
+            row["tflop_per_forward"] = {name: round(value / 1e12, 2) for name, value in flops.items()}
+            row["mfu"] = {name: round(flops[name] / median(times[name]) / 1e12 / args.peak_tflops, 3) for name in flops}
+            row["peak_tflops"] = args.peak_tflops
         rows.append(row)
     return rows
 
@@ -386,10 +432,12 @@ def temporal_overhead(args) -> dict:
     video, image = video.to(dtype=args.dtype).eval(), image.to(dtype=args.dtype).eval()
     inputs = unet_inputs(config, batch, frames, height, width, context_frames, args.device, args.dtype)
     run_video, run_image = maybe_compile(video, args), maybe_compile(image, args)
-    times = interleaved({"with": lambda: run_video(**inputs), "without": lambda: run_image(**inputs)},
+    times = interleaved({"with": in_the_loop(run_video, inputs), "without": in_the_loop(run_image, inputs)},
                         args.warmup, args.repeats, args.device)
-    flops = {"with": meta_flops(config, batch, frames, height, width, context_frames),
-             "without": meta_flops(replace(config, temporal_layers=0), batch, frames, height, width, context_frames)}
+    sizes = (batch, frames, height, width, context_frames)
+    flops = {"with": meta_flops(config, *sizes, cached=True),
+             "without": meta_flops(replace(config, temporal_layers=0), *sizes, cached=True)}
+    first_step = {"with": meta_flops(config, *sizes), "without": meta_flops(replace(config, temporal_layers=0), *sizes)}
     ratio = median(times["with"]) / median(times["without"])
     flop_ratio = flops["with"] / flops["without"]
     return {
@@ -400,6 +448,44 @@ def temporal_overhead(args) -> dict:
         **describe_device(args), "compile": args.compile,
         "seconds_per_frame": {name: round(median(values) / batch / frames, 4) for name, values in times.items()},
         "gflop_per_frame": {name: round(value / batch / frames / 1e9, 2) for name, value in flops.items()},
+        "gflop_per_frame_first_step": {name: round(value / batch / frames / 1e9, 2) for name, value in first_step.items()},
+        "times": {name: rounded(values) for name, values in times.items()},
+        "note": "times and FLOPs of a step after the first of a chunk (text and context work cached)",
+    }
+
+
+@torch.no_grad()
+def sdpa_backends(args) -> dict:
+    """A step of the video UNet (in the loop, with a context) under each attention backend that
+    the device has; "default" is PyTorch's own choice, which the model uses."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = args.device.startswith("cuda")
+    config = UNetConfig.sdxl() if cuda else bench_unet_config()
+    batch, frames, height, width, context_frames = (2, 8, 96, 96, 4) if cuda else (1, 4, 48, 48, 4)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        unet = randomise_temporal(UNet(config))
+    unet = maybe_compile(unet.to(dtype=args.dtype).eval(), args)
+    step = in_the_loop(unet, unet_inputs(config, batch, frames, height, width, context_frames, args.device, args.dtype))
+    names = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"] if cuda else ["FLASH_ATTENTION", "MATH"]
+    functions, unavailable = {"default": step}, {}
+    for name in names:
+        def run(backend=getattr(SDPBackend, name)):
+            with sdpa_kernel(backend):
+                return step()
+        try:
+            run()
+            functions[name.lower()] = run
+        except RuntimeError as error:  # a backend that cannot take these shapes or this dtype
+            unavailable[name.lower()] = str(error).splitlines()[0][:200]
+    times = interleaved(functions, args.warmup, args.repeats, args.device)
+    return {
+        "name": "sdpa_backends", "config": "sdxl" if cuda else "bench (SDXL / 5)",
+        "shapes": {"batch": batch, "frames": frames, "latent": [height, width], "context_frames": context_frames},
+        **describe_device(args), "compile": args.compile,
+        "seconds": {name: round(median(values), 4) for name, values in times.items()},
+        "fastest": min(times, key=lambda name: median(times[name])), "unavailable": unavailable,
         "times": {name: rounded(values) for name, values in times.items()},
     }
 
@@ -543,7 +629,7 @@ def endless(args) -> list[dict]:
 
 
 ROWS = {"full_size_flops": full_size_flops, "unet_vs_diffusers": unet_vs_diffusers,
-        "temporal_overhead": temporal_overhead, "chunk": chunk, "vae_decode": vae_decode, "endless": endless}
+        "temporal_overhead": temporal_overhead, "sdpa_backends": sdpa_backends, "chunk": chunk, "vae_decode": vae_decode, "endless": endless}
 
 
 def main(argv=None) -> None:
