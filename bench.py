@@ -11,13 +11,15 @@ Rows (`--rows` picks some):
   same config, weights and frames (diffusers gets the frames as a batch of images);
 - temporal_overhead: the same UNet with and without its temporal modules, with a context, in
   time and in FLOPs (torch.utils.flop_counter);
+- sdpa_backends (GPU rows): a denoising step under each scaled_dot_product_attention backend;
 - chunk: one whole chunk per frame: text encoding, denoising with guidance, VAE decode;
 - vae_decode: the VAE decode in float32 and in bfloat16;
 - endless / peak_memory: chunk after chunk as sample.py makes them, each run in a fresh process:
   throughput, and peak memory (RSS on CPU, max_memory_allocated on GPU) at 5 and at 50 chunks.
 
 Times are medians over `--repeats` runs after `--warmup` runs; ours and diffusers are interleaved
-in one process so that a busy machine slows both alike. On the CPU the models are SDXL's block
+in one process so that a busy machine slows both alike. "In the loop" is a denoising step after
+the first of a chunk, when what depends only on the text and the context is cached. On the CPU the models are SDXL's block
 structure at a fifth of its widths (`bench_unet_config`); on a GPU they are SDXL's own sizes from
 configs/sdxl-base-1.0 with random weights.
 """
@@ -250,6 +252,15 @@ def count_flops(function) -> int:
     with FlopCounterMode(display=False) as counter:
         function()
     return counter.get_total_flops()
+
+
+def meta_decode_flops(config: VAEConfig, frames: int, height: int, width: int) -> int:
+    """FLOPs of decoding `frames` latents of height x width, counted on the meta device."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+        latents = torch.randn(1, config.latent_channels, frames, height, width)
+    with torch.no_grad():
+        return count_flops(lambda: vae.decode_video(latents))
 
 
 def in_the_loop(unet, inputs: dict):
@@ -526,10 +537,18 @@ def chunk(args) -> list[dict]:
             "seconds_per_frame_at_25_steps": round((total + (25 - args.chunk_steps) * seconds["denoise"] / args.chunk_steps) / frames, 3),
             "times": {part: rounded(values) for part, values in parts.items()},
         }
-        flops = 2 * meta_flops(config, 1, frames, height // 8, width // 8, 4)  # guidance doubles the batch
-        row["unet_tflop_per_step"] = round(flops / 1e12, 3)
-        if cuda:
-            row["mfu_denoise"] = round(flops * args.chunk_steps / seconds["denoise"] / 1e12 / args.peak_tflops, 3)
+        # FLOPs on meta: the first step, the later (cached) ones (guidance doubles the batch), the decode
+        sizes = (2, frames, height // 8, width // 8, 4)
+        first, later = meta_flops(config, *sizes), meta_flops(config, *sizes, cached=True)
+        denoise = first + (args.chunk_steps - 1) * later
+        decode = meta_decode_flops(pipeline.vae.config, frames, height // 8, width // 8)
+        row["tflop"] = {"unet_first_step": round(first / 1e12, 2), "unet_later_steps": round(later / 1e12, 2),
+                        "denoise": round(denoise / 1e12, 2), "decode": round(decode / 1e12, 2)}
+        if cuda:  # model FLOPs counted above (text encoders not counted) / seconds / the card's peak
+            row["mfu"] = {"denoise": round(denoise / seconds["denoise"] / 1e12 / args.peak_tflops, 3),
+                          "decode": round(decode / seconds["decode"] / 1e12 / args.peak_tflops, 3),
+                          "chunk": round((denoise + decode) / total / 1e12 / args.peak_tflops, 3)}
+            row["peak_tflops"] = args.peak_tflops
         rows.append(row)
     return rows
 
