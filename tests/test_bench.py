@@ -9,9 +9,6 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +17,6 @@ import torch.nn.functional as F
 import bench
 from layers import Attention
 from model import UNet, UNetConfig
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_full_size_flops_are_seed_formats():
@@ -120,17 +115,12 @@ def test_frames_sharing_a_context_equal_a_context_per_frame():
     assert torch.allclose(attention(frames, attention.keys_values(text)), per_frame, atol=1e-6, rtol=0)
 
 
-def run_bench(*arguments) -> list[dict]:
-    result = subprocess.run([sys.executable, str(REPOSITORY / "bench.py"), *arguments], capture_output=True,
-                            text=True, check=True, cwd=REPOSITORY)
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_cuda_rows_skip_cleanly_without_cuda():
-    assert run_bench("--device", "cuda") == [{"name": "skipped", "reason": "--device cuda: no CUDA device here"}]
+def test_cuda_rows_skip_cleanly_without_cuda(capsys):
+    bench.main(["--device", "cuda"])
+    assert json.loads(capsys.readouterr().out) == {"name": "skipped", "reason": "--device cuda: no CUDA device here"}
 
 
 def test_endless_child_measures_memory():
-    (row,) = run_bench("--child", "2", "--endless-steps", "1")
+    row = bench.endless_child(bench.parse_arguments(["--child", "2", "--endless-steps", "1"]))
     assert row["chunks"] == 2 and len(row["seconds"]) == 2 and row["peak_bytes"] >= row["peak_bytes_before_loop"] > 0
