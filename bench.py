@@ -106,7 +106,7 @@ def bench_vae_config() -> VAEConfig:
 
 
 def diffusers_unet(config: UNetConfig):
-    """diffusers' UNet2DConditionModel with the spatial layers of `config` (as tests/tiny_pipeline.py)."""
+    """diffusers' UNet2DConditionModel with the spatial layers of `config` (the tests use it too)."""
     depths = config.transformer_layers_per_block
     return UNet2DConditionModel(
         sample_size=config.sample_size,

@@ -8,8 +8,9 @@ import dataclasses
 
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
+from bench import diffusers_unet  # shared with the benchmark; the model and converter tests use it from here
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
@@ -27,25 +28,6 @@ def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
         for parameter in module.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
     return module.eval()
-
-
-def diffusers_unet(config: UNetConfig) -> UNet2DConditionModel:
-    depths = config.transformer_layers_per_block
-    return UNet2DConditionModel(
-        sample_size=config.sample_size,
-        block_out_channels=config.block_out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
-        layers_per_block=config.layers_per_block,
-        transformer_layers_per_block=tuple(max(d, 1) for d in depths),
-        attention_head_dim=tuple(c // config.head_dim for c in config.block_out_channels),  # heads
-        cross_attention_dim=config.cross_attention_dim,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=config.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim,
-        norm_num_groups=config.norm_num_groups,
-        use_linear_projection=True,
-    )
 
 
 def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
