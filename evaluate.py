@@ -44,8 +44,8 @@ import torch
 
 from pipeline import StableDiffusionXLVideoPipeline
 from sample import (
-    DEFAULT_MODEL, DTYPES, Progress, Settings, VideoState, check_settings, generate_latents, to_uint8_frames,
-    with_model_defaults,
+    DTYPES, Progress, Settings, VideoState, check_settings, generate_latents, to_uint8_frames,
+    add_chunk_options, with_model_defaults,
 )
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
@@ -262,23 +262,11 @@ def without_nan(value):
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
     parser.add_argument("--prompts", nargs="+", default=["held-out"],
                         help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left"')
     parser.add_argument("--seeds", type=int, default=2, help="videos per prompt, with seeds 0 .. SEEDS - 1")
     parser.add_argument("--chunks", type=int, default=100, help="chunks per video")
-    parser.add_argument("--frames", type=int, help="frames per chunk (default: sample.py's)")
-    parser.add_argument("--context-frames", type=int, help="default: sample.py's")
-    parser.add_argument("--steps", type=int, help="default: sample.py's")
-    parser.add_argument("--guidance", type=float, help="default: sample.py's")
-    parser.add_argument("--height", type=int, help="default: the model's")
-    parser.add_argument("--width", type=int, help="default: the model's")
-    parser.add_argument("--context-noise", type=float, help="std of noise added to the context")
-    parser.add_argument("--anchor-frame", action="store_true", default=None, help="keep the first frame in the context")
-    parser.add_argument("--renormalize", action="store_true", default=None, help="the original's latent renormalisation")
-    parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    add_chunk_options(parser)
     return parser.parse_args(argv)
 
 

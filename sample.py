@@ -276,39 +276,45 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", action="append", default=[], help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
-    parser.add_argument("--timeline", help='text file with one "TEXT@T" per line')
-    parser.add_argument("--negative-prompt", default="")
+def add_chunk_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape every chunk, shared with evaluate.py. Unset (None) options take the
+    model's `sample_defaults`, then Settings' defaults (`with_model_defaults`)."""
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (convert_weights.py makes one)")
-    parser.add_argument("--out", default="video.mp4", help=".mp4, .gif, or a folder (PNG frames)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--chunks", type=int, help="chunks to write (default: until Ctrl-C)")
-    length.add_argument("--seconds", type=float, help="length of the video in seconds")
     parser.add_argument("--frames", type=int, help="frames per chunk")
     parser.add_argument("--context-frames", type=int, help="latents of the last frames each chunk sees")
     parser.add_argument("--steps", type=int, help="denoising steps per chunk")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
+    parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
+    parser.add_argument("--anchor-frame", action="store_true", default=None, help="keep the first frame in the context")
+    parser.add_argument("--renormalize", action="store_true", default=None, help="the original's latent renormalisation")
+    parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", default=[], help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
+    parser.add_argument("--timeline", help='text file with one "TEXT@T" per line')
+    add_chunk_options(parser)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--out", default="video.mp4", help=".mp4, .gif, or a folder (PNG frames)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--chunks", type=int, help="chunks to write (default: until Ctrl-C)")
+    length.add_argument("--seconds", type=float, help="length of the video in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=6)
     parser.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--image", help="image-to-video: start from this image")
     parser.add_argument("--image-strength", type=float, default=0.5, help="how much of --image the first chunk keeps")
     parser.add_argument("--extend", help="continue this video: its last frames are the first context")
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
     parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
     parser.add_argument("--transition", type=int, default=0, help="chunks over which timeline prompts blend")
-    parser.add_argument("--context-noise", type=float, default=0.0, help="std of noise added to the context")
-    parser.add_argument("--anchor-frame", action="store_true", help="keep the first frame in the context")
-    parser.add_argument("--renormalize", action="store_true", help="the original's latent renormalisation")
     parser.add_argument("--drop-first-chunk", action="store_true", help="drop the first chunk (made without context), as the original did")
-    parser.add_argument("--decode-frames", type=int, default=2, help="frames the VAE decodes at a time")
     return parser.parse_args(argv)
 
 
