@@ -35,7 +35,7 @@ import world
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
 from sample import Settings, VideoState, generate_latents, to_uint8_frames
-from scheduler import SchedulerConfig, make_alphas_cumprod, make_betas
+from scheduler import PREDICTION_TYPES, SchedulerConfig, make_alphas_cumprod, make_betas
 from text import TextEncoder
 from vae import AutoencoderKL, VAEConfig
 from video_io import open_writer, read_video
@@ -61,6 +61,7 @@ class TrainConfig:
     context_noise: float = 0.1  # std of the noise added to the context when it is noised
     context_noise_probability: float = 0.3
     text_drop: float = 0.1  # probability that a sample's text is zeroed (trains the unconditional)
+    prediction_type: str = "epsilon"  # mode baby: "epsilon" or "v_prediction"; mode temporal keeps its checkpoint's
     batch_size: int = 8
     gradient_accumulation: int = 1
     steps: int = 4000
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"--data must be 'shapes' or a folder of videos, got {self.data!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"--autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"--prediction-type must be one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}")
         if self.clips < 0:
             raise ValueError(f"--clips must be >= 0, got {self.clips}")
         for name in ("size", "frame_stride", "context_frames", "chunk_frames", "batch_size", "gradient_accumulation",
@@ -311,7 +314,8 @@ def vae_loss(data, config: TrainConfig, rank: int, world_size: int, latent_shape
 
 
 def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, rank: int, world_size: int):
-    """Noise prediction on the chunk frames, conditioned on the clean (or noised, or no) context."""
+    """The denoising loss on the chunk frames, conditioned on the clean (or noised, or no) context: the
+    model predicts the noise, or v = alpha * noise - sigma * latents, as its scheduler's prediction_type says."""
     alphas_cumprod = make_alphas_cumprod(make_betas(pipeline.scheduler_config)).to(config.device)
     train_steps = pipeline.scheduler_config.num_train_timesteps
     k = config.context_frames
@@ -335,10 +339,11 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
         alpha = alphas_cumprod[timesteps.to(config.device)].sqrt()[:, None, None, None, None]
         sigma = (1 - alphas_cumprod[timesteps.to(config.device)]).sqrt()[:, None, None, None, None]
         noisy = alpha * chunk + sigma * noise
+        target = noise if pipeline.scheduler_config.prediction_type == "epsilon" else alpha * noise - sigma * chunk
         size = config.size
         time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=text.dtype, device=text.device).repeat(batch, 1)
         prediction = unet(noisy, timesteps.to(config.device), text, pooled, time_ids, context)
-        return F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), target.float())
 
     return loss
 
@@ -379,8 +384,9 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
     unet_config, vae_config = baby_configs(config.size)
     torch.manual_seed(config.seed)
     text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed)
+    scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
     pipeline = StableDiffusionXLVideoPipeline(UNet(unet_config), AutoencoderKL(vae_config), text_encoder,
-                                              SchedulerConfig.video_model())
+                                              scheduler_config)
     return pipeline.to(config.device)
 
 

@@ -102,7 +102,8 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
 @pytest.mark.parametrize("overrides, option", [(dict(mode="video"), "--mode"), (dict(size=0), "--size"),
                                                 (dict(autocast="fp8"), "--autocast"), (dict(text_drop=2.0), "--text-drop"),
                                                 (dict(mode="temporal", model="missing"), "--model"),
-                                                (dict(data="missing-folder"), "--data")])
+                                                (dict(data="missing-folder"), "--data"),
+                                                (dict(prediction_type="sample"), "--prediction-type")])
 def test_bad_settings_name_the_option(overrides, option):
     with pytest.raises(ValueError, match=option):
         TrainConfig(**overrides)
@@ -113,3 +114,35 @@ def test_command_line_options_are_typed():
     assert (config.steps, config.learning_rate, config.gradient_checkpointing, config.out) == (7, 0.5, True, "x")
     with pytest.raises(SystemExit):
         train.parse_config(["--steps", "seven"])
+
+
+class Oracle(torch.nn.Module):
+    """Knows the clean chunk latents, so it answers with diffusers' target for the noisy input it gets:
+    the noise (epsilon) or DDPMScheduler.get_velocity (v_prediction)."""
+
+    def __init__(self, clean: torch.Tensor, scheduler, prediction_type: str):
+        super().__init__()
+        self.clean, self.scheduler, self.prediction_type = clean, scheduler, prediction_type
+
+    def forward(self, noisy, timesteps, text, pooled, time_ids, context):
+        alphas_cumprod = self.scheduler.alphas_cumprod[timesteps][:, None, None, None, None]
+        noise = (noisy - alphas_cumprod.sqrt() * self.clean) / (1 - alphas_cumprod).sqrt()
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(self.clean, noise, timesteps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_training_target_is_what_diffusers_predicts(tmp_path, prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    config = TrainConfig(out=str(tmp_path), prediction_type=prediction_type, **SMALL)
+    pipeline = train.build_pipeline(config)
+    scheduler = diffusers.DDPMScheduler.from_config(pipeline.scheduler_config.to_dict())
+    assert scheduler.config.prediction_type == prediction_type
+    data = train.ShapesData(config.size, config.context_frames + config.chunk_frames, config.seed)
+    videos, _ = train.batch_of(data, 0, config.batch_size, 0, 1)
+    with torch.no_grad():
+        clean = pipeline.vae.encode_video(videos)[:, :, config.context_frames:]  # (b, 4, chunk frames, h, w)
+        loss = train.unet_loss(pipeline, data, config, 0, 1)(Oracle(clean, scheduler, prediction_type), 0,
+                                                             torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
