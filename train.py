@@ -58,6 +58,7 @@ class TrainConfig:
     context_frames: int = 2
     chunk_frames: int = 4
     context_drop: float = 0.2  # probability that a batch has no context
+    context_shorten: float = 0.0  # probability that a batch keeps only its last 1 .. k-1 context frames (--image gives 1)
     context_noise: float = 0.1  # std of the noise added to the context when it is noised
     context_noise_probability: float = 0.3
     text_drop: float = 0.1  # probability that a sample's text is zeroed (trains the unconditional)
@@ -98,7 +99,7 @@ class TrainConfig:
                      "steps", "log_every", "sample_every", "checkpoint_every", "vae_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("context_drop", "context_noise_probability", "text_drop"):
+        for name in ("context_drop", "context_shorten", "context_noise_probability", "text_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
@@ -329,11 +330,14 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
         keep_text = (torch.rand(batch, generator=generator) >= config.text_drop).to(text)  # (b,)
         text, pooled = text * keep_text[:, None, None], pooled * keep_text[:, None]
         context, chunk = latents[:, :, :k], latents[:, :, k:]  # (b, 4, k, h, w), (b, 4, f, h, w)
-        draws = torch.rand(2, generator=generator)
+        draws = torch.rand(3, generator=generator)
         if draws[0] < config.context_drop:
             context = None
-        elif draws[1] < config.context_noise_probability:
-            context = context + config.context_noise * torch.randn(context.shape, generator=generator).to(context)
+        else:
+            if draws[2] < config.context_shorten and k > 1:
+                context = context[:, :, -int(torch.randint(1, k, (), generator=generator)):]  # (b, 4, 1 .. k-1, h, w)
+            if draws[1] < config.context_noise_probability:
+                context = context + config.context_noise * torch.randn(context.shape, generator=generator).to(context)
         timesteps = torch.randint(0, train_steps, (batch,), generator=generator)
         noise = torch.randn(chunk.shape, generator=generator).to(chunk)
         alpha = alphas_cumprod[timesteps.to(config.device)].sqrt()[:, None, None, None, None]

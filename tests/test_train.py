@@ -146,3 +146,32 @@ def test_the_training_target_is_what_diffusers_predicts(tmp_path, prediction_typ
         loss = train.unet_loss(pipeline, data, config, 0, 1)(Oracle(clean, scheduler, prediction_type), 0,
                                                              torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
+
+
+class ContextRecorder(torch.nn.Module):
+    """Predicts zeros and records the context of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def forward(self, noisy, timesteps, text, pooled, time_ids, context):
+        self.contexts.append(context)
+        return torch.zeros_like(noisy)
+
+
+@pytest.mark.parametrize("context_frames, shorten, expected", [(3, 0.0, {3}), (3, 1.0, {1, 2}), (2, 1.0, {1})])
+def test_context_shorten_keeps_the_last_context_frames(tmp_path, context_frames, shorten, expected):
+    config = TrainConfig(out=str(tmp_path), context_frames=context_frames, context_drop=0.0, context_shorten=shorten,
+                         context_noise_probability=0.0, **SMALL)
+    pipeline = train.build_pipeline(config)
+    data = train.ShapesData(config.size, context_frames + config.chunk_frames, config.seed)
+    recorder, generator = ContextRecorder(), torch.Generator().manual_seed(0)
+    loss = train.unet_loss(pipeline, data, config, 0, 1)
+    with torch.no_grad():
+        for index in range(12):
+            loss(recorder, index, generator)
+        latents = pipeline.vae.encode_video(train.batch_of(data, 11, config.batch_size, 0, 1)[0])
+    assert {context.shape[2] for context in recorder.contexts} == expected
+    last = recorder.contexts[-1]  # the context of batch 11: its last frames before the chunk
+    assert torch.equal(last, latents[:, :, context_frames - last.shape[2] : context_frames])
