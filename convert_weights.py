@@ -44,7 +44,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from model import NUM_TIME_IDS, TemporalConditionerTransformer, TemporalTransformer, UNet, UNetConfig
+from model import NUM_TIME_IDS, UNet, UNetConfig
+from temporal import TemporalConditionerTransformer, TemporalTransformer
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from text import TextEncoder

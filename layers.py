@@ -2,7 +2,8 @@
 
 Spatial layers see frames folded into the batch, `(batch * frames, channels, height, width)`;
 temporal layers see positions folded into the batch, `(batch * height * width, frames, channels)`.
-The helpers below are the only places where those folds are made and undone.
+The helpers below are the only places where those folds are made and undone. `Conditioning` is
+what every UNet block gets besides its input.
 Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
 """
 
@@ -12,6 +13,26 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+
+class Conditioning(NamedTuple):
+    """What every block needs besides its input, with frames folded into the batch."""
+
+    time_embedding: torch.Tensor  # (batch * frames, time_embed_dim)
+    text: torch.Tensor  # (batch, tokens, cross_attention_dim), shared by the frames of each video
+    num_frames: int
+    previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
+    cache: dict | None = None  # what depends only on the text and the context, kept for a chunk's steps
+
+
+def once_per_chunk(cond: Conditioning, module: nn.Module, compute):
+    """compute(), or what it returned for `module` at an earlier step of the chunk, kept in
+    `cond.cache` (keyed by the module's id, which torch.compile can guard on)."""
+    if cond.cache is None:
+        return compute()
+    if id(module) not in cond.cache:
+        cond.cache[id(module)] = compute()
+    return cond.cache[id(module)]
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,8 @@
 
 Latents are `(batch, channels, frames, height, width)`. The UNet folds frames into the batch once
 at the start (`fold_frames`) and unfolds them once at the end; spatial layers then work frame by
-frame, and the two temporal modules fold positions into the batch to look across frames:
-- `TemporalTransformer` (`temp_attentions.N`): the chunk's frames attend to each other;
-- `TemporalConditionerTransformer` (`temp_cond_attentions.N`): the chunk's frames cross-attend
-  to the context, the clean latents of the last frames already made (`previous_latents`).
+frame, and the two temporal modules of temporal.py, which follow every spatial transformer, fold
+positions into the batch to look across the chunk's frames and at the context.
 Spatial module names are diffusers', so an SDXL UNet state dict loads with a strict
 `load_state_dict`; a freshly built model has zero output projections in its temporal modules and
 so computes exactly what SDXL computes frame by frame (with per-frame GroupNorm).
@@ -13,7 +11,6 @@ so computes exactly what SDXL computes frame by frame (with per-frame GroupNorm)
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +19,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from layers import (
+    Conditioning,
     Downsample,
     GroupNorm,
     ResnetBlock,
     TransformerBlock,
     Upsample,
     fold_frames,
-    frames_to_tokens,
+    once_per_chunk,
     repeat_per_frame,
-    tokens_to_frames,
     unfold_frames,
 )
+from temporal import TemporalConditionerTransformer, TemporalTransformer
 
 GROUPNORM_SCOPES = ("frame", "chunk")
 NUM_TIME_IDS = 6  # original height and width, crop top and left, target height and width
@@ -141,17 +139,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def frame_position_encoding(num_frames: int, dim: int, device=None) -> torch.Tensor:
-    """(frames, dim): cos(p / 10000^(2i/dim)) at channel 2i and sin(...) at 2i+1, for frame p."""
-    positions = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]
-    even_channels = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
-    angles = positions / 10000 ** (even_channels / dim)  # (frames, ceil(dim/2))
-    encoding = torch.zeros(num_frames, dim, device=device)
-    encoding[:, 0::2] = angles.cos()
-    encoding[:, 1::2] = angles[:, : dim // 2].sin()
-    return encoding
-
-
 class TimestepEmbedding(nn.Module):
     """Linear → SiLU → Linear (`linear_1`, `linear_2`)."""
 
@@ -162,26 +149,6 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class Conditioning(NamedTuple):
-    """What every block needs besides its input, with frames folded into the batch."""
-
-    time_embedding: torch.Tensor  # (batch * frames, time_embed_dim)
-    text: torch.Tensor  # (batch, tokens, cross_attention_dim), shared by the frames of each video
-    num_frames: int
-    previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
-    cache: dict | None = None  # what depends only on the text and the context, kept for a chunk's steps
-
-
-def once_per_chunk(cond: Conditioning, module: nn.Module, compute):
-    """compute(), or what it returned for `module` at an earlier step of the chunk, kept in
-    `cond.cache` (keyed by the module's id, which torch.compile can guard on)."""
-    if cond.cache is None:
-        return compute()
-    if id(module) not in cond.cache:
-        cond.cache[id(module)] = compute()
-    return cond.cache[id(module)]
 
 
 class SpatialTransformer(nn.Module):
@@ -208,106 +175,6 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, keys_values)
         tokens = self.proj_out(tokens)
         return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # in x's memory format
-
-
-class TemporalTransformer(nn.Module):
-    """Frames of a chunk attend to each other at every spatial position.
-
-    GroupNorm across the chunk's frames, `proj_in`, plus a sinusoidal frame-position encoding,
-    transformer blocks (self-attention, optionally a second self-attention, GEGLU), `proj_out`
-    (zero when built fresh), residual. With one frame it returns its input.
-    """
-
-    def __init__(self, channels: int, config: UNetConfig):
-        super().__init__()
-        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, across_frames=True)
-        self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(
-                channels,
-                channels // config.head_dim,
-                config.head_dim,
-                double_self_attention=config.temporal_double_self_attention,
-            )
-            for _ in range(config.temporal_layers)
-        )
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """x: (batch * frames, channels, h, w)."""
-        if cond.num_frames == 1:
-            return x
-        height, width = x.shape[-2:]
-        tokens = frames_to_tokens(self.norm(x, cond.num_frames), cond.num_frames)  # (b*h*w, f, c)
-        tokens = self.proj_in(tokens)
-        tokens.add_(frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype))
-        for block in self.transformer_blocks:
-            tokens = block(tokens)
-        return x + tokens_to_frames(self.proj_out(tokens), height, width)
-
-
-class TemporalConditionerTransformer(nn.Module):
-    """Frames of a chunk cross-attend to the context (the last frames already made).
-
-    The context latents are resized to the block's (context_frames, h, w), repeated along the
-    batch when guidance doubled it, and projected to width D by `conv_in`; the chunk is normalised
-    by `ln` and projected to D by `proj_in`. Frame positions add exp(p / k) to context frame p and
-    exp(-p / f) to chunk frame p. Transformer blocks of width D cross-attend to the context in
-    both attentions, then `proj_out` (zero when built fresh) returns to the block's width.
-    Without a context, or with one frame, it returns its input.
-    """
-
-    def __init__(self, channels: int, config: UNetConfig):
-        super().__init__()
-        width = config.conditioner_dim
-        self.conv_in = nn.Conv3d(config.in_channels, width, kernel_size=1)
-        self.ln = nn.LayerNorm(channels)
-        self.proj_in = nn.Linear(channels, width)
-        self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(
-                width, channels // config.head_dim, config.head_dim, context_dim=width, only_cross_attention=True
-            )
-            for _ in range(config.conditioner_layers)
-        )
-        self.proj_out = nn.Linear(width, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def encode_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-        """(context_batch, in_channels, k, H, W) -> (batch * height * width, k, D)."""
-        context_frames = previous_latents.shape[2]
-        context = F.interpolate(
-            previous_latents.to(self.conv_in.weight.dtype),
-            size=(context_frames, height, width),
-            mode="trilinear",
-            align_corners=False,
-        )  # (context_batch, c, k, h, w)
-        context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)  # (b, c, k, h, w)
-        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")
-        positions = torch.arange(context_frames, device=tokens.device, dtype=tokens.dtype)
-        return tokens + torch.exp(positions / context_frames)[:, None]
-
-    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """x: (batch * frames, channels, h, w)."""
-        if cond.previous_latents is None or cond.num_frames == 1:
-            return x
-        height, width = x.shape[-2:]
-        batch = x.shape[0] // cond.num_frames
-        context = once_per_chunk(cond, self, lambda: self.keys_values(cond.previous_latents, batch, height, width))
-        tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
-        positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
-        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])
-        for block, keys_values in zip(self.transformer_blocks, context):
-            tokens = block(tokens, keys_values)
-        return x + tokens_to_frames(self.proj_out(tokens), height, width)
-
-    def keys_values(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list:
-        """The keys and values of every block's attentions to the encoded context: what the
-        conditioner computes from the context alone, once per chunk."""
-        context = self.encode_context(previous_latents, batch, height, width)  # (b*h*w, k, D)
-        return [block.keys_values(context) for block in self.transformer_blocks]
 
 
 def make_layer(channels: int, depth: int, config: UNetConfig) -> dict[str, nn.Module]:

@@ -19,7 +19,9 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange
 from safetensors.torch import load_file
 
-from model import Conditioning, TemporalConditionerTransformer, TemporalTransformer, UNet, UNetConfig
+from layers import Conditioning
+from model import UNet, UNetConfig
+from temporal import TemporalConditionerTransformer, TemporalTransformer
 from tiny_pipeline import diffusers_unet, perturbed
 
 REPOSITORY = Path(__file__).resolve().parents[1]

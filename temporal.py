@@ -1,0 +1,133 @@
+"""The seed's two temporal modules, which turn SDXL's image UNet into a chunk-by-chunk video model.
+
+Both follow every spatial transformer of the UNet (model.py) and see positions folded into the
+batch, `(batch * height * width, frames, channels)`:
+- `TemporalTransformer` (`temp_attentions.N`): the chunk's frames attend to each other;
+- `TemporalConditionerTransformer` (`temp_cond_attentions.N`): the chunk's frames cross-attend to
+  the context, the clean latents of the last frames already made (`previous_latents`).
+Built fresh, each has a zero output projection, so it returns its input until trained.
+SEED_FORMAT.md has the maths each one follows.
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from layers import Conditioning, GroupNorm, TransformerBlock, frames_to_tokens, once_per_chunk, tokens_to_frames
+
+if TYPE_CHECKING:
+    from model import UNetConfig
+
+
+def frame_position_encoding(num_frames: int, dim: int, device=None) -> torch.Tensor:
+    """(frames, dim): cos(p / 10000^(2i/dim)) at channel 2i and sin(...) at 2i+1, for frame p."""
+    positions = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]
+    even_channels = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    angles = positions / 10000 ** (even_channels / dim)  # (frames, ceil(dim/2))
+    encoding = torch.zeros(num_frames, dim, device=device)
+    encoding[:, 0::2] = angles.cos()
+    encoding[:, 1::2] = angles[:, : dim // 2].sin()
+    return encoding
+
+
+class TemporalTransformer(nn.Module):
+    """Frames of a chunk attend to each other at every spatial position.
+
+    GroupNorm across the chunk's frames, `proj_in`, plus a sinusoidal frame-position encoding,
+    transformer blocks (self-attention, optionally a second self-attention, GEGLU), `proj_out`
+    (zero when built fresh), residual. With one frame it returns its input.
+    """
+
+    def __init__(self, channels: int, config: "UNetConfig"):
+        super().__init__()
+        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, across_frames=True)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(
+                channels,
+                channels // config.head_dim,
+                config.head_dim,
+                double_self_attention=config.temporal_double_self_attention,
+            )
+            for _ in range(config.temporal_layers)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: (batch * frames, channels, h, w)."""
+        if cond.num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        tokens = frames_to_tokens(self.norm(x, cond.num_frames), cond.num_frames)  # (b*h*w, f, c)
+        tokens = self.proj_in(tokens)
+        tokens.add_(frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype))
+        for block in self.transformer_blocks:
+            tokens = block(tokens)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+
+
+class TemporalConditionerTransformer(nn.Module):
+    """Frames of a chunk cross-attend to the context (the last frames already made).
+
+    The context latents are resized to the block's (context_frames, h, w), repeated along the
+    batch when guidance doubled it, and projected to width D by `conv_in`; the chunk is normalised
+    by `ln` and projected to D by `proj_in`. Frame positions add exp(p / k) to context frame p and
+    exp(-p / f) to chunk frame p. Transformer blocks of width D cross-attend to the context in
+    both attentions, then `proj_out` (zero when built fresh) returns to the block's width.
+    Without a context, or with one frame, it returns its input.
+    """
+
+    def __init__(self, channels: int, config: "UNetConfig"):
+        super().__init__()
+        width = config.conditioner_dim
+        self.conv_in = nn.Conv3d(config.in_channels, width, kernel_size=1)
+        self.ln = nn.LayerNorm(channels)
+        self.proj_in = nn.Linear(channels, width)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(
+                width, channels // config.head_dim, config.head_dim, context_dim=width, only_cross_attention=True
+            )
+            for _ in range(config.conditioner_layers)
+        )
+        self.proj_out = nn.Linear(width, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def encode_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+        """(context_batch, in_channels, k, H, W) -> (batch * height * width, k, D)."""
+        context_frames = previous_latents.shape[2]
+        context = F.interpolate(
+            previous_latents.to(self.conv_in.weight.dtype),
+            size=(context_frames, height, width),
+            mode="trilinear",
+            align_corners=False,
+        )  # (context_batch, c, k, h, w)
+        context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)  # (b, c, k, h, w)
+        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")
+        positions = torch.arange(context_frames, device=tokens.device, dtype=tokens.dtype)
+        return tokens + torch.exp(positions / context_frames)[:, None]
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: (batch * frames, channels, h, w)."""
+        if cond.previous_latents is None or cond.num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        batch = x.shape[0] // cond.num_frames
+        context = once_per_chunk(cond, self, lambda: self.keys_values(cond.previous_latents, batch, height, width))
+        tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
+        positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
+        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])
+        for block, keys_values in zip(self.transformer_blocks, context):
+            tokens = block(tokens, keys_values)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+
+    def keys_values(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list:
+        """The keys and values of every block's attentions to the encoded context: what the
+        conditioner computes from the context alone, once per chunk."""
+        context = self.encode_context(previous_latents, batch, height, width)  # (b*h*w, k, D)
+        return [block.keys_values(context) for block in self.transformer_blocks]
