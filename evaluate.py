@@ -273,7 +273,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
     names = ("model", "frames", "context_frames", "steps", "guidance", "height", "width", "context_noise",
-             "anchor_frame", "renormalize", "start_still", "decode_frames", "device", "dtype")
+             "anchor_frame", "renormalize", "decode_frames", "device", "dtype")
     given = with_model_defaults({name: getattr(args, name) for name in names})
     settings = Settings(timeline=[(0, text)], seed=seed, **given)
     check_settings(settings)
@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
     report = {"model": args.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
               "height": first.height, "width": first.width, "context_noise": first.context_noise,
-              "anchor_frame": first.anchor_frame, "start_still": first.start_still, "renormalize": first.renormalize,
+              "anchor_frame": first.anchor_frame, "renormalize": first.renormalize,
               "all": overall, "prompts": per_prompt}
     print(json.dumps(without_nan(report)))
     return report

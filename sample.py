@@ -50,7 +50,6 @@ class Settings:
     anchor_frame: bool = False
     renormalize: bool = False
     drop_first_chunk: bool = False
-    start_still: bool = False
     image: str | None = None
     image_strength: float = 0.5
     extend: str | None = None
@@ -162,24 +161,22 @@ def chunk_context(state: VideoState, settings: Settings, generator) -> torch.Ten
 
 def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
                      generator, latent_image=None, callback=None):
-    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each.
-    With `start_still` and nothing to start from, a still frame is made first and becomes the first
-    chunk's one-frame context, as an --image would; it is not part of the video."""
+    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each."""
     while True:
         weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
         first = state.chunk_index == 0
-        prompt_embeds = mix_embeddings([(embeddings[entry], weight) for entry, weight in weights])
-        chunk = dict(prompt_embeds=prompt_embeds, height=settings.height, width=settings.width,
-                     num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generator,
-                     output_type="latent")
-        if first and settings.start_still and state.context is None and latent_image is None:
-            state.context = pipeline(num_frames=1, **chunk)  # (b, 4, 1, h, w)
         latents = pipeline(
-            **chunk,
+            prompt_embeds=mix_embeddings([(embeddings[entry], weight) for entry, weight in weights]),
+            height=settings.height,
+            width=settings.width,
             num_frames=settings.frames,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            generator=generator,
             previous_latents=chunk_context(state, settings, generator),
             latent_image=latent_image if first else None,
             conditioning_strength=settings.image_strength if first and latent_image is not None else 0.0,
+            output_type="latent",
             callback=callback,
         )
         if settings.renormalize:
@@ -292,8 +289,6 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
     parser.add_argument("--anchor-frame", action="store_true", default=None, help="keep the first frame in the context")
     parser.add_argument("--renormalize", action="store_true", default=None, help="the original's latent renormalisation")
-    parser.add_argument("--start-still", action=argparse.BooleanOptionalAction,
-                        help="make a still first and start the first chunk from it, as from an --image (default: the model's)")
     parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))

@@ -86,24 +86,6 @@ def test_streamed_chunks_equal_one_call_with_the_same_context(pipeline, model):
     assert not torch.allclose(second, no_context)  # the context reaches the output
 
 
-def test_start_still_makes_the_first_context_from_a_one_frame_call(pipeline, model):
-    """--start-still: a one-frame call first, then the first chunk with that still as its context,
-    both from the video's generator; the still itself is not yielded."""
-    embeddings = [pipeline.encode_prompt("a red circle moving left")]
-    state = VideoState()
-    first = next(generate_latents(pipeline, settings(model, start_still=True), embeddings, state,
-                                  torch.Generator().manual_seed(0)))
-    call = dict(prompt_embeds=embeddings[0], height=32, width=48, num_inference_steps=3, guidance_scale=9.0,
-                output_type="latent")
-    generator = torch.Generator().manual_seed(0)
-    still = pipeline(num_frames=1, generator=generator, **call)  # (1, 4, 1, h, w)
-    expected = pipeline(num_frames=3, generator=generator, previous_latents=still, **call)
-    assert torch.equal(first, expected)
-    assert torch.equal(state.context, torch.cat([still, expected], dim=2)[:, :, -2:])
-    without = next(generate_latents(pipeline, settings(model), embeddings, VideoState(), torch.Generator().manual_seed(0)))
-    assert without.shape == first.shape and not torch.allclose(without, first)
-
-
 def test_batch_of_two_equals_two_single_runs(model):
     """In float64, so that batched and single matrix products agree to far below the tolerance."""
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(model, dtype=torch.float64)
