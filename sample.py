@@ -287,8 +287,10 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
-    parser.add_argument("--anchor-frame", action="store_true", default=None, help="keep the first frame in the context")
-    parser.add_argument("--renormalize", action="store_true", default=None, help="the original's latent renormalisation")
+    parser.add_argument("--anchor-frame", action=argparse.BooleanOptionalAction,
+                        help="keep the first frame in the context (default: the model's, else off)")
+    parser.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
+                        help="the original's latent renormalisation (default: the model's, else off)")
     parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))

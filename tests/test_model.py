@@ -134,7 +134,7 @@ def test_original_fixture_outputs():
     assert (with_context - without_context).abs().max() > 1e-2  # the context path is exercised
 
 
-# The temporal modules' maths, written out independently of model.py and layers.py.
+# The temporal modules' maths, written out independently of temporal.py and layers.py.
 
 
 def linear(x, layer):

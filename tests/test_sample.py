@@ -241,3 +241,14 @@ def test_timeline_through_the_command_line(model, pipeline, tmp_path, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(used[3], blue))
     halfway = used[2].prompt_embeds
     assert torch.allclose(halfway, (red.prompt_embeds + 2 * blue.prompt_embeds) / 3, atol=1e-6)
+
+
+def test_model_defaults_apply_and_the_command_line_overrides_them(tmp_path):
+    folder = tmp_path / "model"
+    tiny_video_pipeline(tmp_path / "tokenizer").save_pretrained(
+        folder, sample_defaults={"anchor_frame": True, "guidance": 2.0, "steps": 3})
+    defaults = sample.settings_from_arguments(sample.parse_arguments(["--model", str(folder), "--prompt", "a"]))
+    assert (defaults.anchor_frame, defaults.guidance, defaults.steps, defaults.renormalize) == (True, 2.0, 3, False)
+    given = sample.settings_from_arguments(sample.parse_arguments(
+        ["--model", str(folder), "--prompt", "a", "--no-anchor-frame", "--guidance", "5", "--renormalize"]))
+    assert (given.anchor_frame, given.guidance, given.renormalize) == (False, 5.0, True)
