@@ -7,8 +7,9 @@ Mode `temporal` freezes every spatial weight (and the VAE and text encoders) and
 temporal transformers and conditioners. Mode `baby` builds a small model of the same architecture
 and trains its VAE, then its whole UNet; its text encoders are frozen random CLIPs with a tokenizer
 of the shapes world's words. Each training sample is a clip cut into context frames (clean; with a
-probability noised, with a probability dropped so that the first chunk is in distribution) and
-chunk frames, which are noised; the loss is on the chunk's noise prediction.
+probability noised, with a probability dropped so that the first chunk is in distribution, with a
+probability cut to its last frames) and chunk frames, which are noised; the loss is on the chunk's
+prediction of the noise or of v.
 
 One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...` (DDP; gloo on
 CPU, nccl on GPU). Checkpoints resume exactly: model, optimiser, schedule, data position and
