@@ -143,6 +143,31 @@ def test_save_and_load_round_trip(encoders, tmp_path):
         assert torch.equal(tensor_before, tensor_after), name
 
 
+@pytest.mark.parametrize("built_with", ["eager", "sdpa"])
+def test_round_trip_is_exact_whatever_attention_the_encoders_were_built_with(tmp_path, built_with):
+    """transformers chooses an attention implementation when a model is built from a config and
+    again when one is loaded; eager and SDPA differ by about 5e-7, so the saved and the loaded
+    encoders computed different embeddings when the two choices differed."""
+    tokenizer, tokenizer_2 = tiny_tokenizers(tmp_path / "tokenizer", MAX_LENGTH)
+    built = [type(model)(config_asking_for(model.config, built_with)) for model in tiny_text_encoders(tokenizer, MAX_LENGTH)]
+    for model, reference in zip(built, tiny_text_encoders(tokenizer, MAX_LENGTH)):
+        model.load_state_dict(reference.state_dict())
+        assert model.config._attn_implementation == built_with
+    ours = TextEncoder(tokenizer, tokenizer_2, *built)
+    ours.save_pretrained(tmp_path / "saved")
+    loaded = TextEncoder.from_pretrained(tmp_path / "saved")
+    before, after = ours.encode_prompt(PROMPTS, NEGATIVES), loaded.encode_prompt(PROMPTS, NEGATIVES)
+    for name, tensor_before, tensor_after in zip(before._fields, before, after):
+        assert torch.equal(tensor_before, tensor_after), name
+
+
+def config_asking_for(config, attention):
+    """A copy of a transformers config asking for the given attention implementation."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = attention
+    return config
+
+
 def test_loading_a_folder_without_the_subfolders_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         TextEncoder.from_pretrained(tmp_path)
