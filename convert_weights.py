@@ -22,16 +22,18 @@ A UNet without temporal weights gets fresh ones with zero output projections and
 GroupNorm, so it makes images frame by frame exactly as SDXL does; an imported video UNet gets
 GroupNorm across the chunk's frames, as it was trained.
 
-Every key and shape is checked before anything is written; pickled .bin files are read with
-`torch.load(weights_only=True)` only; OUT is written to a temporary sibling folder and moved into
-place when complete, so a failure loses nothing.
+Every key and shape is checked before anything is written, and a source file that cannot be read
+(truncated, not JSON) is named; pickled .bin files are read with `torch.load(weights_only=True)`
+only. OUT is written to a hidden sibling folder named with the process id, flushed to disk, and
+moved into place when complete, so a failure (a full disk included) loses nothing; the next run
+removes what a killed one left. `--overwrite` replaces only a checkpoint folder or an empty folder,
+and never one that holds an input or lies inside one.
 """
 
 import argparse
-import json
+import os
 import pickle
 import re
-import secrets
 import shutil
 import time
 from collections import defaultdict
@@ -40,15 +42,15 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from temporal import TemporalConditionerTransformer, TemporalTransformer
-from pipeline import StableDiffusionXLVideoPipeline
+from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
-from text import TextEncoder
+from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,19 +90,30 @@ WEIGHT_NAMES = tuple(
 
 
 def read_weights(path: Path) -> dict[str, LazyTensor]:
-    """The tensors of a .safetensors file, a .bin file (weights_only, memory-mapped) or a shard index."""
+    """The tensors of a .safetensors file, a .bin file (weights_only, memory-mapped) or a shard index.
+
+    Both formats are checked whole when opened (the safetensors header against the file size, the
+    zip directory at the end of a .bin), so a truncated file fails here, before anything is built."""
     if path.name.endswith(".json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = load_json(path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{path} has no weight_map object of a shard index")
         shards = {name: read_weights(path.parent / name) for name in set(weight_map.values())}
         return {key: shards[name][key] for key, name in weight_map.items()}
     if path.suffix == ".safetensors":
-        handle = safe_open(path, framework="pt")
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        try:
+            handle = safe_open(path, framework="pt")
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except (OSError, SafetensorError) as error:
+            raise ConversionError(f"{path} cannot be read as safetensors ({error}); is it truncated?") from error
         return {key: LazyTensor(key, shape, lambda key=key: handle.get_tensor(key)) for key, shape in shapes.items()}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise ConversionError(f"{path} holds more than tensors, which is not unpickled: {error}") from error
+    except (OSError, RuntimeError) as error:
+        reason = str(error).split(". ")[0]
+        raise ConversionError(f"{path} cannot be read as a torch.save zip file ({reason}); is it truncated?") from error
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ConversionError(f"{path} is not a state dict of tensors")
     return {key: LazyTensor(key, tuple(value.shape), lambda value=value: value) for key, value in state.items()}
@@ -133,11 +146,12 @@ UNET_REQUIRED_VALUES = {
 }
 # Inference-only or precision-only settings, and the temporal depth (read from the weights instead).
 UNET_INERT_KEYS = {"addition_embed_type_num_heads", "dropout", "upcast_attention", "temporal_layers_per_block"}
+# The settings read, with the type of their values ([int]: a list of ints; a tuple: any of these).
 UNET_READ_KEYS = {
-    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "transformer_layers_per_block",
-    "attention_head_dim", "cross_attention_dim", "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim", "norm_num_groups", "norm_eps", "sample_size", "down_block_types",
-    "up_block_types",
+    "in_channels": int, "out_channels": int, "block_out_channels": [int], "layers_per_block": int,
+    "transformer_layers_per_block": (int, [int]), "attention_head_dim": (int, [int]), "cross_attention_dim": int,
+    "addition_time_embed_dim": int, "projection_class_embeddings_input_dim": int, "norm_num_groups": int,
+    "norm_eps": float, "sample_size": int, "down_block_types": [str], "up_block_types": [str],
 }
 DOWN_BLOCK_HAS_ATTENTION = {"DownBlock2D": False, "CrossAttnDownBlock2D": True,
                             "DownBlock3D": False, "CrossAttnDownBlock3D": True}
@@ -155,9 +169,22 @@ VAE_INERT_KEYS = {"sample_size"}
 
 
 def load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} is missing")
-    return json.loads(path.read_text())
+    """A JSON object from a file; ConversionError naming the file if it is missing, not JSON or not an object."""
+    try:
+        return read_json(path)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+
+
+def has_type(value, kind) -> bool:
+    """Whether `value` is of `kind`: a type (float takes an int too; bool is no int), [type] for a
+    list of them, a tuple for any of several kinds."""
+    if isinstance(kind, tuple):
+        return any(has_type(value, option) for option in kind)
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(has_type(item, kind[0]) for item in value)
+    kinds = (int, float) if kind is float else kind
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def check_config(values: dict, read: set, required: dict, inert: set, path: Path) -> None:
@@ -177,9 +204,11 @@ def per_level(value, levels: int) -> list:
 def unet_spatial_config(path: Path, layout: str) -> dict:
     """UNetConfig's spatial fields from a UNet config.json in `layout` ("diffusers" or "original")."""
     values = load_json(path)
-    check_config(values, UNET_READ_KEYS, UNET_REQUIRED_VALUES, UNET_INERT_KEYS, path)
-    if missing := sorted(UNET_READ_KEYS - values.keys()):
+    check_config(values, set(UNET_READ_KEYS), UNET_REQUIRED_VALUES, UNET_INERT_KEYS, path)
+    if missing := sorted(UNET_READ_KEYS.keys() - values.keys()):
         raise ConversionError(f"{path} lacks {missing}")
+    if wrong := [f"{key}={values[key]!r}" for key, kind in UNET_READ_KEYS.items() if not has_type(values[key], kind)]:
+        raise ConversionError(f"{path}: values of the wrong type: {', '.join(wrong)}")
     widths, down, up = values["block_out_channels"], values["down_block_types"], values["up_block_types"]
     mirrored = [name.replace("Down", "Up") for name in reversed(down)]
     if any(name not in DOWN_BLOCK_HAS_ATTENTION for name in down) or up != mirrored:
@@ -244,24 +273,33 @@ def make_config(config_class, path: Path, **values):
         raise ConversionError(f"{path}: {error}") from error
 
 
-def meta_model(component: str, config) -> nn.Module:
-    """The component built on the meta device: its state dict gives the expected keys and shapes."""
-    with torch.device("meta"):
-        return MODEL_CLASSES[component](config)
+def meta_model(component: str, config, path: Path) -> nn.Module:
+    """The component built on the meta device: its state dict gives the expected keys and shapes.
+    ConversionError naming `path`, the config's file, for settings it cannot be built with."""
+    try:
+        with torch.device("meta"):
+            return MODEL_CLASSES[component](config)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConversionError(f"{path}: the {component} cannot be built from it: {error}") from error
 
 
 def image_unet_model(path: Path) -> nn.Module:
     """An SDXL UNet from diffusers' config.json, with fresh temporal modules to come."""
     spatial = unet_spatial_config(path, "diffusers")
-    return meta_model("unet", make_config(UNetConfig, path, **spatial, **fresh_temporal_config(spatial)))
+    return meta_model("unet", make_config(UNetConfig, path, **spatial, **fresh_temporal_config(spatial)), path)
 
 
 def vae_and_text_models(configs: Path) -> dict[str, nn.Module]:
     """The VAE and both text encoders from the config.json files of a folder in diffusers' layout."""
-    text = {name: CLIPTextConfig.from_dict(load_json(configs / name / "config.json"))
-            for name in ("text_encoder", "text_encoder_2")}
-    return {"vae": meta_model("vae", vae_config(configs / "vae" / "config.json")),
-            **{name: meta_model(name, config) for name, config in text.items()}}
+    paths = {name: configs / name / "config.json" for name in ("vae", "text_encoder", "text_encoder_2")}
+    built = {"vae": vae_config(paths["vae"])}
+    for name in ("text_encoder", "text_encoder_2"):
+        values = load_json(paths[name])
+        try:
+            built[name] = CLIPTextConfig.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ConversionError(f"{paths[name]}: {error}") from error
+    return {name: meta_model(name, config, paths[name]) for name, config in built.items()}
 
 
 def text_prefix(model: nn.Module) -> str:
@@ -446,7 +484,7 @@ def read_video_unet(folder: Path) -> Part:
     spatial = unet_spatial_config(folder / "config.json", "original")
     temporal = imported_temporal_config({key: tensor.shape for key, tensor in weights.items()})
     config = make_config(UNetConfig, folder / "config.json", **spatial, **temporal)
-    return Part(meta_model("unet", config), weights, f"{path} (original video layout)")
+    return Part(meta_model("unet", config, folder / "config.json"), weights, f"{path} (original video layout)")
 
 
 def read_unet_folder(folder: Path) -> Part:
@@ -563,17 +601,61 @@ def build(part: Part, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-# 7. Writing: into a temporary sibling folder, moved into place when complete.
+# 7. Writing: into a hidden sibling folder named with the process id, moved into place when complete.
 
 
-def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, provenance: dict) -> None:
-    """Save into a hidden sibling of OUT; only a complete folder replaces OUT."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.converting"
-    staging.mkdir()
+def staging_folder(out: Path, purpose: str) -> Path:
+    """The hidden sibling of OUT that this process writes into ("converting") or moves the folder
+    it replaces to ("previous"); `clean_up_killed_conversions` reads the process id back."""
+    return out.parent / f".{out.name}.{os.getpid()}.{purpose}"
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process `pid` runs (signal 0 checks without sending anything)."""
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
+
+
+def clean_up_killed_conversions(out: Path) -> None:
+    """Remove the staging folders of conversions into OUT whose process is gone, one line each; a
+    process killed between its two renames left OUT as ".previous": that goes back to OUT."""
+    pattern = rf"\.{re.escape(out.name)}\.(\d{{1,9}})\.(converting|previous)"
+    for folder in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        match = re.fullmatch(pattern, folder.name)
+        if not match or process_is_alive(int(match[1])):
+            continue
+        if match[2] == "previous" and not out.exists() and not out.is_symlink():
+            folder.rename(out)
+            print(f"put {folder} back as {out}: process {match[1]} was killed while replacing it")
+        else:
+            shutil.rmtree(folder)
+            print(f"removed {folder}, left by process {match[1]}, which is gone")
+
+
+def write_error(error: OSError, staging: Path, out: Path) -> ConversionError:
+    """"no space left on device while writing OUT/vae.safetensors": the file by its final name."""
+    path = Path(error.filename) if error.filename else out
+    if path.is_relative_to(staging):
+        path = out / path.relative_to(staging)
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return ConversionError(f"{reason} while writing {path}; nothing was written, {out} is as it was")
+
+
+def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, provenance: dict, overwrite: bool) -> None:
+    """Save into a hidden sibling of OUT, on disk (fsync) before it replaces OUT, which is checked
+    again first: whatever came to OUT during the conversion is kept unless --overwrite may replace it."""
+    staging, previous = staging_folder(out, "converting"), staging_folder(out, "previous")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         pipeline.save_pretrained(staging, provenance, SAMPLE_DEFAULTS)
-        previous = staging.with_suffix(".previous")
+        if problems := out_problems(out, overwrite):
+            raise ConversionError("; ".join(problems))
         if out.exists():
             out.rename(previous)
         try:
@@ -582,19 +664,63 @@ def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, proven
             if previous.exists():
                 previous.rename(out)
             raise
-        shutil.rmtree(previous, ignore_errors=True)
+    except OSError as error:
+        raise write_error(error, staging, out) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    fsync(out.parent)  # the rename, on disk
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 # 8. The conversion.
+
+
+def out_problems(out: Path, overwrite: bool) -> list[str]:
+    """Why OUT may not be written: it exists without --overwrite, or it is not a folder that
+    --overwrite may replace (an empty folder, or a checkpoint folder holding only its own files)."""
+    if out.is_symlink():
+        return [f"OUT {out} is a symbolic link; give the folder it points to, {out.resolve()}"]
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        return [f"OUT {out} exists and is not a folder"]
+    if not overwrite:
+        return [f"OUT {out} exists; pass --overwrite to replace it"]
+    entries = sorted(out.iterdir())
+    if not entries:
+        return []
+    if foreign := [path.name for path in entries if not (path.name in CHECKPOINT_FILES and path.is_file()
+                                                         or path.name in SUBFOLDERS and path.is_dir())]:
+        reason = f"it holds {foreign}, which a checkpoint folder does not"
+    else:
+        try:
+            load_checkpoint_config(out)
+            return []
+        except ValueError as error:
+            reason = str(error)
+    return [f"OUT {out} is not a folder that --overwrite may replace (an empty one or a checkpoint folder): {reason}"]
+
+
+def nesting_problems(out: Path, inputs: dict[str, str | Path | None]) -> list[str]:
+    """OUT must be no input, lie inside none and hold none (symbolic links resolved)."""
+    target, problems = out.resolve(), []
+    for option, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            problems.append(f"OUT {out} is one of the inputs, {option} {given}")
+        elif target.is_relative_to(source):
+            problems.append(f"OUT {out} is inside {option} {given}")
+        elif source.is_relative_to(target):
+            problems.append(f"{option} {given} is inside OUT {out}")
+    return problems
 
 
 def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dtype: str, overwrite: bool) -> None:
     """ConversionError for bad input, before any weights are read."""
     single_file = source.is_file()
     folders = (*MODEL_CLASSES, *TOKENIZERS)
-    inputs = {Path(path).resolve() for path in (source, video_unet, tokenizers) if path}
     problems = {
         f"SRC {source} does not exist": not source.exists(),
         f"a single-file SRC must be a .safetensors file, got {source.name}":
@@ -608,11 +734,11 @@ def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dt
         "--tokenizers and --configs are for a single-file SRC only": source.is_dir() and bool(tokenizers or configs),
         f"--video-unet {video_unet} is not a folder": video_unet is not None and not Path(video_unet).is_dir(),
         f"--dtype must be one of {list(DTYPES)}, got {dtype!r}": dtype not in DTYPES,
-        f"OUT {out} exists; pass --overwrite to replace it": out.exists() and not overwrite,
-        f"OUT {out} exists and is not a folder": out.exists() and not out.is_dir(),
-        f"OUT {out} is one of the inputs": out.resolve() in inputs,
     }
-    if failed := [message for message, fails in problems.items() if fails]:
+    inputs = {"SRC": source, "--video-unet": video_unet, "--tokenizers": tokenizers, "--configs": configs}
+    failed = [message for message, fails in problems.items() if fails]
+    failed += nesting_problems(out, inputs) or out_problems(out, overwrite)
+    if failed:
         raise ConversionError("; ".join(failed))
 
 
@@ -623,6 +749,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     source, out = Path(source), Path(out)
 
     # 1. Read names, shapes and configs, and check them all: nothing is written unless this passes.
+    clean_up_killed_conversions(out)
     check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite)
     print(f"reading {source}" + (f" and {video_unet}" if video_unet else ""))
     unet = read_video_unet(Path(video_unet)) if video_unet else None
@@ -646,7 +773,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     # 3. Write a complete folder next to OUT, then move it into place.
     provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype)
     print(f"writing {out}")
-    write_checkpoint(pipeline, out, provenance)
+    write_checkpoint(pipeline, out, provenance, overwrite)
     print(summary(models, provenance, mapped.dropped, time.perf_counter() - started))
     return provenance
 
@@ -701,7 +828,7 @@ def main(argv=None) -> None:
                         help=f"component configs for a single-file SRC (default {SDXL_CONFIGS})")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it exists, once the new folder is complete")
+                        help="replace OUT, a checkpoint folder or an empty one, once the new folder is complete")
     args = parser.parse_args(argv)
     try:
         convert(args.source, args.out, args.video_unet, args.tokenizers, args.configs, args.dtype, args.overwrite)

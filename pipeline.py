@@ -9,26 +9,43 @@ A checkpoint folder (what `convert_weights.py` and `train.py` write, what `sampl
     vae.safetensors      the VAE
     text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   transformers' layout
 
+`save_pretrained` writes config.json last, after every other file is on disk (`fsync_tree`): a folder
+with a config.json is complete, even after a crash or a power loss. `check_checkpoint_files` checks a
+folder's files cheaply (config.json, the safetensors headers) before anything heavy is loaded.
+
 One call of the pipeline denoises one chunk of `num_frames` latents, conditioned on the clean
 latents of the frames before it (`previous_latents`, the context). Endless generation
 (`sample.py`) calls it chunk after chunk with the prompt encoded once.
 """
 
 import json
+import os
+import re
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import UNet, UNetConfig
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
-from text import PromptEmbeddings, TextEncoder
+from text import SUBFOLDERS, PromptEmbeddings, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 
 CHECKPOINT_FORMAT = "sdxl-video-checkpoint/1"
+CHECKPOINT_FILES = ("config.json", "unet.safetensors", "vae.safetensors")  # and the folders text.SUBFOLDERS
+# The sections of config.json that build the models: name -> its config from the stored dict.
+MODEL_CONFIGS = {"unet": lambda values: UNetConfig(**values), "vae": lambda values: VAEConfig(**values),
+                 "scheduler": SchedulerConfig.from_dict}
+# What each subfolder of text.SUBFOLDERS needs: any one of these sets of files.
+TEXT_FILES = {"text_encoder": (("config.json", "model.safetensors"),),
+              "tokenizer": (("tokenizer_config.json", "tokenizer.json"),
+                            ("tokenizer_config.json", "vocab.json", "merges.txt"))}
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
+SHOWN = 3  # keys listed per problem
 
 
 def randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -44,23 +61,152 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; ValueError naming the file if it is missing, not JSON or not an object."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); is it truncated?") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
+    return values
+
+
 def load_checkpoint_config(folder) -> dict:
     """config.json of a checkpoint folder, checked to be one; ValueError naming the folder otherwise."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} is not a checkpoint folder: it has no config.json (make one with convert_weights.py)")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     if config.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     return config
 
 
-def load_module(module_class, config, weights_path, device, dtype):
-    """Build on the meta device, then take the stored tensors as they are (strict: every key)."""
+def model_configs(folder) -> dict:
+    """The UNet's, the VAE's and the scheduler's configs of config.json, built and so checked."""
+    path, config = Path(folder) / "config.json", load_checkpoint_config(folder)
+    configs = {}
+    for name, make in MODEL_CONFIGS.items():
+        if not isinstance(config.get(name), dict):
+            raise ValueError(f"{path}: {name!r} must be an object of settings, got {config.get(name)!r}")
+        try:
+            configs[name] = make(config[name])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: bad {name!r} settings: {error}") from error
+    return configs
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a .safetensors file's header (name -> dtype, shape, data_offsets), read
+    without the data; ValueError naming the file unless the header is whole and the data it declares
+    fill the rest of the file exactly (a truncated copy or download fails here)."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or 8 + length > size:
+            raise ValueError(f"{path} is truncated: {size} bytes, too few for its safetensors header")
+        try:
+            header = json.loads(file.read(length))
+            tensors = {name: {**entry, "shape": tuple(entry["shape"])}
+                       for name, entry in header.items() if name != "__metadata__"}
+            data = data_bytes(tensors)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as error:
+            raise ValueError(f"{path} has no valid safetensors header ({error!r})") from error
+    if data != (held := size - 8 - length):
+        state = "truncated" if data > held else "longer than its header says"
+        raise ValueError(f"{path} is {state}: its header declares {data} bytes of tensors, it holds {held}")
+    return tensors
+
+
+def data_bytes(header: dict[str, dict]) -> int:
+    """Bytes of tensor data that a safetensors header declares."""
+    return max((entry["data_offsets"][1] for entry in header.values()), default=0)
+
+
+def check_checkpoint_files(folder) -> int:
+    """Check a checkpoint folder's files without loading any weights, and return the bytes of the
+    UNet's and the VAE's weights (for a memory estimate): config.json and its model settings, the
+    safetensors headers of unet.safetensors and vae.safetensors (complete, file size as declared),
+    and the files of the text encoders (config.json, a complete model.safetensors) and tokenizers.
+    ValueError naming the first broken file."""
+    folder = Path(folder)
+    model_configs(folder)
+    weights = sum(data_bytes(safetensors_header(folder / name)) for name in ("unet.safetensors", "vae.safetensors"))
+    for name in SUBFOLDERS:
+        kind, subfolder = name.removesuffix("_2"), folder / name
+        choices = TEXT_FILES[kind]
+        if not any(all((subfolder / file).is_file() for file in files) for files in choices):
+            missing = next(subfolder / file for file in choices[0] if not (subfolder / file).is_file())
+            needs = " or ".join(f"[{', '.join(files)}]" for files in choices)
+            raise ValueError(f"{missing} is missing: a {kind} folder needs the files {needs}")
+        for file in sorted(subfolder.glob("*.json")):
+            read_json(file)
+        if kind == "text_encoder":
+            safetensors_header(subfolder / "model.safetensors")
+    return weights
+
+
+def listing(what: str, names: list[str]) -> str:
+    """"2 missing keys: a, b", naming at most SHOWN."""
+    return f"{len(names)} {what}: " + ", ".join(sorted(names)[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
+
+def load_module(module_class, config, weights_path: Path, device, dtype):
+    """Build on the meta device, then take the stored tensors as they are (strict: every key, every
+    shape); ValueError naming the file for a key or shape that does not fit the config."""
     with torch.device("meta"):
         module = module_class(config)
-    module.load_state_dict(load_file(weights_path, device=str(device or "cpu")), strict=True, assign=True)
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    stored = {key: entry["shape"] for key, entry in safetensors_header(weights_path).items()}
+    found = {"missing keys": [key for key in expected if key not in stored],
+             "unknown keys": [key for key in stored if key not in expected],
+             "shape mismatches": [f"{key} is {stored[key]}, the model needs {expected[key]}"
+                                  for key in expected.keys() & stored.keys() if stored[key] != expected[key]]}
+    if problems := [listing(what, names) for what, names in found.items() if names]:
+        model = module_class.__name__
+        raise ValueError(f"{weights_path} does not fit the {model} of config.json: " + "; ".join(problems))
+    try:
+        state = load_file(weights_path, device=str(device or "cpu"))
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{weights_path} cannot be read: {error}") from error
+    module.load_state_dict(state, strict=True, assign=True)
     return module.to(dtype=dtype).eval() if dtype else module.eval()
+
+
+def fsync(path) -> None:
+    """Flush one file or folder (its list of names) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder) -> None:
+    """Flush every file and folder under `folder`, `folder` itself and its parent (which holds its
+    name) to disk: what was written there then survives a crash or a power loss."""
+    folder = Path(folder)
+    for path in [*folder.rglob("*"), folder, folder.parent]:
+        fsync(path)
+
+
+@contextmanager
+def writing(path: Path):
+    """Report an error while writing `path` as an OSError naming it; safetensors reports an I/O
+    error as a SafetensorError ending in "(os error N)", which becomes errno N."""
+    try:
+        yield path
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), error.filename or str(path)) from error
+    except SafetensorError as error:
+        if not (match := re.search(r"\(os error (\d+)\)", str(error))):
+            raise
+        raise OSError(int(match[1]), os.strerror(int(match[1])), str(path)) from error
 
 
 class StableDiffusionXLVideoPipeline:
@@ -75,25 +221,39 @@ class StableDiffusionXLVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None) -> "StableDiffusionXLVideoPipeline":
-        """Load a checkpoint folder, keeping the stored dtype unless `dtype` is given."""
+        """Load a checkpoint folder, keeping the stored dtype unless `dtype` is given; ValueError
+        naming the file for a missing or broken one (`check_checkpoint_files` first)."""
         folder = Path(folder)
-        config = load_checkpoint_config(folder)
-        unet = load_module(UNet, UNetConfig(**config["unet"]), folder / "unet.safetensors", device, dtype)
-        vae = load_module(AutoencoderKL, VAEConfig(**config["vae"]), folder / "vae.safetensors", device, dtype)
-        text_encoder = TextEncoder.from_pretrained(folder).to(device=device, dtype=dtype)
-        pipeline = cls(unet, vae, text_encoder, SchedulerConfig.from_dict(config["scheduler"]))
-        pipeline.provenance = config.get("provenance", {})
+        check_checkpoint_files(folder)
+        configs = model_configs(folder)
+        unet = load_module(UNet, configs["unet"], folder / "unet.safetensors", device, dtype)
+        vae = load_module(AutoencoderKL, configs["vae"], folder / "vae.safetensors", device, dtype)
+        try:
+            text_encoder = TextEncoder.from_pretrained(folder).to(device=device, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            message = str(error).strip().splitlines()[0]
+            raise ValueError(f"the text encoders and tokenizers in {folder} cannot be loaded: {message}") from error
+        pipeline = cls(unet, vae, text_encoder, configs["scheduler"])
+        pipeline.provenance = load_checkpoint_config(folder).get("provenance", {})
         return pipeline
 
     def save_pretrained(self, folder, provenance: dict | None = None, sample_defaults: dict | None = None) -> None:
         """Write the checkpoint folder (weights in their current dtype). config.json also keeps
         `provenance` (where each part came from) and `sample_defaults` (sample.py's defaults for
-        this model: height, width, frames, context_frames, steps, guidance)."""
+        this model: height, width, frames, context_frames, steps, guidance).
+
+        An old config.json goes first and the new one comes last, once every other file is on disk:
+        a folder whose writing stopped part way is no checkpoint. An error while writing is an
+        OSError naming the file (the text encoders' and tokenizers' by the folder)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.unet.state_dict().items()}, folder / "unet.safetensors")
-        save_file({k: v.contiguous() for k, v in self.vae.state_dict().items()}, folder / "vae.safetensors")
-        self.text_encoder.save_pretrained(folder)
+        (folder / "config.json").unlink(missing_ok=True)
+        for name, module in (("unet.safetensors", self.unet), ("vae.safetensors", self.vae)):
+            with writing(folder / name) as path:
+                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+        with writing(folder):
+            self.text_encoder.save_pretrained(folder)
+            fsync_tree(folder)
         config = {
             "format": CHECKPOINT_FORMAT,
             "unet": self.unet.config.to_dict(),
@@ -102,7 +262,10 @@ class StableDiffusionXLVideoPipeline:
             "provenance": provenance or {},
             "sample_defaults": sample_defaults or {},
         }
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with writing(folder / "config.json") as path:
+            path.write_text(json.dumps(config, indent=2) + "\n")
+            fsync(path)
+            fsync(folder)
 
     def to(self, device=None, dtype=None) -> "StableDiffusionXLVideoPipeline":
         for module in (self.unet, self.vae, self.text_encoder):

@@ -8,12 +8,14 @@ OpenCLIP ViT-bigG (`text_encoder_2`). A prompt becomes
     (batch, 1280) for SDXL, part of the UNet's "text_time" added embedding.
 """
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 # One attention implementation for every text encoder, however it was made: transformers picks its
@@ -57,6 +59,35 @@ def tokenize(tokenizer, prompts):
     return padded.input_ids
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" or "Writing model shards" progress bars from transformers inside."""
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of `text` that `tokenizer` knows only letter by letter (every token one character)."""
+    unknown = []
+    for word in text.split():
+        tokens = [token.removesuffix("</w>") for token in tokenizer.tokenize(word)]
+        if len(tokens) > 1 and all(len(token) == 1 for token in tokens):
+            unknown.append(word)
+    return unknown
+
+
+def known_words(tokenizer, limit: int = 200) -> list[str] | None:
+    """The whole words of a small vocabulary, sorted (None if it has more than `limit`, as CLIP's)."""
+    words = sorted(token.removesuffix("</w>") for token in tokenizer.get_vocab()
+                   if token.endswith("</w>") and len(token) > len("a</w>") and token[:-4].isalpha())
+    return words if len(words) <= limit else None
+
+
 class TextEncoder(torch.nn.Module):
     """SDXL's two tokenizers and two CLIP text encoders, frozen.
 
@@ -83,19 +114,21 @@ class TextEncoder(torch.nn.Module):
         missing = [name for name in SUBFOLDERS if not (folder / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{folder} lacks the subfolders {missing} of a diffusers-layout SDXL model")
-        return cls(
-            CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
-            CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
-            CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, attn_implementation=ATTENTION),
-            CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", local_files_only=True, attn_implementation=ATTENTION
-            ),
-        )
+        with quiet_transformers():
+            return cls(
+                CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+                CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
+                CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
+                                              attn_implementation=ATTENTION),
+                CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True,
+                                                            attn_implementation=ATTENTION),
+            )
 
     def save_pretrained(self, folder):
         """Write the four parts into the subfolders that `from_pretrained` reads (weights as safetensors)."""
-        for name in SUBFOLDERS:
-            getattr(self, name).save_pretrained(Path(folder) / name)
+        with quiet_transformers():
+            for name in SUBFOLDERS:
+                getattr(self, name).save_pretrained(Path(folder) / name)
 
     def encode(self, prompts):
         """Embeddings (batch, tokens, dim1 + dim2) and pooled embeddings (batch, projection_dim) of a list of str."""

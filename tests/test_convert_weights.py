@@ -7,14 +7,19 @@
 - The original video layout: the fixture of the original code (tests/fixtures/original-video-unet-tiny)
   reproduces the outputs that code computed, and a hand-built video UNet round-trips exactly.
 - End to end: folder -> convert -> `StableDiffusionXLVideoPipeline.from_pretrained` makes diffusers' images.
-- Bad input raises before anything is written.
+- Bad input raises before anything is written, naming the file or option; --overwrite replaces only a
+  checkpoint folder or an empty one; a full disk or a killed run loses nothing and leaves nothing.
 """
 
 import dataclasses
+import errno
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,11 +32,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import convert_weights
+import pipeline
 from convert_weights import (
     SDXL_CONFIGS,
     ConversionError,
@@ -44,8 +51,9 @@ from convert_weights import (
     read_video_unet,
 )
 from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
+from pipeline import CHECKPOINT_FORMAT, StableDiffusionXLVideoPipeline, load_checkpoint_config
 from scheduler import SchedulerConfig
+from test_checkpoint_files import fsync_recorder
 from tiny_pipeline import UNET_CONFIG, VAE_CONFIG, diffusers_tiny_pipeline, diffusers_unet, diffusers_vae, perturbed
 from tiny_text import tiny_tokenizers
 
@@ -563,10 +571,10 @@ def test_pickled_code_is_never_run(sdxl_folders, tmp_path):
 
 
 def test_existing_out_is_kept_unless_overwrite(sdxl_folders, tmp_path):
+    """--overwrite replaces a checkpoint folder, or an empty folder, and only once the new one is complete."""
     folder, _ = sdxl_folders["safetensors"]
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    convert(folder, out, dtype="bf16")
     with pytest.raises(ConversionError, match="exists; pass --overwrite"):
         convert(folder, out)
     broken = tmp_path / "broken.safetensors"
@@ -574,8 +582,196 @@ def test_existing_out_is_kept_unless_overwrite(sdxl_folders, tmp_path):
     with pytest.raises(ConversionError, match="missing keys"):
         convert(broken, out, tokenizers=folder, configs=folder, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "out"]
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert load_checkpoint_config(out)["provenance"]["dtype"] == "bfloat16"
 
     convert(folder, out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "out"]
+    assert load_checkpoint_config(out)["provenance"]["dtype"] == "float32"
+    (tmp_path / "empty").mkdir()
+    convert(folder, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "empty", "out"]
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` and the content of its files: to check that nothing changed."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() and not path.is_symlink() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+PROTECTED_OUTS = {  # name: (arguments built under root from the SDXL folder, what the error says)
+    "a user folder": (lambda root, sdxl: dict(source=sdxl, out=make_folder(root / "mine", "notes.txt")),
+                      "not a folder that --overwrite may replace"),
+    "a checkpoint folder with a user file": (
+        lambda root, sdxl: dict(source=sdxl, out=make_folder(root / "mine", "notes.txt", checkpoint=True)),
+        r"holds \['notes.txt'\]"),
+    "a parent of SRC": (lambda root, sdxl: dict(source=copied(sdxl, root / "models" / "sdxl"), out=root / "models"),
+                        "is inside OUT"),
+    "a symbolic link to a parent of SRC": (
+        lambda root, sdxl: dict(source=copied(sdxl, root / "models" / "sdxl"),
+                                out=linked(root / "link", root / "models")),
+        "is inside OUT"),
+    "inside SRC": (lambda root, sdxl: dict(source=copied(sdxl, root / "sdxl"), out=root / "sdxl" / "converted"),
+                   "is inside SRC"),
+    "a parent of --video-unet": (
+        lambda root, sdxl: dict(source=sdxl, video_unet=copied(FIXTURE / "unet", root / "models" / "unet"),
+                                out=root / "models"), "--video-unet .* is inside OUT"),
+    "a parent of --tokenizers": (
+        lambda root, sdxl: dict(source=sdxl / "unet" / "diffusion_pytorch_model.safetensors",
+                                tokenizers=copied(sdxl, root / "models" / "sdxl"), out=root / "models"),
+        "--tokenizers .* is inside OUT"),
+    "inside --configs": (
+        lambda root, sdxl: dict(source=sdxl / "unet" / "diffusion_pytorch_model.safetensors", tokenizers=sdxl,
+                                configs=copied(sdxl, root / "configs"), out=root / "configs" / "out"),
+        "is inside --configs"),
+    "a file": (lambda root, sdxl: dict(source=sdxl, out=make_file(root / "out")), "exists and is not a folder"),
+}
+
+
+def make_folder(folder: Path, name: str, checkpoint: bool = False) -> Path:
+    folder.mkdir()
+    (folder / name).write_text("keep me")
+    if checkpoint:
+        (folder / "config.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT}))
+    return folder
+
+
+def make_file(path: Path) -> Path:
+    path.write_text("keep me")
+    return path
+
+
+def copied(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def linked(link: Path, target: Path) -> Path:
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("name", PROTECTED_OUTS)
+def test_overwrite_never_replaces_what_is_not_a_checkpoint(sdxl_folders, tmp_path, name):
+    """--overwrite refuses a user's folder, a folder holding an input, a folder inside an input, a file."""
+    folder, _ = sdxl_folders["safetensors"]
+    make_arguments, message = PROTECTED_OUTS[name]
+    arguments = make_arguments(tmp_path, folder)
+    before = tree(tmp_path)
+    with pytest.raises(ConversionError, match=message) as error:
+        convert(**arguments, overwrite=True)
+    assert "\n" not in str(error.value)
+    assert tree(tmp_path) == before
+
+
+def test_converted_files_are_on_disk_before_they_are_moved_into_place(sdxl_folders, tmp_path, monkeypatch):
+    """Every file and folder is synced in the staging folder, named with the process id; the parent
+    of OUT after the rename."""
+    folder, _ = sdxl_folders["safetensors"]
+    synced = fsync_recorder(monkeypatch)
+    convert(folder, tmp_path / "out")
+    staging = tmp_path / f".out.{os.getpid()}.converting"
+    in_staging = {staging / path.relative_to(tmp_path / "out") for path in (tmp_path / "out").rglob("*")}
+    assert set(synced) >= {*in_staging, staging}
+    assert synced[-1] == tmp_path
+
+
+def finished_process_id() -> int:
+    """The id of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_staging_folders_of_killed_conversions_are_removed(sdxl_folders, tmp_path, capsys):
+    folder, _ = sdxl_folders["safetensors"]
+    dead, alive = finished_process_id(), os.getppid()
+    for name in (f".out.{dead}.converting", f".out.{dead}.previous", f".out.{alive}.converting",
+                 f".other.{dead}.converting"):
+        make_folder(tmp_path / name, "unet.safetensors")
+    (tmp_path / "out").mkdir()
+    convert(folder, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.{dead}.converting", f".out.{alive}.converting",
+                                                            "out"]
+    printed = capsys.readouterr().out
+    for name in (f".out.{dead}.converting", f".out.{dead}.previous"):
+        assert f"removed {tmp_path / name}, left by process {dead}, which is gone" in printed
+
+
+def test_a_conversion_killed_between_its_renames_gives_out_back(sdxl_folders, tmp_path, capsys):
+    """Killed after OUT became `.previous` and before the new folder took its place: the next run
+    puts OUT back, and then keeps it unless --overwrite."""
+    folder, _ = sdxl_folders["safetensors"]
+    dead = finished_process_id()
+    make_folder(tmp_path / f".out.{dead}.previous", "notes.txt", checkpoint=True)
+    make_folder(tmp_path / f".out.{dead}.converting", "unet.safetensors")
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        convert(folder, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+    assert f"put {tmp_path / f'.out.{dead}.previous'} back as {tmp_path / 'out'}" in capsys.readouterr().out
+
+
+DISK_FULL = {  # the file being written when the disk fills up: how that write fails
+    "vae.safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "config.json": OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("name", DISK_FULL)
+def test_disk_full_names_the_file_and_keeps_out(sdxl_folders, tmp_path, monkeypatch, capsys, name):
+    folder, _ = sdxl_folders["safetensors"]
+    out = tmp_path / "out"
+    convert(folder, out)
+    before = tree(tmp_path)
+    save_file, write_text = pipeline.save_file, Path.write_text
+
+    def save_file_or_fail(tensors, path, *arguments, **keywords):
+        if Path(path).name == name:
+            raise DISK_FULL[name]
+        return save_file(tensors, path, *arguments, **keywords)
+
+    def write_text_or_fail(path, *arguments, **keywords):
+        if path.name == name and path.parent.name.endswith(".converting"):
+            raise DISK_FULL[name]
+        return write_text(path, *arguments, **keywords)
+
+    monkeypatch.setattr(pipeline, "save_file", save_file_or_fail)
+    monkeypatch.setattr(Path, "write_text", write_text_or_fail)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder), str(out), "--overwrite"])
+    error = capsys.readouterr().err.splitlines()[-1]  # after transformers' progress bars
+    assert exit_.value.code == 1 and f"error: no space left on device while writing {out / name};" in error
+    assert tree(tmp_path) == before
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+UNREADABLE_SOURCES = {  # name: (SDXL folder, file, what is done to it)
+    "truncated safetensors": ("safetensors", "unet/diffusion_pytorch_model.safetensors", truncate),
+    "safetensors header cut": ("safetensors", "vae/diffusion_pytorch_model.safetensors",
+                               lambda path: path.write_bytes(path.read_bytes()[:5])),
+    "truncated .bin": ("bin", "vae/diffusion_pytorch_model.bin", truncate),
+    "truncated text encoder .bin": ("bin", "text_encoder_2/pytorch_model.bin", truncate),
+    "shard index not JSON": ("sharded", "unet/diffusion_pytorch_model.safetensors.index.json",
+                             lambda path: path.write_text("{")),
+    "unet config not JSON": ("safetensors", "unet/config.json", lambda path: path.write_text('{"in_channels": ')),
+    "unet config not an object": ("safetensors", "unet/config.json", lambda path: path.write_text("[4]")),
+    "unet config wrong type": ("safetensors", "unet/config.json",
+                               lambda path: path.write_text(json.dumps(
+                                   json.loads(path.read_text()) | {"block_out_channels": "wide"}))),
+    "vae config not JSON": ("safetensors", "vae/config.json", lambda path: path.write_text("")),
+    "text encoder config not JSON": ("safetensors", "text_encoder/config.json", lambda path: path.write_text("{")),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_SOURCES)
+def test_unreadable_source_file_is_named_and_nothing_is_written(sdxl_folders, tmp_path, name):
+    variant, relative, change = UNREADABLE_SOURCES[name]
+    source = copied(sdxl_folders[variant][0], tmp_path / "sdxl")
+    change(source / relative)
+    with pytest.raises(ConversionError, match=re.escape(str(source / relative))) as error:
+        convert(source, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["sdxl"]

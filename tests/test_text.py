@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from tests.tiny_text import tiny_text_encoders, tiny_tokenizers
-from text import TextEncoder
+from text import TextEncoder, known_words, unknown_words
 
 MAX_LENGTH = 16
 PROMPTS = ["a red circle moving left", "a photo of a green square moving right slowly"]
@@ -190,3 +190,11 @@ def test_bad_input_raises_value_error_naming_the_argument(encoders, prompt, nega
     ours, _ = encoders
     with pytest.raises(ValueError, match=named):
         ours.encode_prompt(prompt, negative_prompt)
+
+
+def test_words_the_tokenizer_spells_letter_by_letter_are_named(encoders):
+    ours, _ = encoders
+    assert unknown_words(ours.tokenizer, "a cat playing left slowly") == ["cat", "playing"]
+    assert unknown_words(ours.tokenizer, "a red circle moving left") == []
+    assert known_words(ours.tokenizer) == sorted("of photo red blue green circle square moving left right slowly".split())
+    assert known_words(ours.tokenizer, limit=3) is None
