@@ -585,7 +585,8 @@ def vae_decode(args) -> dict:
 def endless_child(args) -> dict:
     """`args.child` chunks as sample.py makes them (prompt once, context between chunks, decode
     each chunk), in this fresh process; peak memory at the end."""
-    from sample import Settings, VideoState, generate_latents, to_uint8_frames
+    from endless import VideoState, generate_latents, to_uint8_frames
+    from video_settings import Settings
 
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as folder:

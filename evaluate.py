@@ -42,11 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import StableDiffusionXLVideoPipeline
-from sample import (
-    DTYPES, Progress, Settings, VideoState, check_settings, generate_latents, to_uint8_frames,
-    add_chunk_options, with_model_defaults,
-)
+from endless import DTYPES, VideoState, generate_latents, resolve_device, to_uint8_frames
+from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
+from sample import Progress, add_chunk_options
+from video_settings import DEFAULT_MODEL, Settings, check_settings
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
@@ -274,9 +273,11 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
     names = ("model", "frames", "context_frames", "steps", "guidance", "height", "width", "context_noise",
              "anchor_frame", "renormalize", "decode_frames", "device", "dtype")
-    given = with_model_defaults({name: getattr(args, name) for name in names})
-    settings = Settings(timeline=[(0, text)], seed=seed, **given)
-    check_settings(settings)
+    model = args.model or str(DEFAULT_MODEL)
+    config = load_checkpoint_config(model)
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    settings = Settings(timeline=[(0, text)], seed=seed, **{**config.get("sample_defaults", {}), **given, "model": model})
+    check_settings(settings, config)
     return settings
 
 
@@ -287,7 +288,8 @@ def main(argv=None) -> dict:
     if args.seeds < 1 or args.chunks < 1:
         raise ValueError(f"--seeds and --chunks must be at least 1, got {args.seeds} and {args.chunks}")
     settings = [[settings_for(args, caption(c), seed) for seed in range(args.seeds)] for c in combinations]
-    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(args.model, args.device, DTYPES[args.dtype])
+    first = settings[0][0]
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
     per_prompt, videos_scored = {}, []
     for index, videos in enumerate(settings):
         text = videos[0].timeline[0][1]
@@ -297,8 +299,7 @@ def main(argv=None) -> dict:
         videos_scored += results
     overall = mean_over(videos_scored)
     print(markdown_table({**per_prompt, "all": overall}))
-    first = settings[0][0]
-    report = {"model": args.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
+    report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
               "height": first.height, "width": first.width, "context_noise": first.context_noise,
               "anchor_frame": first.anchor_frame, "renormalize": first.renormalize,

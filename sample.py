@@ -7,83 +7,64 @@ and the random state survive, so memory does not grow with the length of the vid
 finished chunk is decoded a few frames at a time and handed to a streaming writer at once; then a
 small state file next to the output is replaced atomically, and `--resume` continues a run that
 was stopped or killed with exactly the frames an uninterrupted run would have made.
+
+Every option is checked before torch is imported, a file touched or a model loaded. The output is
+locked for the whole run; an old output given with --overwrite is replaced only once the new
+video's first chunk is complete on disk.
 """
 
 import argparse
-import dataclasses
+import errno
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import fields
 from pathlib import Path
 
-import torch
+from video_settings import DEFAULT_MODEL, DTYPE_NAMES, Settings, check_settings
 
-from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config, randn
-from text import PromptEmbeddings
-from video_io import check_output_path, open_writer, read_image, read_video
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STATE_VERSION = 1
+# Options that only say how long a resumed run goes on or how it runs, not what its frames are.
+RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads"}
+DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
-@dataclass
-class Settings:
-    """Everything that decides the frames of a video; stored in the state file for --resume."""
-
-    timeline: list[tuple[int, str]]  # (first chunk index, prompt), sorted, the first at chunk 0
-    negative_prompt: str = ""
-    model: str = str(DEFAULT_MODEL)
-    height: int | None = None
-    width: int | None = None
-    frames: int = 4
-    context_frames: int = 4
-    steps: int = 25
-    guidance: float = 9.0
-    seed: int = 0
-    fps: int = 6
-    crf: int = 18
-    transition: int = 0
-    context_noise: float = 0.0
-    anchor_frame: bool = False
-    renormalize: bool = False
-    drop_first_chunk: bool = False
-    image: str | None = None
-    image_strength: float = 0.5
-    extend: str | None = None
-    scheduler: str | None = None
-    device: str = "cpu"
-    dtype: str = "fp32"
-    decode_frames: int = 2
+# ---------------------------------------------------------------------------------------------
+# The timeline
 
 
-@dataclass
-class VideoState:
-    """What survives between chunks: small, and all that --resume needs besides the settings."""
+def parse_position(text: str, fps: float, frames: int) -> int:
+    """A timeline position, a chunk index ("12") or seconds ("12.5s"), as a chunk index; ValueError if not."""
+    if text.endswith("s"):
+        seconds = float(text[:-1])
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError
+        return round(seconds * fps / frames)
+    chunk = int(text)
+    if chunk < 0:
+        raise ValueError
+    return chunk
 
-    chunk_index: int = 0  # chunks made so far (written or dropped)
-    frames_written: int = 0
-    context: torch.Tensor | None = None  # (batch, 4, context_frames, h, w), clean latents
-    anchor: torch.Tensor | None = None  # (batch, 4, 1, h, w): the first frame, with --anchor-frame
-    latent_statistics: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # count, sum, sum of squares
-    generator_state: torch.Tensor | None = None
 
+def parse_timeline(values: list[str], fps: float, frames: int) -> list[tuple[int, str]]:
+    """--prompt values "TEXT" or "TEXT@T" (T a chunk index, or seconds as "12.5s") -> sorted (chunk, TEXT).
 
-def parse_timeline(values: list[str], fps: int, frames: int) -> list[tuple[int, str]]:
-    """--prompt values "TEXT" or "TEXT@T" (T a chunk index, or seconds as "12.5s") -> sorted (chunk, TEXT)."""
+    The position is what follows the last '@'; a text with an '@' of its own ends with its position
+    ("meet @ noon@0").
+    """
     if not values:
         raise ValueError("--prompt is required (or a --timeline file)")
     entries = []
     for value in values:
-        text, at, position = value.rpartition("@") if "@" in value else (value, "", "0")
+        check_text("--prompt", value)
+        text, _, position = value.rpartition("@") if "@" in value else (value, "", "0")
         try:
-            chunk = round(float(position[:-1]) * fps / frames) if position.endswith("s") else int(position)
+            chunk = parse_position(position.strip(), fps, frames)
         except ValueError:
-            raise ValueError(f"--prompt {value!r}: after '@' give a chunk index or seconds like 12.5s") from None
-        if not text.strip() or chunk < 0:
-            raise ValueError(f"--prompt {value!r}: needs a text and a non-negative position")
+            raise ValueError(f"--prompt {value!r}: after the last '@' give a chunk index (0, 1, ...) or finite, non-negative seconds like 12.5s "
+                             f"(a prompt with '@' in its text ends with its position, e.g. '...@0')") from None
+        if not text.strip():
+            raise ValueError(f"--prompt {value!r}: needs a text before its position")
         entries.append((chunk, text))
     entries.sort()
     starts = [chunk for chunk, _ in entries]
@@ -92,198 +73,37 @@ def parse_timeline(values: list[str], fps: int, frames: int) -> list[tuple[int, 
     return entries
 
 
-def read_timeline_file(path: str) -> list[str]:
-    """A text file with one "TEXT@T" per line (blank lines and lines starting with # are skipped)."""
+def check_text(option: str, text: str) -> None:
+    """ValueError unless `text` (from the command line or a file) is valid UTF-8."""
     try:
-        lines = Path(path).read_text().splitlines()
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{option} {text.encode('utf-8', 'replace')!r}: is not valid UTF-8 text") from None
+
+
+def read_timeline_file(path: str) -> list[str]:
+    """A UTF-8 text file with one "TEXT@T" per line (blank lines and lines starting with # are skipped)."""
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
     except OSError as error:
         raise ValueError(f"--timeline {path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--timeline {path}: is not UTF-8 text (byte {error.start})") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def prompt_weights(timeline: list[tuple[int, str]], chunk: int, transition: int) -> list[tuple[int, float]]:
-    """Which timeline entries make the embeddings of `chunk`: [(entry, weight)].
-
-    Over the `transition` chunks before an entry starts (fewer if the previous entry starts later),
-    its weight rises linearly from 1 / (transition + 1) while the previous entry's falls, so every
-    entry is pure at the chunk where it is placed.
-    """
-    current = max(index for index, (start, _) in enumerate(timeline) if start <= chunk)
-    if current + 1 < len(timeline):
-        start, next_start = timeline[current][0], timeline[current + 1][0]
-        blend = min(transition, next_start - start - 1)
-        if chunk >= next_start - blend:
-            weight = (chunk - next_start + blend + 1) / (blend + 1)
-            return [(current, 1 - weight), (current + 1, weight)]
-    return [(current, 1.0)]
-
-
-def mix_embeddings(weighted: list[tuple[PromptEmbeddings, float]]) -> PromptEmbeddings:
-    """The weighted sum of prompt embeddings, field by field (None stays None)."""
-    if len(weighted) == 1:
-        return weighted[0][0]
-    fields = zip(*(embeddings for embeddings, _ in weighted))
-    return PromptEmbeddings(
-        *(None if parts[0] is None else sum(w * p for p, (_, w) in zip(parts, weighted)) for parts in fields)
-    )
-
-
-def renormalize(latents: torch.Tensor, statistics: list[float]) -> torch.Tensor:
-    """The original's renormalisation, in constant memory.
-
-    The original normalised the whole stack of latents made so far to zero mean and unit (unbiased)
-    standard deviation after every chunk. `statistics` (count, sum, sum of squares of the
-    normalised stack) let us compute the same mean and deviation without keeping the stack; the
-    new chunk is normalised with them. Frames already written are not transformed again (the
-    original re-normalised them before its single decode at the end).
-    """
-    count, total, squares = statistics
-    count += latents.numel()
-    total += latents.double().sum().item()
-    squares += latents.double().square().sum().item()
-    mean = total / count
-    deviation = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1)) + 1e-8
-    statistics[:] = [count, (total - count * mean) / deviation, (squares - 2 * mean * total + count * mean**2) / deviation**2]
-    return (latents - mean) / deviation
-
-
-def chunk_context(state: VideoState, settings: Settings, generator) -> torch.Tensor | None:
-    """The context of the next chunk: the last frames (after the anchor frame, if kept), noised if asked."""
-    if state.context is None:
-        return None
-    context = state.context
-    if state.anchor is not None:
-        context = torch.cat([state.anchor, context[:, :, 1:]], dim=2)  # (b, 4, k, h, w)
-    if settings.context_noise > 0:
-        context = context + settings.context_noise * randn(context.shape, generator, context.device, context.dtype)
-    return context
-
-
-def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
-                     generator, latent_image=None, callback=None):
-    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each."""
-    while True:
-        weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
-        first = state.chunk_index == 0
-        latents = pipeline(
-            prompt_embeds=mix_embeddings([(embeddings[entry], weight) for entry, weight in weights]),
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            generator=generator,
-            previous_latents=chunk_context(state, settings, generator),
-            latent_image=latent_image if first else None,
-            conditioning_strength=settings.image_strength if first and latent_image is not None else 0.0,
-            output_type="latent",
-            callback=callback,
-        )
-        if settings.renormalize:
-            latents = renormalize(latents, state.latent_statistics)
-        if settings.anchor_frame and state.anchor is None:
-            state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
-        previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
-        state.context = previous[:, :, -settings.context_frames:].clone()  # (b, 4, k, h, w)
-        state.chunk_index += 1
-        yield latents
-
-
-def to_uint8_frames(video: torch.Tensor):
-    """(3, frames, H, W) in [-1, 1] -> numpy uint8 (frames, H, W, 3)."""
-    return ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-
-
-def state_path(out: str) -> Path:
-    return Path(str(out).rstrip("/") + ".state.pt")
-
-
-def save_state(path: Path, settings: Settings, state: VideoState) -> None:
-    """Replace the state file atomically: a crash leaves the old one or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({"version": STATE_VERSION, "settings": asdict(settings), "state": dict(vars(state))}, temporary)
-    os.replace(temporary, path)
-
-
-def load_state(path: Path) -> tuple[Settings, VideoState]:
-    if not path.is_file():
-        raise ValueError(f"--resume: no state file {path} (it is written next to --out after every chunk)")
-    saved = torch.load(path, weights_only=True)
-    if saved.get("version") != STATE_VERSION:
-        raise ValueError(f"--resume: {path} has state version {saved.get('version')}, expected {STATE_VERSION}")
-    settings = Settings(**saved["settings"])
-    settings.timeline = [tuple(entry) for entry in settings.timeline]
-    return settings, VideoState(**saved["state"])
-
-
-def check_settings(settings: Settings) -> None:
-    """Every check that needs no model weights: sizes, counts, files. ValueError names the option."""
-    positive = {"--frames": settings.frames, "--context-frames": settings.context_frames, "--steps": settings.steps,
-                "--fps": settings.fps, "--decode-frames": settings.decode_frames}
-    for option, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{option} must be at least 1, got {value}")
-    if settings.context_frames > settings.frames:
-        raise ValueError(
-            f"--context-frames {settings.context_frames} is more than the {settings.frames} frames a chunk makes"
-        )
-    if settings.context_noise < 0 or not 0 <= settings.image_strength <= 1:
-        raise ValueError("--context-noise must be >= 0 and --image-strength in [0, 1]")
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {settings.dtype!r}")
-    if settings.image and settings.extend:
-        raise ValueError("give --image or --extend, not both")
-    model_config = load_checkpoint_config(settings.model)
-    factor = 2 ** (len(model_config["vae"]["block_out_channels"]) - 1)
-    default_size = model_config["unet"]["sample_size"] * factor
-    settings.height = default_size if settings.height is None else settings.height
-    settings.width = default_size if settings.width is None else settings.width
-    for option, value in (("--height", settings.height), ("--width", settings.width)):
-        if value < factor or value % factor:
-            raise ValueError(f"{option} must be a positive multiple of {factor} (the VAE's downsampling), got {value}")
-
-
-def starting_point(pipeline, settings: Settings, state: VideoState, image=None, video=None):
-    """Encode --image (first context and first chunk's start) or --extend (first context); returns the latent image."""
-    if image is not None:
-        latents = pipeline.vae.encode_video(image[None, :, None].to(pipeline.device, pipeline.dtype))
-        state.context = latents  # (1, 4, 1, h, w)
-        return latents
-    if video is not None:
-        state.context = pipeline.vae.encode_video(video[None].to(pipeline.device, pipeline.dtype))  # (1, 4, k, h, w)
-    return None
-
-
-class Progress:
-    """One status line on stderr: chunk, step, seconds per chunk, ETA."""
-
-    def __init__(self, total_chunks: int | None, first_chunk: int):
-        self.total, self.first, self.start = total_chunks, first_chunk, time.time()
-        self.chunk = first_chunk
-
-    def step(self, step: int, steps: int) -> None:
-        done = self.chunk - self.first
-        elapsed = time.time() - self.start
-        per_chunk = elapsed / (done + step / steps) if done or step else 0.0
-        total = f"/{self.total}" if self.total else ""
-        eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
-        print(f"\rchunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}   ",
-              end="", file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(max(seconds, 0)), 60)
-    return f"{minutes}m{seconds:02d}s"
+# ---------------------------------------------------------------------------------------------
+# Options
 
 
 def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     """The options that shape every chunk, shared with evaluate.py. Unset (None) options take the
     model's `sample_defaults`, then Settings' defaults (`with_model_defaults`)."""
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (convert_weights.py makes one)")
+    parser.add_argument("--model", help="checkpoint folder (convert_weights.py makes one); default: the embedded baby")
     parser.add_argument("--frames", type=int, help="frames per chunk")
     parser.add_argument("--context-frames", type=int, help="latents of the last frames each chunk sees")
     parser.add_argument("--steps", type=int, help="denoising steps per chunk")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (1 or less: none)")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
@@ -292,131 +112,326 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
                         help="the original's latent renormalisation (default: the model's, else off)")
     parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if there is one, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default fp32")
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", action="append", default=[], help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
-    parser.add_argument("--timeline", help='text file with one "TEXT@T" per line')
+    parser.add_argument("--prompt", action="append", help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
+    parser.add_argument("--timeline", help='UTF-8 text file with one "TEXT@T" per line')
     add_chunk_options(parser)
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--negative-prompt")
     parser.add_argument("--out", default="video.mp4", help=".mp4, .gif, or a folder (PNG frames)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out, once the new video's first chunk is complete")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--chunks", type=int, help="chunks to write (default: until Ctrl-C)")
     length.add_argument("--seconds", type=float, help="length of the video in seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=6)
-    parser.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--fps", type=float)
+    parser.add_argument("--crf", type=int, help="H.264 quality, 0..51 (lower is better)")
     parser.add_argument("--image", help="image-to-video: start from this image")
-    parser.add_argument("--image-strength", type=float, default=0.5, help="how much of --image the first chunk keeps")
+    parser.add_argument("--image-strength", type=float, help="how much of --image the first chunk keeps")
     parser.add_argument("--extend", help="continue this video: its last frames are the first context")
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
     parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
-    parser.add_argument("--transition", type=int, default=0, help="chunks over which timeline prompts blend")
-    parser.add_argument("--drop-first-chunk", action="store_true", help="drop the first chunk (made without context), as the original did")
-    return parser.parse_args(argv)
+    parser.add_argument("--transition", type=int, help="chunks over which timeline prompts blend")
+    parser.add_argument("--drop-first-chunk", action="store_true", default=None, help="drop the first chunk (made without context), as the original did")
+    return parser
 
 
-def with_model_defaults(values: dict) -> dict:
-    """`values` (None: not given) completed by the model's `sample_defaults`; what is still None is
-    dropped, so that Settings' own defaults apply."""
-    if values["model"] == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").is_file():
-        raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
-    defaults = load_checkpoint_config(values["model"]).get("sample_defaults", {})
-    values = {**defaults, **{name: value for name, value in values.items() if value is not None}}
-    return {name: value for name, value in values.items() if value is not None}
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The options; those not given are None (their defaults come from the model, then Settings)."""
+    return build_parser().parse_args(argv)
 
 
-def settings_from_arguments(args: argparse.Namespace) -> Settings:
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The names of the options given on the command line (not None, not an unset flag)."""
+    return {name for name, value in vars(args).items() if value not in (None, False, [])} | {"out"}
+
+
+def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | None = None) -> Settings:
     """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
-    names = {f.name for f in dataclasses.fields(Settings)} - {"timeline"}
-    values = with_model_defaults({name: getattr(args, name) for name in names})
-    prompts = args.prompt + (read_timeline_file(args.timeline) if args.timeline else [])
-    timeline = parse_timeline(prompts, args.fps, values.get("frames", Settings.frames))
-    settings = Settings(timeline=timeline, **values)
+    names = {f.name for f in fields(Settings)} - {"timeline"}
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    values = {**(model_defaults or {}), **given}
+    for name in ("model", "image", "extend", "negative_prompt"):
+        if isinstance(values.get(name), str):
+            check_text(f"--{name.replace('_', '-')}", values[name])
+    prompts = (args.prompt or []) + (read_timeline_file(args.timeline) if args.timeline else [])
+    fps, frames = values.get("fps", Settings.fps), values.get("frames", Settings.frames)
+    for option, value in (("--fps", fps), ("--frames", frames)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{option} must be a positive number, got {value}")
+    settings = Settings(timeline=parse_timeline(prompts, fps, frames), **values)
     check_settings(settings)
     return settings
 
 
-def total_chunks(args, settings: Settings) -> int | None:
+def total_chunks(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Chunks to write from --chunks or --seconds; None: until Ctrl-C."""
     if args.chunks is not None:
         if args.chunks < 1:
             raise ValueError(f"--chunks must be at least 1, got {args.chunks}")
         return args.chunks
     if args.seconds is not None:
-        if args.seconds <= 0:
-            raise ValueError(f"--seconds must be positive, got {args.seconds}")
+        if not (math.isfinite(args.seconds) and args.seconds > 0):
+            raise ValueError(f"--seconds must be a positive finite number, got {args.seconds}")
         return math.ceil(args.seconds * settings.fps / settings.frames)
     return None
 
 
-@torch.no_grad()
+def check_device_name(device: str | None) -> None:
+    """ValueError unless `device` is a device name torch knows (availability is checked later)."""
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")
+
+
+def check_not_an_input(out: str, settings: Settings) -> None:
+    """ValueError if --out is (or holds, or lies inside) a file this run reads, links resolved."""
+    target = os.path.realpath(out)
+    inputs = {"--extend": settings.extend, "--image": settings.image, "--model": settings.model}
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        source = os.path.realpath(path)
+        inside = os.path.commonpath([target, source]) in (target, source)
+        if inside or (os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path)):
+            raise ValueError(f"--out {out} is {option} {path} (or contains it, or lies inside it): "
+                             f"give another --out, so that the input is not overwritten")
+
+
+def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
+    """The options given with --resume whose values differ from the state file's."""
+    conflicts = []
+    for name in sorted(given_options(args) - RESUME_MAY_CHANGE):
+        option = "--" + name.replace("_", "-")
+        if name in ("prompt", "timeline"):
+            prompts = (args.prompt or []) + (read_timeline_file(args.timeline) if args.timeline else [])
+            if parse_timeline(prompts, stored.fps, stored.frames) != stored.timeline:
+                conflicts.append(f"{option} (the state file has {stored.timeline})")
+        elif name == "model":
+            if os.path.realpath(args.model) != os.path.realpath(stored.model):
+                conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
+        elif name in ("overwrite",):
+            conflicts.append("--overwrite (a resumed run keeps what was written)")
+        elif getattr(args, name) != getattr(stored, name):
+            conflicts.append(f"{option} {getattr(args, name)} (the state file has {getattr(stored, name)})")
+    return conflicts
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA) in a terminal, else a
+    line per chunk."""
+
+    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None):
+        self.total, self.first, self.start = total_chunks, first_chunk, time.time()
+        self.chunk = first_chunk
+        self.live = sys.stderr.isatty() if live is None else live
+
+    def line(self, step: int, steps: int) -> str:
+        done = self.chunk - self.first
+        elapsed = time.time() - self.start
+        per_chunk = elapsed / (done + step / steps) if done or step else 0.0
+        total = f"/{self.total}" if self.total else ""
+        eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
+        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}"
+
+    def step(self, step: int, steps: int) -> None:
+        if self.live:
+            print(f"\r{self.line(step, steps)}   ", end="", file=sys.stderr, flush=True)
+        elif step == steps:
+            print(self.line(step, steps), file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(max(seconds, 0)), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(args: argparse.Namespace, settings: Settings | None) -> None:
+    """Check the files, lock the output, load the model, then write chunk after chunk.
+
+    settings: from the command line, or None with --resume (they come from the state file).
+    """
+    # Imported here, once the options are checked, so that --help and option errors are instant.
+    import torch
+
+    import endless
+    from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config
+    from video_io import check_output_path, open_writer, read_image, read_video
+
+    # 2. Files, before any is written: the model, the inputs, the output and its lock.
+    out = args.out
+    check_output_path(out)  # its format and folder, before the lock is made next to it
+    with endless.OutputLock(out):
+        state_file = endless.state_path(out)
+        endless.remove_stale_state_temporaries(state_file)
+        if args.resume:
+            settings, state, pending = endless.load_state(state_file)
+            if conflicts := resume_conflicts(args, settings):
+                raise ValueError(f"--resume continues {out} as its state file says; these options differ from it: "
+                                 + "; ".join(conflicts))
+            endless.finish_pending_output(pending, out)
+            check_settings(settings, load_checkpoint_config(settings.model))
+        else:
+            if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
+                raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
+            model_config = load_checkpoint_config(settings.model)
+            settings = with_model_defaults(args, model_config)
+            if os.path.lexists(out) and not args.overwrite:
+                raise ValueError(f"--out {out} exists: give --overwrite to replace it, or --resume to continue it")
+            state = endless.VideoState()
+        check_not_an_input(out, settings)
+        parameter_bytes = check_checkpoint_files(settings.model)
+        check_output_path(out, state.frames_written if args.resume else None)
+        chunks_to_write = total_chunks(args, settings)
+        device = endless.resolve_device(settings.device)
+        endless.check_memory(settings, load_checkpoint_config(settings.model), parameter_bytes, device)
+        starting = state.chunk_index == 0  # a resumed run past its first chunk needs no starting point
+        image = video = None
+        if settings.image and starting:
+            image = read_image(settings.image, settings.height, settings.width, option="--image")
+        if settings.extend and starting:
+            video, _ = read_video(settings.extend, settings.height, settings.width, last_frames=settings.context_frames,
+                                  option="--extend")
+        if chunks_to_write is None:
+            print("no --chunks or --seconds: running until Ctrl-C", file=sys.stderr)
+
+        # 3. Load the model and encode the prompts, once.
+        started = time.time()
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, device, endless.DTYPES[settings.dtype])
+        if settings.scheduler:
+            pipeline.scheduler_config = type(pipeline.scheduler_config)(
+                **{**pipeline.scheduler_config.to_dict(), "algorithm_type": settings.scheduler}
+            )
+        embeddings = [pipeline.encode_prompt(text, settings.negative_prompt, settings.guidance > 1)
+                      for _, text in settings.timeline]
+        generator = torch.Generator().manual_seed(settings.seed)
+        if state.generator_state is not None:
+            generator.set_state(state.generator_state)
+        latent_image = endless.starting_point(pipeline, state, image, video)
+        for name in ("context", "anchor"):
+            if getattr(state, name) is not None:
+                setattr(state, name, getattr(state, name).to(pipeline.device, pipeline.dtype))
+        print_timeline(settings, chunks_to_write)
+        warn_unknown_words(pipeline.text_encoder.tokenizer, settings)
+
+        # 4. Chunk after chunk: denoise, decode, write, save the state.
+        dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
+        written_chunks = state.frames_written // settings.frames
+        progress = Progress(chunks_to_write, written_chunks)
+        recorded = []  # what `placing` recorded
+
+        def placing(temporary: str | None) -> None:
+            """The first chunk of a new output is complete, about to replace any old output: record it
+            (a crash between the two renames is finished by --resume), or, for a PNG folder whose old
+            frames go one by one, drop the old state so that it never describes the new frames."""
+            recorded.append(temporary)
+            if temporary is None:
+                state_file.unlink(missing_ok=True)
+            else:
+                endless.save_state(state_file, settings, state, pending_output=temporary)
+
+        writer = open_writer(out, settings.fps, crf=settings.crf, resume_frames=state.frames_written or None,
+                             before_placing=placing)
+        try:
+            chunks = endless.generate_latents(pipeline, settings, embeddings, state, generator, latent_image,
+                                              progress.step)
+            while chunks_to_write is None or written_chunks < chunks_to_write:
+                latents = next(chunks)
+                state.generator_state = generator.get_state()
+                if not (dropping_first_chunk and state.chunk_index == 1):
+                    frames = pipeline.vae.decode_video(latents, frames_per_batch=settings.decode_frames)
+                    state.frames_written += settings.frames
+                    writer.write_chunk(endless.to_uint8_frames(frames[0]))  # a new output's first: `placing`
+                    written_chunks += 1
+                    progress.chunk = written_chunks
+                if writer.in_place:
+                    endless.save_state(state_file, settings, state)
+        except KeyboardInterrupt:
+            if writer.in_place:
+                print(f"\nstopped: {out} ends at its last complete chunk; --resume continues it", file=sys.stderr)
+            else:
+                print(f"\nstopped before the first chunk was complete: nothing was written"
+                      f"{'; the old ' + out + ' is kept' if os.path.lexists(out) else ''}", file=sys.stderr)
+        finally:
+            writer.close()
+            if recorded and not writer.in_place:
+                state_file.unlink(missing_ok=True)  # it names a temporary that was never placed
+    if writer.in_place:
+        print(f"\n{out}: {state.frames_written} frames, {state.frames_written / settings.fps:.1f} s at {settings.fps:g} fps, "
+              f"made in {format_seconds(time.time() - started)}; state in {state_file}: "
+              f"`python sample.py --out {out} --resume --chunks N` continues it", file=sys.stderr)
+
+
+def warn_unknown_words(tokenizer, settings: Settings) -> None:
+    """Say which words of the prompts the model's tokenizer knows only letter by letter, and list
+    the words it knows when its vocabulary is small (the baby's)."""
+    from text import known_words, unknown_words
+
+    for _, text in settings.timeline:
+        if unknown := unknown_words(tokenizer, text):
+            known = known_words(tokenizer)
+            listing = f"; it knows: {', '.join(known)}" if known else ""
+            print(f"warning: the model does not know the words {', '.join(unknown)} of {text!r} "
+                  f"(it reads them letter by letter){listing}", file=sys.stderr)
+
+
+def print_timeline(settings: Settings, chunks_to_write: int | None) -> None:
+    """The timeline as it will be used: each prompt, its first chunk and second; a warning for an entry
+    placed after the end of the video."""
+    seconds_per_chunk = settings.frames / settings.fps
+    for chunk, text in settings.timeline:
+        late = chunks_to_write is not None and chunk >= chunks_to_write
+        note = f"  (warning: after the video's last chunk {chunks_to_write - 1}, never shown)" if late else ""
+        print(f"chunk {chunk} ({chunk * seconds_per_chunk:g} s): {text!r}{note}", file=sys.stderr)
+
+
+def with_model_defaults(args: argparse.Namespace, model_config: dict) -> Settings:
+    """The settings of a new run: the command line's, else the model's `sample_defaults`, else Settings'."""
+    defaults = model_config.get("sample_defaults", {})
+    known = {f.name for f in fields(Settings)} - {"timeline"}
+    if unknown := sorted(set(defaults) - known):
+        raise ValueError(f"{args.model}/config.json: unknown sample_defaults {unknown}")
+    settings = settings_from_arguments(args, defaults)
+    check_settings(settings, model_config)
+    return settings
+
+
 def main(argv=None) -> None:
     args = parse_arguments(argv)
-    # 1. Check everything that can be checked before a model is loaded or a file touched.
-    if args.resume:
-        settings, state = load_state(state_path(args.out))
-        check_settings(settings)
-    else:
-        settings, state = settings_from_arguments(args), VideoState()
-        if Path(args.out).exists() and not args.overwrite:
-            raise ValueError(f"--out {args.out} exists: give --overwrite to replace it, or --resume to continue it")
-    check_output_path(args.out)
-    chunks_to_write = total_chunks(args, settings)
-    starting = state.chunk_index == 0  # a resumed run past its first chunk needs no starting point
-    image = read_image(settings.image, settings.height, settings.width) if settings.image and starting else None
-    video = None
-    if settings.extend and starting:
-        video, _ = read_video(settings.extend, settings.height, settings.width, last_frames=settings.context_frames)
-        if video.shape[1] < settings.context_frames:
-            raise ValueError(f"--extend {settings.extend} has {video.shape[1]} frames; --context-frames needs {settings.context_frames}")
+    # 1. The options alone: no torch yet, no file touched.
+    if args.resume and args.overwrite:
+        raise ValueError("give --resume (continue --out) or --overwrite (replace it), not both")
+    check_device_name(args.device)
+    settings = None if args.resume else settings_from_arguments(args)
+    if settings is not None:
+        total_chunks(args, settings)
+    elif args.chunks is not None and args.chunks < 1 or args.seconds is not None and not (
+            math.isfinite(args.seconds) and args.seconds > 0):
+        raise ValueError("--chunks must be at least 1 and --seconds a positive finite number")
+    run(args, settings)
 
-    # 2. Load the model and encode the prompts, once.
-    started = time.time()
-    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, settings.device, DTYPES[settings.dtype])
-    if settings.scheduler:
-        pipeline.scheduler_config = type(pipeline.scheduler_config)(
-            **{**pipeline.scheduler_config.to_dict(), "algorithm_type": settings.scheduler}
-        )
-    embeddings = [pipeline.encode_prompt(text, settings.negative_prompt, settings.guidance > 1) for _, text in settings.timeline]
-    generator = torch.Generator().manual_seed(settings.seed)
-    if state.generator_state is not None:
-        generator.set_state(state.generator_state)
-    latent_image = starting_point(pipeline, settings, state, image, video)
-    if state.context is not None:
-        state.context = state.context.to(pipeline.device, pipeline.dtype)
-    if state.anchor is not None:
-        state.anchor = state.anchor.to(pipeline.device, pipeline.dtype)
 
-    # 3. Chunk after chunk: denoise, decode, write, save the state.
-    dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
-    written_chunks = state.frames_written // settings.frames
-    progress = Progress(chunks_to_write, written_chunks)
-    if not args.resume:
-        state_path(args.out).unlink(missing_ok=True)  # an overwritten run's state
-    writer = open_writer(args.out, settings.fps, crf=settings.crf, resume_frames=state.frames_written if args.resume else None)
-    try:
-        chunks = generate_latents(pipeline, settings, embeddings, state, generator, latent_image, progress.step)
-        while chunks_to_write is None or written_chunks < chunks_to_write:
-            latents = next(chunks)
-            if not (dropping_first_chunk and state.chunk_index == 1):
-                frames = pipeline.vae.decode_video(latents, frames_per_batch=settings.decode_frames)
-                writer.write_chunk(to_uint8_frames(frames[0]))
-                state.frames_written += settings.frames
-                written_chunks += 1
-                progress.chunk = written_chunks
-            state.generator_state = generator.get_state()
-            save_state(state_path(args.out), settings, state)
-    except KeyboardInterrupt:
-        print("\nstopped: the file ends at the last complete chunk; --resume continues it", file=sys.stderr)
-    finally:
-        writer.close()
-    seconds = state.frames_written / settings.fps
-    print(f"\n{args.out}: {state.frames_written} frames, {seconds:.1f} s at {settings.fps} fps, "
-          f"made in {format_seconds(time.time() - started)}", file=sys.stderr)
+def write_error_message(error: OSError) -> str:
+    """One line for an OSError: 'no space left on device while writing PATH', and the like."""
+    where = f" while writing {error.filename}" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device{where}; free some, then --resume continues the run"
+    return f"{error.strerror or error}{where}"
 
 
 if __name__ == "__main__":
@@ -424,3 +439,5 @@ if __name__ == "__main__":
         main()
     except ValueError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        sys.exit(f"error: {write_error_message(error)}")

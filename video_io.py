@@ -1,34 +1,60 @@
 """Video input and output: streaming writers (MP4, GIF, a folder of PNG frames) and readers.
 
-`open_writer` picks the format from the path: `.mp4` (H.264, yuv420p, crash-safe and resumable),
-`.gif`, or a folder of PNG frames (no extension, or a trailing `/`). Frames are uint8 numpy arrays
-`(frames, height, width, 3)`, one chunk at a time; memory does not grow with the number of chunks.
+`open_writer` picks the format from the path: `.mp4` (H.264, yuv420p), `.gif`, or a folder of PNG
+frames (no extension, or a trailing `/`). Frames are uint8 numpy arrays `(frames, height, width, 3)`,
+one chunk at a time; memory does not grow with the number of chunks. Every format is crash-safe
+and resumable at a chunk boundary.
 
-How the MP4 stays playable through a crash: every chunk is encoded by its own ffmpeg run into a
-fragmented MP4 (the header `ftyp`+`moov`, then one `moof`+`mdat` fragment that starts with a
-keyframe). The first chunk's header goes to the file once; each chunk's fragment is then appended
-by this process, with its sequence number and decode time shifted to follow the file. It is
-written with its `moof` type renamed `free` (a box every reader skips), flushed to disk, and only
-then switched to `moof` by a 4-byte write, flushed again. A kill at any moment (of Python, of
-ffmpeg, of both) leaves a file that plays every chunk whose `write_chunk` returned, and nothing of
-a later one. Resuming keeps the first N frames' bytes as they are (cut at a fragment boundary)
-and appends after them. Chunks are encoded independently and deterministically, so on the same
-machine a resumed file is byte for byte the file an uninterrupted run writes.
+The guarantee: a kill at any moment (of Python, of ffmpeg, of both; every step is flushed to disk
+before the next, so a power cut too) leaves an output that holds every frame of each chunk whose
+`write_chunk` returned, and nothing of a later one. How each format keeps it:
+
+- MP4: every chunk is encoded by its own ffmpeg run into a fragmented MP4 (the header `ftyp`+`moov`,
+  then one `moof`+`mdat` fragment that starts with a keyframe). The first chunk's header goes to
+  the file once; each chunk's fragment is then appended by this process, with its sequence number
+  and decode time shifted to follow the file. It is written with its `moof` type renamed `free` (a
+  box every reader skips), flushed to disk, and only then switched to `moof` by a 4-byte write,
+  flushed again.
+- GIF: written here, a palette per frame (Pillow quantises and LZW-compresses each frame). The file
+  always ends with the trailer byte `;` (0x3B), where every reader stops. A chunk's bytes start
+  with `!` (0x21, a marker extension, `_GIF_CHUNK`); it is appended as all of them but the first,
+  plus a new trailer, from one byte after the old trailer, flushed to disk; then its first byte
+  overwrites the old trailer, flushed again.
+- PNG folder: a chunk's frames are written under hidden temporary names, flushed, and renamed to
+  `frame_NNNNNN.png` once all of them are on disk, the chunk's first frame last: the frames
+  numbered without a gap from frame_000000.png are whole chunks (a kill during the renames can
+  leave some of the chunk's last frames after the gap; a resume removes them).
+
+A new output never destroys the old one before its first chunk is complete: that chunk goes to a
+hidden temporary `.NAME.<pid>.partial` next to `path` (for a PNG folder that exists: temporary
+frame names inside it, see `PngFolderWriter`), which then replaces `path` (`before_placing` is
+called just before, see `open_writer`); `writer.in_place` says whether that has happened. Closing
+the writer before it leaves `path` as it was and removes the temporary; what a killed process
+leaves, the next `open_writer` for that path removes.
+
+A full disk (or any OSError) in `write_chunk` raises OSError with its errno and `filename` set to
+the output path; the output still holds the previous complete chunks and can be resumed once
+there is space. Resuming keeps the first N frames' bytes as they are (cut at a chunk boundary) and
+appends after them. MP4 chunks are encoded independently and deterministically, and a GIF frame's
+bytes depend only on its pixels, index and the fps, so a resumed file is byte for byte the file an
+uninterrupted run writes (for MP4: with the same ffmpeg build).
 """
 
+import contextlib
+import io
+import math
 import os
 import re
 import struct
 import subprocess
-import tempfile
 from collections import deque
 from fractions import Fraction
 
-import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 FRAME_NAME = "frame_{:06d}.png"
 _FRAME_RE = re.compile(r"frame_(\d{6,})\.png")
@@ -39,6 +65,13 @@ _ACCEPTED = "'.mp4', '.gif', or a folder of PNG frames (no extension, or a trail
 _X264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-x264-params", "bframes=0:keyint=infinite:scenecut=0",
          "-vf", "scale=out_color_matrix=bt709:out_range=tv,"
                 "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"]
+
+# GIF blocks: the looping extension (forever), and the marker that starts every chunk (an
+# application extension with one data byte, which ffmpeg needs to keep the duration: readers
+# skip it, resume finds it).
+_GIF_LOOP = b"!\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+_GIF_CHUNK_ID = b"video_iochk"
+_GIF_CHUNK = b"!\xff\x0b" + _GIF_CHUNK_ID + b"\x01\x00\x00"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +92,8 @@ def check_output_path(path, resume_frames=None):
     """Check that `path` can be written (and resumed at `resume_frames`) without creating anything.
 
     Returns the format ('mp4', 'gif' or 'png'). With resume_frames > 0 the output must already
-    hold at least that many complete frames, ending on a chunk boundary (MP4) or as PNG frames
-    `frame_000000.png` ... ; a GIF cannot be resumed.
+    hold at least that many complete frames, ending on a chunk boundary (MP4, GIF) or as PNG
+    frames `frame_000000.png` ... .
     """
     kind = output_format(path)
     resume_frames = resume_frames or 0
@@ -72,18 +105,19 @@ def check_output_path(path, resume_frames=None):
         raise ValueError(f"--out {path!r}: exists and is not a folder (PNG frames go to a folder)")
     if kind != "png" and os.path.isdir(target):
         raise ValueError(f"--out {path!r}: is a folder, expected a {kind.upper()} file")
-    writable = target if os.path.exists(target) else parent
+    # A resume writes into the output; a new one into a temporary next to it, or in its folder.
+    writable = target if os.path.exists(target) and (resume_frames or kind == "png") else parent
     if not os.access(writable, os.W_OK | (os.X_OK if os.path.isdir(writable) else 0)):
         raise ValueError(f"--out {path!r}: {writable!r} is not writable")
     if resume_frames < 0:
         raise ValueError(f"resume_frames must be >= 0, got {resume_frames}")
     if resume_frames > 0:
-        if kind == "gif":
-            raise ValueError(f"--out {path!r}: a GIF cannot be resumed; write an MP4 or a PNG folder")
         if not os.path.exists(target):
             raise ValueError(f"cannot resume {path!r}: it does not exist")
         if kind == "mp4":
             _resume_point(path, resume_frames)
+        elif kind == "gif":
+            _gif_resume_point(path, resume_frames)
         else:
             missing = [i for i in range(resume_frames) if not os.path.isfile(_frame_path(path, i))]
             if missing:
@@ -92,14 +126,20 @@ def check_output_path(path, resume_frames=None):
     return kind
 
 
-def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None):
+def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None, before_placing=None):
     """Open a streaming writer for `path` (format from the extension, see `output_format`).
 
     fps: frames per second (MP4 and GIF). crf: x264 quality, 0 (best) to 51 (MP4 only).
     frames_per_chunk: if given, every chunk must have exactly this many frames (else the first
     chunk sets it). resume_frames: keep the first N frames already in `path` and append after
-    them (None or 0: start a new output, replacing any old one). Raises ValueError for bad input
-    before anything is written.
+    them (None or 0: start a new output, which replaces any old one once its first chunk is
+    complete). before_placing: for a new output, called with the temporary (file, or folder for
+    a PNG folder that did not exist) once the first chunk is complete in it, just before it is
+    renamed to `path` (to record it, so that a crash between the two can be finished); for a PNG
+    folder that exists, called with None just before its old frames are removed (the new ones are
+    renamed in one by one, there is no single rename to finish). Raises ValueError
+    for bad input before anything is written. Temporaries of `path` left by dead processes are
+    removed.
     """
     kind = check_output_path(path, resume_frames)
     resume_frames = resume_frames or 0
@@ -110,8 +150,11 @@ def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None):
     if frames_per_chunk is not None and (frames_per_chunk < 1 or resume_frames % frames_per_chunk):
         raise ValueError(f"frames_per_chunk={frames_per_chunk} must be >= 1 and divide "
                          f"resume_frames={resume_frames}")
+    _remove_stale_temporaries(path)
     writer = {"mp4": Mp4Writer, "gif": GifWriter, "png": PngFolderWriter}[kind]
-    return writer(path, Fraction(fps).limit_denominator(1001), crf, frames_per_chunk, resume_frames)
+    writer = writer(path, Fraction(fps).limit_denominator(1001), crf, frames_per_chunk, resume_frames)
+    writer.before_placing = before_placing
+    return writer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +165,9 @@ class VideoWriter:
     """Base of the writers: checks every chunk, counts frames, works as a context manager.
 
     `frames_written` counts the frames in the output, those kept by a resume included.
+    `in_place` says whether the output is at `path`: from the start for a resume, for a new
+    output once its first chunk is complete (before that, `path` still holds what it held).
+    `temporary`: where a new output is written until it is put in place (None: at `path`).
     """
 
     def __init__(self, path, fps, crf, frames_per_chunk, resume_frames):
@@ -129,10 +175,18 @@ class VideoWriter:
         self.frames_per_chunk = frames_per_chunk
         self.frames_written = resume_frames
         self.frame_size = None  # (height, width), fixed by the first chunk or the resumed file
+        self.in_place = bool(resume_frames)
+        self.temporary = None
+        self.before_placing = None  # see open_writer
         self.closed = False
 
     def write_chunk(self, frames):
-        """Append one chunk. frames: uint8 numpy array (frames, height, width, 3)."""
+        """Append one chunk. frames: uint8 numpy array (frames, height, width, 3).
+
+        An OSError (e.g. ENOSPC, a full disk) is raised again with its errno and `filename` set
+        to the output path; the output then still holds the chunks written before. If a new
+        output's first chunk cannot be put in place, the writer is closed.
+        """
         if self.closed:
             raise ValueError(f"writer for {self.path!r} is closed")
         if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
@@ -144,12 +198,20 @@ class VideoWriter:
         if self.frame_size not in (None, frames.shape[1:3]):
             raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} (height x width) but "
                              f"{self.path!r} holds {self.frame_size[0]}x{self.frame_size[1]}")
-        self._write(np.ascontiguousarray(frames))
+        with _naming(self.path):
+            self._write(np.ascontiguousarray(frames))
+        if not self.in_place:
+            try:
+                self._place()
+            except BaseException:
+                self.close()
+                raise
+            self.in_place = True
         self.frames_per_chunk, self.frame_size = len(frames), frames.shape[1:3]
         self.frames_written += len(frames)
 
     def close(self):
-        """Finish the output; calling it again does nothing."""
+        """Finish the output (a new one not yet in place: remove its temporary); again: nothing."""
         if not self.closed:
             self.closed = True
             self._close()
@@ -161,13 +223,76 @@ class VideoWriter:
         self.close()
 
     def _write(self, frames):
+        """Write the chunk (a new output's first: into `temporary`, or over an existing PNG folder)."""
         raise NotImplementedError
+
+    def _place(self):
+        """Rename `temporary` (after `before_placing`) to `path`, on disk."""
+        if self.temporary is not None:
+            if self.before_placing is not None:
+                self.before_placing(self.temporary)
+            with _naming(self.path):
+                os.replace(self.temporary, os.path.abspath(self.path))
+                self.temporary = None
+                _fsync_parent(self.path)
 
     def _close(self):
         pass
 
 
-class Mp4Writer(VideoWriter):
+class _FileWriter(VideoWriter):
+    """Base of the one-file writers (MP4, GIF): appends through one file descriptor.
+
+    A new output is written to `temporary` until its first chunk is on disk, which then replaces
+    `path`; later chunks are appended to the same open file. `size` is the byte size of the
+    complete chunks; `_cut` brings the file back to them.
+    """
+
+    def __init__(self, path, fps, crf, frames_per_chunk, resume_frames, size=0):
+        """size: for a resume, the byte size of the file cut at `resume_frames`."""
+        super().__init__(path, fps, crf, frames_per_chunk, resume_frames)
+        self.size = size
+        self.temporary = None if resume_frames else _temporary(path)
+        flags = os.O_WRONLY if resume_frames else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.fd = os.open(self.temporary or path, flags, 0o666)
+        if resume_frames:
+            try:
+                self._cut()  # drop the frames after the resume point and what a killed run left
+            except BaseException:
+                os.close(self.fd)
+                raise
+
+    def _commit(self, data, switch=b"", switch_at=0):
+        """Append `data` at `size`, flush it to disk, then write `switch` at `switch_at`, flush again.
+
+        On an OSError (a full disk) the file is cut back to `size`, freeing the space; what
+        another error leaves after it is invisible to readers.
+        """
+        try:
+            _pwrite_all(self.fd, data, self.size)
+            os.fsync(self.fd)
+            if switch:
+                _pwrite_all(self.fd, switch, switch_at)
+                os.fsync(self.fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._cut()
+            raise
+        self.size += len(data)
+
+    def _cut(self):
+        """Truncate the file to `size` bytes, on disk."""
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+
+    def _close(self):
+        os.close(self.fd)
+        if self.temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.temporary)
+
+
+class Mp4Writer(_FileWriter):
     """H.264 in fragmented MP4, one fragment per chunk, crash-safe and resumable (module docstring).
 
     Width and height must be even (yuv420p halves the colour planes): odd sizes raise ValueError
@@ -175,15 +300,12 @@ class Mp4Writer(VideoWriter):
     """
 
     def __init__(self, path, fps, crf, frames_per_chunk, resume_frames):
-        super().__init__(path, fps, crf, frames_per_chunk, resume_frames)
-        if resume_frames:
-            self.header, self.size, self.sequence, self.decode_time = _resume_point(path, resume_frames)
-            self.frame_size = _frame_size(self.header)
-        else:
-            self.header, self.size, self.sequence, self.decode_time = None, 0, 0, 0
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
-        os.ftruncate(self.fd, self.size)  # drop what a killed run left after the resume point
-        os.fsync(self.fd)
+        header, size, sequence, decode_time = (_resume_point(path, resume_frames) if resume_frames
+                                               else (None, 0, 0, 0))
+        super().__init__(path, fps, crf, frames_per_chunk, resume_frames, size)
+        self.header, self.sequence, self.decode_time = header, sequence, decode_time
+        if header is not None:
+            self.frame_size = _frame_size(header)
 
     def _write(self, frames):
         height, width = frames.shape[1:3]
@@ -191,96 +313,201 @@ class Mp4Writer(VideoWriter):
             raise ValueError(f"MP4 (H.264, yuv420p) needs an even width and height, got "
                              f"{height}x{width} (height x width); use a PNG folder or resize")
         header, moof, mdat = _split_chunk(_encode_chunk(frames, self.fps, self.crf))
-        if self.header is None:
-            self.header = header
-            data = header
-        elif header == self.header:
-            data = b""
-        else:
+        if self.header not in (None, header):
             raise ValueError(f"cannot append to {self.path!r}: its header differs from this chunk's "
                              f"(different fps, crf or ffmpeg build than the run that wrote it)")
-        self.sequence += 1
-        moof, duration = _shift_fragment(moof, self.sequence, self.decode_time)
+        data = header if self.header is None else b""
+        moof, duration = _shift_fragment(moof, self.sequence + 1, self.decode_time)
         moof_at = self.size + len(data)
-        _pwrite_all(self.fd, data + moof[:4] + b"free" + moof[8:] + mdat, self.size)
-        os.fsync(self.fd)
-        os.pwrite(self.fd, b"moof", moof_at + 4)  # the fragment becomes visible
-        os.fsync(self.fd)
-        self.size = moof_at + len(moof) + len(mdat)
-        self.decode_time += duration
-
-    def _close(self):
-        os.close(self.fd)
+        self._commit(data + moof[:4] + b"free" + moof[8:] + mdat, b"moof", moof_at + 4)
+        self.header, self.sequence, self.decode_time = header, self.sequence + 1, self.decode_time + duration
 
 
-class GifWriter(VideoWriter):
-    """Animated GIF through one ffmpeg process (a palette per frame, looping).
+class GifWriter(_FileWriter):
+    """Animated GIF, looping, crash-safe and resumable (module docstring).
 
-    Not resumable, and not cut at chunks: if Python dies, ffmpeg sees the end of its input and
-    finishes the file with whatever frames reached it; if ffmpeg dies too, the GIF lacks its
-    trailer byte (most viewers still show it).
+    The file: header, logical screen (no global colour table) and looping extension; per chunk
+    the marker `_GIF_CHUNK`, then per frame a graphic control extension (its delay), an image
+    descriptor, a local colour table of up to 256 colours and LZW data (`_gif_frame`); the
+    trailer. Delays are whole centiseconds: frame i shows from round(100 i / fps) on, so the
+    rounding never adds up (6 fps: 17, 16, 17, ... centiseconds).
     """
 
     def __init__(self, path, fps, crf, frames_per_chunk, resume_frames):
-        super().__init__(path, fps, crf, frames_per_chunk, resume_frames)
-        self.process = None
-        self.log = tempfile.TemporaryFile()
+        frame_size, cut = _gif_resume_point(path, resume_frames) if resume_frames else (None, -1)
+        super().__init__(path, fps, crf, frames_per_chunk, resume_frames, cut + 1)
+        self.frame_size = frame_size
 
     def _write(self, frames):
-        if self.process is None:
-            height, width = frames.shape[1:3]
-            palette = "split[a][b];[a]palettegen=stats_mode=single[p];[b][p]paletteuse=new=1"
-            cmd = [*_ffmpeg_input(height, width, self.fps), "-vf", palette, "-loop", "0",
-                   "-f", "gif", "-y", self.path]
-            self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=self.log)
-        try:
-            self.process.stdin.write(frames.tobytes())
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            self.close()  # raises with ffmpeg's log
+        starts = [_centiseconds(self.frames_written + i, self.fps) for i in range(len(frames) + 1)]
+        chunk = _GIF_CHUNK + b"".join(_gif_frame(frame, end - start)
+                                      for frame, start, end in zip(frames, starts, starts[1:]))
+        if self.size == 0:  # a new file, still under its temporary name
+            self._commit(_gif_header(*frames.shape[1:3]) + chunk + b";")
+        else:
+            self._commit(chunk[1:] + b";", chunk[:1], self.size - 1)
 
-    def _close(self):
-        if self.process is not None:
-            self._finish()
-        self.log.close()
-
-    def _finish(self):
-        """Close ffmpeg's input, wait for it, raise with its log if it failed."""
-        try:
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
-        if self.process.wait() != 0:
-            self.log.seek(0)
-            raise RuntimeError(f"ffmpeg failed writing {self.path!r}: {self.log.read().decode()}")
+    def _cut(self):
+        """End the file with a trailer at `size` - 1 (on disk before the truncation), truncate it there."""
+        if self.size:
+            _pwrite_all(self.fd, b";", self.size - 1)
+            os.fsync(self.fd)
+        super()._cut()
 
 
 class PngFolderWriter(VideoWriter):
-    """A folder of lossless PNG frames `frame_000000.png`, ...; each file is flushed to disk.
+    """A folder of lossless PNG frames `frame_000000.png`, ..., crash-safe and resumable.
 
-    Opening removes old frames from index `resume_frames` on (all of them for a new output).
+    A chunk's frames are written under hidden temporary names (`.frame_000012.png.<pid>.partial`)
+    and flushed to disk; once all are, they are renamed to their final names, the chunk's first
+    frame last, and the folder is flushed. So the frames numbered without a gap from
+    frame_000000.png (where a reader of `frame_%06d.png` stops) are always whole chunks: a kill
+    during the renames can only leave some of the chunk's last frames after a gap, which a resume
+    removes. On an error (a full disk) nothing of the chunk is left: its temporaries are removed,
+    and so are its frames already renamed.
+
+    A new output into a folder that does not exist yet is written to a temporary folder next to
+    it, renamed to `path` after the first chunk. Into an existing folder, once the first chunk's
+    frames are all on disk, the old frames are removed (frame_000000.png first; other files are
+    left alone), then the new ones renamed in. A kill in that window leaves no frame_000000.png
+    (no video), and maybe old or new frames after the gap, which the next new output removes.
+    A resume removes the frames from index `resume_frames` on when it opens.
     """
 
     def __init__(self, path, fps, crf, frames_per_chunk, resume_frames):
         super().__init__(path, fps, crf, frames_per_chunk, resume_frames)
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(path):
-            match = _FRAME_RE.fullmatch(name)
-            if match and int(match.group(1)) >= resume_frames:
-                os.remove(os.path.join(path, name))
         if resume_frames:
-            self.frame_size = iio.imread(_frame_path(path, 0)).shape[:2]
+            _remove_frames(path, resume_frames)
+            with Image.open(_frame_path(path, 0)) as image:
+                self.frame_size = image.size[::-1]
+        elif not os.path.isdir(path):
+            self.temporary = _temporary(path)
+            os.mkdir(self.temporary)
 
     def _write(self, frames):
-        for i, frame in enumerate(frames):
-            with open(_frame_path(self.path, self.frames_written + i), "wb") as f:
-                f.write(iio.imwrite("<bytes>", frame, extension=".png"))
-                f.flush()
-                os.fsync(f.fileno())
+        folder = self.temporary or self.path
+        finals = [_frame_path(folder, self.frames_written + i) for i in range(len(frames))]
+        temporaries = []
+        try:
+            for frame, final in zip(frames, finals):
+                temporaries.append(_temporary(final))
+                with open(temporaries[-1], "wb") as f:
+                    Image.fromarray(frame).save(f, "PNG")
+                    f.flush()
+                    os.fsync(f.fileno())
+            if not self.in_place and self.temporary is None:
+                if self.before_placing is not None:
+                    self.before_placing(None)  # no single rename: the old frames go first
+                _remove_frames(self.path, 0)  # the old video
+            for temporary, final in reversed(list(zip(temporaries, finals))):
+                os.replace(temporary, final)
+            _fsync_folder(folder)
+        except BaseException:
+            for name in temporaries + finals if self.in_place else temporaries:
+                with contextlib.suppress(OSError):
+                    os.remove(name)
+            raise
+
+    def _close(self):
+        if self.temporary is not None:  # the first chunk never completed
+            _remove_temporary_folder(self.temporary)
 
 
 def _frame_path(folder, index):
     return os.path.join(folder, FRAME_NAME.format(index))
+
+
+def _remove_frames(folder, start):
+    """Remove the frame_NNNNNN.png files numbered `start` and up, in order (so the first removal
+    ends the gapless sequence at `start`), on disk."""
+    frames = [(int(match.group(1)), match.group()) for match in map(_FRAME_RE.fullmatch, os.listdir(folder))
+              if match and int(match.group(1)) >= start]
+    for _, name in sorted(frames):
+        os.remove(os.path.join(folder, name))
+    _fsync_folder(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: temporaries, renames, writes
+
+
+def _temporary(path):
+    """This process's hidden temporary for `path`: `.NAME.<pid>.partial` in the same folder."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.{os.getpid()}.partial")
+
+
+def _fsync_folder(folder):
+    """Flush a folder's entries (names created, renamed, removed) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_parent(path):
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """Raise an OSError from inside again with its errno and `filename` set to `path`."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), path) from error
+
+
+def _pwrite_all(fd, data, offset):
+    """os.pwrite until every byte of data is written at offset."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _remove_stale_temporaries(path):
+    """Remove the temporaries of `path` (and of its frames, for a PNG folder) whose process is gone.
+
+    This process's own pid counts as gone: a restarted container often reuses it, and a writer
+    of this process that is still open on the same path is not supported.
+    """
+    def remove(folder, name):
+        pattern = re.compile(rf"\.{name}\.(?P<pid>\d+)\.partial")
+        for entry in os.listdir(folder):
+            match = pattern.fullmatch(entry)
+            if match and (int(match["pid"]) == os.getpid() or not _process_exists(int(match["pid"]))):
+                stale = os.path.join(folder, entry)
+                if os.path.isdir(stale):
+                    _remove_temporary_folder(stale)
+                else:
+                    os.remove(stale)
+
+    target = os.path.abspath(path)
+    remove(os.path.dirname(target), re.escape(os.path.basename(target)))
+    if os.path.isdir(target):
+        remove(target, _FRAME_RE.pattern)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove_temporary_folder(folder):
+    """Remove a PNG writer's temporary folder: its frames and frame temporaries, then the folder
+    (which stays if anything else is in it)."""
+    pattern = re.compile(rf"{_FRAME_RE.pattern}|\.{_FRAME_RE.pattern}\.\d+\.partial")
+    for name in filter(pattern.fullmatch, os.listdir(folder)):
+        os.remove(os.path.join(folder, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,55 +629,172 @@ def _frame_size(header):
     return height >> 16, width >> 16
 
 
-def _pwrite_all(fd, data, offset):
-    """os.pwrite until every byte of data is written at offset."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+# ---------------------------------------------------------------------------------------------
+# GIF: the blocks we write, and the walk that finds chunk boundaries
+
+
+def _gif_header(height, width):
+    """GIF89a, the logical screen (no global colour table, 8-bit colour resolution), looping."""
+    return b"GIF89a" + struct.pack("<HHBBB", width, height, 0x70, 0, 0) + _GIF_LOOP
+
+
+def _centiseconds(frame, fps):
+    """When frame `frame` starts showing, in whole centiseconds (rounded half up)."""
+    return math.floor(Fraction(100 * frame) / fps + Fraction(1, 2))
+
+
+def _gif_frame(frame, delay):
+    """One frame (height, width, 3) uint8 as GIF blocks, shown for `delay` centiseconds.
+
+    Graphic control extension, image descriptor, local colour table (Pillow's octree palette of
+    up to 256 colours, Floyd-Steinberg dithered) and LZW data, the last two lifted from the
+    single-frame GIF Pillow writes.
+    """
+    image = Image.fromarray(frame)
+    palette = image.quantize(256, method=Image.Quantize.FASTOCTREE)
+    buffer = io.BytesIO()
+    image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(
+        buffer, "GIF", interlace=False, optimize=False)
+    data = buffer.getvalue()  # header, screen, global colour table, image descriptor, LZW data, trailer
+    table_bits = data[10] & 7
+    image_at = 13 + (3 << (table_bits + 1))
+    if not data[10] & 0x80 or data[image_at] != ord(",") or data[image_at + 9] or data[-1] != ord(";"):
+        raise RuntimeError("unexpected single-frame GIF layout from Pillow")
+    height, width = frame.shape[:2]
+    return (b"!\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00"  # disposal: keep, no transparency
+            + b"," + struct.pack("<HHHHB", 0, 0, width, height, 0x80 | table_bits)
+            + data[13:image_at] + data[image_at + 10:-1])
+
+
+def _gif_resume_point(path, frames):
+    """Where a GIF written by GifWriter holding at least `frames` frames is cut to keep exactly them.
+
+    Returns ((height, width), offset of the chunk marker or trailer after those frames);
+    ValueError if the file holds fewer complete frames or `frames` is not at a chunk boundary.
+    """
+    with open(path, "rb") as f:
+        header = f.read(len(_gif_header(0, 0)))
+        width, height = struct.unpack_from("<HH", header, 6) if len(header) >= 10 else (0, 0)
+        if header != _gif_header(height, width):
+            raise ValueError(f"cannot resume {path!r}: not a GIF written by video_io")
+        total = 0
+        for offset, total in _gif_chunk_boundaries(f):
+            if total >= frames:
+                break
+    if total != frames:
+        where = "not at a chunk boundary" if total > frames else f"only {total} complete frames"
+        raise ValueError(f"cannot resume {path!r} at frame {frames}: {where}")
+    return (height, width), offset
+
+
+def _gif_chunk_boundaries(f):
+    """Yield (offset, frames before it) of every chunk marker and of the trailer in a GIF file read
+    from after its header; stops at the trailer, an unknown block, or where the file is cut."""
+    frames = 0
+    while True:
+        offset, introducer = f.tell(), f.read(1)
+        if introducer == b";":
+            yield offset, frames
+            return
+        if introducer == b"!":
+            label = f.read(1)
+            first = _gif_sub_blocks(f)
+            if first is None:
+                return
+            if label == b"\xff" and first == _GIF_CHUNK_ID:
+                yield offset, frames
+        elif introducer == b",":
+            descriptor = f.read(9)
+            if len(descriptor) < 9:
+                return
+            if descriptor[8] & 0x80:  # a local colour table
+                f.seek(3 << ((descriptor[8] & 7) + 1), os.SEEK_CUR)
+            if not f.read(1) or _gif_sub_blocks(f) is None:  # LZW minimum code size, data
+                return
+            frames += 1
+        else:
+            return
+
+
+def _gif_sub_blocks(f):
+    """Read a run of GIF data sub-blocks and its terminator: the first sub-block, None if cut."""
+    first = None
+    while (size := f.read(1)) != b"\0":
+        block = f.read(size[0]) if size else b""
+        if not size or len(block) < size[0]:
+            return None
+        first = block if first is None else first
+    return b"" if first is None else first
 
 
 # ---------------------------------------------------------------------------------------------
 # Readers
 
 
-def read_image(path, height, width):
-    """An image file as a float tensor (3, height, width) in [-1, 1], resized to cover then centre-cropped."""
-    if not os.path.isfile(path):
-        raise ValueError(f"image {path!r} does not exist")
+def read_image(path, height, width, option=None):
+    """An image file as a float tensor (3, height, width) in [-1, 1], resized to cover then centre-cropped.
+
+    option: the command-line option that named the file (e.g. "--image"), to start error
+    messages with; ValueError, one line, for a file that is missing or cannot be decoded.
+    """
+    name = _check_input(path, option, "an image")
     try:
-        image = iio.imread(path, mode="RGB")  # (h, w, 3) uint8
-    except Exception as error:  # imageio raises many types for unreadable files
-        raise ValueError(f"cannot read image {path!r}: {error}") from error
-    return _to_model_frames(image[None], height, width)[:, 0]
+        with Image.open(path) as image:
+            pixels = np.array(image.convert("RGB"))  # (h, w, 3) uint8
+    except Exception as error:  # Pillow raises many types for unreadable files
+        raise ValueError(f"{name}: cannot decode it as an image ({_last_line(error)})") from None
+    return _to_model_frames(pixels[None], height, width)[:, 0]
 
 
-def read_video(path, height, width, last_frames=None):
+def read_video(path, height, width, last_frames=None, option=None, needed_for=None):
     """The last `last_frames` frames of a video file (all if None) and its frame rate.
 
     Returns (tensor (3, frames, height, width) in [-1, 1], fps). The video is streamed through
-    ffmpeg; only the last `last_frames` decoded frames are held at a time.
+    ffmpeg; only the last `last_frames` decoded frames are held at a time. option: the
+    command-line option that named the file (e.g. "--extend"), to start error messages with;
+    needed_for: what needs the frames, for the message when there are fewer than `last_frames`
+    (e.g. "the context": "--extend x.mp4 has 3 frames; the context needs 4"). ValueError, one
+    line, for a file that is missing, cannot be decoded or is too short.
     """
-    if not os.path.isfile(path):
-        raise ValueError(f"video {path!r} does not exist")
     if last_frames is not None and last_frames < 1:
         raise ValueError(f"last_frames must be >= 1 or None, got {last_frames}")
+    name = _check_input(path, option, "a video")
     kept = deque(maxlen=last_frames)
     reader = imageio_ffmpeg.read_frames(path)
     try:
         meta = next(reader)
-        w, h = meta["size"]
+        fps, (w, h) = meta["fps"], meta["size"]
         for frame in reader:
             kept.append(np.frombuffer(frame, np.uint8).reshape(h, w, 3))
-    except (OSError, RuntimeError, StopIteration, KeyError) as error:
-        raise ValueError(f"cannot read video {path!r}: {error}") from error
+    except Exception as error:  # imageio-ffmpeg raises many types, with ffmpeg's whole log
+        raise ValueError(f"{name}: cannot decode it as a video ({_last_line(error)})") from None
     finally:
         reader.close()
     if not kept:
-        raise ValueError(f"video {path!r} has no frames")
+        raise ValueError(f"{name}: cannot decode it as a video (no frames)")
     if last_frames is not None and len(kept) < last_frames:
-        raise ValueError(f"video {path!r} has {len(kept)} frames, fewer than last_frames={last_frames}")
-    return _to_model_frames(np.stack(kept), height, width), meta["fps"]
+        needs = f"{needed_for} needs {last_frames}" if needed_for else f"{last_frames} are needed"
+        raise ValueError(f"{name} has {len(kept)} frames; {needs}")
+    return _to_model_frames(np.stack(kept), height, width), fps
+
+
+def _check_input(path, option, kind):
+    """The name of an input file for messages ("--extend x.mp4", or the path); ValueError if it
+    is missing, a folder or empty. kind: "an image" or "a video"."""
+    name = f"{option} {path}" if option else str(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: cannot decode it as {kind} (it is a folder)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{name}: cannot decode it as {kind} (the file is empty)")
+    return name
+
+
+def _last_line(error):
+    """The last meaningful line of an error's message (ffmpeg logs: without the "[in#0 @ 0x..]" tag)."""
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in reversed(lines) if line), type(error).__name__)
 
 
 def _to_model_frames(frames, height, width):

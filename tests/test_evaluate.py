@@ -13,6 +13,8 @@ from PIL import Image
 
 import evaluate
 import sample
+from endless import to_uint8_frames
+from video_settings import Settings
 from evaluate import VideoScore, detect, direction, displacement, parse_caption, resolve_prompts
 from tiny_pipeline import tiny_video_pipeline
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
@@ -22,7 +24,7 @@ SIZES = (24, 48, 64)
 
 def frames_of(clip: Clip, num_frames: int, size: int, first_frame: int = 0) -> np.ndarray:
     """(frames, size, size, 3) uint8: what sample.py would write for this clip."""
-    return sample.to_uint8_frames(render(clip, num_frames, size, first_frame))
+    return to_uint8_frames(render(clip, num_frames, size, first_frame))
 
 
 def every_clip(seed: int = 0) -> list[tuple[Clip, int]]:
@@ -198,7 +200,7 @@ def test_command_line_scores_the_videos_sample_py_makes(model, tmp_path, capsys)
     assert lines[0].startswith("| prompt | found | colour |")
     assert [line.split(" | ")[0] for line in lines[2:-1]] == [f"| {prompt}", "| all"]
     assert (report["frames"], report["chunks"], report["height"], report["steps"]) == (2, 2, 32, 1)
-    assert report["guidance"] == sample.Settings.guidance  # not given: sample.py's default
+    assert report["guidance"] == Settings.guidance  # not given: sample.py's default
 
     # The row is the mean over seeds 0 and 1 of the videos sample.py makes, scored from its PNG files.
     results = []

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 import sample
-from pipeline import StableDiffusionXLVideoPipeline
-from sample import Settings, VideoState, generate_latents, mix_embeddings, prompt_weights
+from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
+from endless import VideoState, generate_latents, mix_embeddings, prompt_weights, state_path
+from video_settings import Settings
 from tiny_pipeline import tiny_video_pipeline
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -146,11 +147,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(model, tmp_path, out_name
     command = [sys.executable, str(REPOSITORY / "sample.py"), *arguments, "--out", str(killed)]
     process = subprocess.Popen(command, cwd=REPOSITORY, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for_chunks(sample.state_path(str(killed)), 3, process)
+        wait_for_chunks(state_path(str(killed)), 3, process)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    complete_chunks = torch.load(sample.state_path(str(killed)), weights_only=True)["state"]["frames_written"] // 3
+    complete_chunks = torch.load(state_path(str(killed)), weights_only=True)["state"]["frames_written"] // 3
     assert 3 <= complete_chunks < 6
 
     if out_name == "video.mp4":  # the killed file plays up to its last complete chunk, at the right fps
@@ -247,8 +248,9 @@ def test_model_defaults_apply_and_the_command_line_overrides_them(tmp_path):
     folder = tmp_path / "model"
     tiny_video_pipeline(tmp_path / "tokenizer").save_pretrained(
         folder, sample_defaults={"anchor_frame": True, "guidance": 2.0, "steps": 3})
-    defaults = sample.settings_from_arguments(sample.parse_arguments(["--model", str(folder), "--prompt", "a"]))
+    config = load_checkpoint_config(folder)
+    defaults = sample.with_model_defaults(sample.parse_arguments(["--model", str(folder), "--prompt", "a"]), config)
     assert (defaults.anchor_frame, defaults.guidance, defaults.steps, defaults.renormalize) == (True, 2.0, 3, False)
-    given = sample.settings_from_arguments(sample.parse_arguments(
-        ["--model", str(folder), "--prompt", "a", "--no-anchor-frame", "--guidance", "5", "--renormalize"]))
+    given = sample.with_model_defaults(sample.parse_arguments(
+        ["--model", str(folder), "--prompt", "a", "--no-anchor-frame", "--guidance", "5", "--renormalize"]), config)
     assert (given.anchor_frame, given.guidance, given.renormalize) == (False, 5.0, True)

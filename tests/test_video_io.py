@@ -1,10 +1,13 @@
-"""video_io: writers decoded by an independent decoder (PyAV), kill and resume, readers, bad input."""
+"""video_io: writers decoded by independent decoders (PyAV, Pillow), kills at random points and
+simulated crashes, a full disk, resume, new outputs that replace old ones, readers, bad input."""
 
+import errno
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import av
@@ -13,6 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import video_io
 
@@ -48,6 +52,79 @@ def write_video(path, chunks, **kwargs):
         for k in chunks:
             writer.write_chunk(chunk(k))
     return writer
+
+
+def frames_of(path):
+    """An output's frames (n, h, w, 3) uint8: a folder's PNG files numbered without a gap from
+    frame_000000.png, or a file decoded by PyAV (a GIF: Pillow must decode the same frames,
+    imageio as many)."""
+    path = str(path)
+    if os.path.isdir(path):
+        names = itertools.takewhile(os.path.isfile, (os.path.join(path, f"frame_{i:06d}.png") for i in itertools.count()))
+        frames = [np.asarray(Image.open(name)) for name in names]
+    else:
+        with av.open(path) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        if ".gif" in os.path.basename(path):
+            np.testing.assert_array_equal(np.stack(gif_frames(path)[0]), np.stack(frames))
+            assert len(iio.imread(path, index=None)) == len(frames)
+    return np.stack(frames) if frames else np.zeros((0, HEIGHT, WIDTH, 3), np.uint8)
+
+
+def gif_frames(path):
+    """Pillow's decode of a GIF: (frames, each (h, w, 3) uint8; durations in milliseconds)."""
+    frames, durations = [], []
+    with Image.open(path) as image:
+        for i in range(image.n_frames):
+            image.seek(i)
+            frames.append(np.asarray(image.convert("RGB")))
+            durations.append(image.info["duration"])
+    return frames, durations
+
+
+def assert_frames(path, chunks):
+    """`path` (or its temporary) holds exactly the frames of `chunks` (PNG exact; GIF within 2, MP4
+    within 4 levels)."""
+    frames, want, name = frames_of(path), expected(chunks), os.path.basename(path)
+    tolerance = 2 if ".gif" in name else 4 if ".mp4" in name else 0
+    assert frames.shape == want.shape and np.abs(frames.astype(int) - want).max() <= tolerance
+
+
+def snapshot(root):
+    """{relative path: bytes (None for a folder)} of everything under root, hidden files included."""
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        for name in subfolders:
+            files[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                files[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return files
+
+
+def temporaries(root):
+    return [name for name in snapshot(root) if name.endswith(".partial")]
+
+
+def fail_at(monkeypatch, step, error):
+    """From now on, call number `step` (from 0) of os.pwrite or os.fsync raises `error`; a failing
+    pwrite first writes half of its bytes, as a full disk or a kill can leave."""
+    calls = itertools.count()
+    pwrite, fsync = os.pwrite, os.fsync
+
+    def failing(real):
+        def call(fd, *args):
+            if next(calls) == step:
+                if real is pwrite:
+                    pwrite(fd, bytes(args[0])[:len(args[0]) // 2], args[1])
+                raise error
+            return real(fd, *args)
+        return call
+    monkeypatch.setattr(video_io.os, "pwrite", failing(pwrite))
+    monkeypatch.setattr(video_io.os, "fsync", failing(fsync))
+
+
+OUTPUTS = ["out.mp4", "out.gif", "frames/"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,17 +270,42 @@ def test_mp4_bad_resume_and_sizes(tmp_path):
 # GIF and PNG folders
 
 
-def test_gif_round_trip(tmp_path):
+def test_gif_round_trip_timing_and_loop(tmp_path):
     path = tmp_path / "out.gif"
-    write_video(path, range(3))
+    with video_io.open_writer(str(path), FPS) as writer:
+        for k in range(3):
+            writer.write_chunk(chunk(k))
+            assert_frames(path, range(k + 1))  # readable before close
     with av.open(str(path)) as container:
-        frames = [f for f in container.decode(video=0)]
-    durations = np.diff([float(f.pts * f.time_base) for f in frames])
-    assert len(frames) == 12 and abs(durations.mean() - 1 / FPS) < 0.01
-    pixels = np.stack([f.to_ndarray(format="rgb24") for f in frames])
-    assert np.abs(pixels.astype(int) - expected(range(3))).max() <= 2  # <= 256 colours: near exact
-    with pytest.raises(ValueError, match="GIF cannot be resumed"):
-        video_io.open_writer(str(path), FPS, resume_frames=4)
+        starts = [f.pts * f.time_base for f in container.decode(video=0)]
+    assert [round(100 * t) for t in starts] == [int(100 * i / FPS + 0.5) for i in range(12)]  # 0, 17, 33, 50
+    with Image.open(path) as image:
+        assert image.info["loop"] == 0  # forever
+    durations = gif_frames(path)[1]
+    assert sum(durations) == 2000 and set(durations) == {160, 170}  # exact in total: 12 frames at 6 fps
+    x, fps = video_io.read_video(str(path), HEIGHT, WIDTH)
+    assert x.shape == (3, 12, HEIGHT, WIDTH) and round(fps) == FPS
+
+
+def test_gif_resume_equals_uninterrupted(tmp_path):
+    path, whole = tmp_path / "out.gif", tmp_path / "whole.gif"
+    write_video(whole, range(4))
+    write_video(path, range(3))
+    assert video_io.check_output_path(str(path), resume_frames=8) == "gif"
+    for frames, message in [(16, "only 12 complete frames"), (6, "not at a chunk boundary")]:
+        with pytest.raises(ValueError, match=message):
+            video_io.open_writer(str(path), FPS, resume_frames=frames)
+    writer = write_video(path, [2, 3], resume_frames=8)  # the third chunk is cut and written again
+    assert writer.frames_written == 16 and writer.in_place
+    assert path.read_bytes() == whole.read_bytes()
+    write_video(path, [4], resume_frames=16)
+    assert_frames(path, [0, 1, 2, 3, 4])
+    Image.fromarray(chunk(0)[0]).save(tmp_path / "other.gif")
+    with pytest.raises(ValueError, match="not a GIF written by video_io"):
+        video_io.open_writer(str(tmp_path / "other.gif"), FPS, resume_frames=1)
+    with pytest.raises(ValueError, match="holds 48x64"):
+        with video_io.open_writer(str(path), FPS, resume_frames=20) as writer:
+            writer.write_chunk(chunk(0, 32, 32))
 
 
 def test_png_folder_round_trip_and_resume(tmp_path):
@@ -220,6 +322,227 @@ def test_png_folder_round_trip_and_resume(tmp_path):
         video_io.open_writer(str(folder), FPS, resume_frames=16)
     write_video(folder, [1])  # a new output replaces the old frames
     assert len(os.listdir(folder)) == FRAMES
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes and kills, new outputs over old ones, stale temporaries, a full disk
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.gif"])
+def test_crash_at_every_write_keeps_returned_chunks_and_resumes(tmp_path, monkeypatch, name):
+    """A crash at each os.pwrite (half written) and os.fsync of an append: the file shows the chunks
+    before it; only after the last flush began does it show the new one; resuming gives the file
+    an uninterrupted run writes."""
+    path, whole = tmp_path / name, tmp_path / "whole" / name
+    whole.parent.mkdir()
+    write_video(whole, range(4))
+    write_video(path, range(2))
+    two_chunks = path.read_bytes()
+    shown = []
+    for step in itertools.count():
+        path.write_bytes(two_chunks)
+        writer = video_io.open_writer(str(path), FPS, resume_frames=8)
+        with monkeypatch.context() as patch:
+            fail_at(patch, step, Crash())
+            try:
+                writer.write_chunk(chunk(2))
+                break
+            except Crash:
+                pass
+        writer.close()
+        frames = frames_of(path)
+        shown.append(len(frames))
+        assert_frames(path, range(len(frames) // FRAMES))
+        write_video(path, [2, 3], resume_frames=8)
+        assert path.read_bytes() == whole.read_bytes()
+    assert shown == [8, 8, 8, 12]  # body, its flush, the switch, its flush
+
+
+def kill_writer_at(path, delay):
+    """Fork a child (its own process group) that writes chunks 0..4 to a new output at `path` and
+    says when each write_chunk returned; SIGKILL its process group after `delay` seconds. Returns
+    how many write_chunk calls had returned."""
+    said, say = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setpgid(0, 0)
+            with video_io.open_writer(str(path), FPS) as writer:
+                for k in range(5):
+                    writer.write_chunk(chunk(k))
+                    os.write(say, b"x")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(say)
+    os.setpgid(pid, pid)  # also here: no race with the child's own call
+    time.sleep(delay)
+    os.killpg(pid, signal.SIGKILL)  # the group still exists: the child is not reaped yet
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(said, "rb") as f:
+        returned = len(f.read())
+    assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0
+    return returned
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_kill_at_random_points_keeps_returned_chunks(tmp_path, name):
+    """Over an old output, a new run is killed (its process group, ffmpeg included) at random
+    times: the output is the old one until the new first chunk is complete, then holds whole
+    chunks only, at least those whose write_chunk returned; resuming gives the whole video."""
+    path, whole = tmp_path / name, tmp_path / "whole" / name
+    whole.parent.mkdir()
+    started = time.monotonic()
+    write_video(whole, range(5))
+    seconds = time.monotonic() - started
+    old_chunk = [4]
+    rng = random.Random(0)
+    for _ in range(8):
+        write_video(path, old_chunk)
+        returned = kill_writer_at(path, rng.uniform(0, 1.2 * seconds))
+        frames, old = frames_of(path), expected(old_chunk)
+        if returned == 0 and len(frames) == len(old) and np.abs(frames.astype(int) - old).max() <= 4:
+            pass  # not in place yet
+        elif returned == 0 and name == "frames/" and len(frames) == 0:
+            pass  # killed after the old frames were removed, before the new ones were renamed in
+        else:
+            assert len(frames) % FRAMES == 0 and returned <= len(frames) // FRAMES <= returned + 1
+            assert_frames(path, range(len(frames) // FRAMES))
+        write_video(path, range(returned, 5), resume_frames=returned * FRAMES or None)
+        assert not temporaries(tmp_path)
+        if name == "frames/":
+            assert sorted(os.listdir(path)) == sorted(os.listdir(whole))  # nothing after a gap
+            np.testing.assert_array_equal(frames_of(path), frames_of(whole))
+        else:
+            assert path.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_new_output_replaces_the_old_one_only_once_its_first_chunk_is_complete(tmp_path, monkeypatch, name):
+    path = tmp_path / name
+    with video_io.open_writer(str(path), FPS) as writer:  # no old output: a failed start leaves nothing
+        assert not writer.in_place and temporaries(tmp_path)
+    assert not os.path.exists(path) and not snapshot(tmp_path)
+
+    write_video(path, range(2))
+    (tmp_path / "frames-notes.txt").write_bytes(b"mine")
+    if name == "frames/":
+        (path / "notes.txt").write_bytes(b"mine")  # not a frame: never removed
+    old = snapshot(tmp_path)
+    for step in itertools.count():  # a crash at every write and flush of the first chunk
+        writer = video_io.open_writer(str(path), FPS)
+        assert not writer.in_place
+        assert [os.path.basename(t) for t in temporaries(tmp_path)] == (
+            [f".{name.strip('/')}.{os.getpid()}.partial"] if name != "frames/" else [])
+        with monkeypatch.context() as patch:
+            fail_at(patch, step, Crash())
+            try:
+                writer.write_chunk(chunk(4))
+                break
+            except Crash:
+                pass
+        assert not writer.in_place
+        writer.close()
+        assert not temporaries(tmp_path)
+        if snapshot(tmp_path) != old:  # the crash came after the old output was replaced:
+            if name == "frames/" and len(frames_of(path)) == 0:
+                pass  # the old frames are removed, the new ones not yet renamed in (PngFolderWriter)
+            else:
+                assert_frames(path, [4])  # the new output, only not flushed into its folder
+            write_video(path, range(2))
+    assert step > 0 and writer.in_place and not temporaries(tmp_path)
+    assert_frames(path, [4])
+    writer.write_chunk(chunk(0))
+    writer.close()
+    assert_frames(path, [4, 0])
+    assert (tmp_path / "frames-notes.txt").read_bytes() == b"mine"
+    if name == "frames/":
+        assert (path / "notes.txt").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_before_placing_sees_the_complete_first_chunk_just_before_it_is_placed(tmp_path, name):
+    path, seen = tmp_path / name, []
+
+    def placing(temporary):
+        assert not os.path.exists(path)
+        assert_frames(temporary, [0])
+        seen.append(temporary)
+    with video_io.open_writer(str(path), FPS, before_placing=placing) as writer:
+        writer.write_chunk(chunk(0))
+        writer.write_chunk(chunk(1))
+    assert seen == [str(tmp_path / f".{name.strip('/')}.{os.getpid()}.partial")]
+    assert_frames(path, [0, 1])
+
+    def failing(temporary):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.pt")
+    old = snapshot(tmp_path)
+    writer = video_io.open_writer(str(path), FPS, before_placing=failing)
+    if name == "frames/":  # a folder that exists: its frames are renamed in one by one, not called
+        writer.write_chunk(chunk(2))
+        writer.close()
+        assert_frames(path, [2])
+    else:
+        with pytest.raises(OSError) as error:
+            writer.write_chunk(chunk(2))
+        assert error.value.filename == "state.pt" and writer.closed and not writer.in_place
+        assert snapshot(tmp_path) == old
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, name):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive, path, base = os.getppid(), tmp_path / name, name.strip("/")
+    for pid in (dead.pid, alive):
+        temporary = tmp_path / f".{base}.{pid}.partial"
+        if name == "frames/":  # a PNG writer's temporary folder, with a frame
+            temporary.mkdir()
+            (temporary / "frame_000000.png").write_bytes(b"x")
+        else:
+            temporary.write_bytes(b"x")
+    (tmp_path / f".other.mp4.{dead.pid}.partial").write_bytes(b"x")  # another output's
+    write_video(path, [0])
+    kept = [f".{base}.{alive}.partial", f".other.mp4.{dead.pid}.partial"]
+    if name == "frames/":  # and the temporaries of frames in the folder
+        for pid in (dead.pid, alive):
+            (path / f".frame_000004.png.{pid}.partial").write_bytes(b"x")
+        write_video(path, [1], resume_frames=4)
+        kept += [f".{base}.{alive}.partial/frame_000000.png", f"{base}/.frame_000004.png.{alive}.partial"]
+    assert sorted(n for n in snapshot(tmp_path) if ".partial" in n) == sorted(kept)
+    assert_frames(path, [0, 1] if name == "frames/" else [0])
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_full_disk_keeps_the_complete_chunks_and_resumes_once_there_is_space(tmp_path, monkeypatch, name):
+    """ENOSPC at each os.pwrite (half written) and os.fsync of a chunk: OSError naming the output,
+    nothing of the chunk left (no partial PNG frame, no temporary), and a resume completes the video."""
+    path, whole = tmp_path / name, tmp_path / "whole" / name
+    whole.parent.mkdir()
+    write_video(whole, range(3))
+    writer = video_io.open_writer(str(path), FPS)
+    writer.write_chunk(chunk(0))
+    before = snapshot(tmp_path)
+    for step in itertools.count():
+        with monkeypatch.context() as patch:
+            fail_at(patch, step, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            try:
+                writer.write_chunk(chunk(1))
+                break
+            except OSError as error:
+                assert (error.errno, error.filename) == (errno.ENOSPC, str(path))
+                assert f"No space left on device: '{path}'" in str(error)
+        assert writer.frames_written == 4 and snapshot(tmp_path) == before
+        writer.close()
+        writer = video_io.open_writer(str(path), FPS, resume_frames=4)
+    assert step > 0
+    writer.write_chunk(chunk(2))
+    writer.close()
+    if name == "frames/":
+        np.testing.assert_array_equal(frames_of(path), frames_of(whole))
+    else:
+        assert path.read_bytes() == whole.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,10 +603,35 @@ def test_read_video_last_frames(tmp_path):
     want = expected(range(3))[-5:].reshape(5, -1, 3).mean(1)
     assert np.abs(colours.numpy() - want).max() < 4
     assert video_io.read_video(str(path), HEIGHT, WIDTH)[0].shape == (3, 12, HEIGHT, WIDTH)
-    with pytest.raises(ValueError, match="fewer than last_frames=13"):
+    with pytest.raises(ValueError, match="has 12 frames; 13 are needed"):
         video_io.read_video(str(path), 24, 32, last_frames=13)
+    with pytest.raises(ValueError) as error:
+        video_io.read_video(str(path), 24, 32, last_frames=13, option="--extend", needed_for="the context")
+    assert str(error.value) == f"--extend {path} has 12 frames; the context needs 13"
     with pytest.raises(ValueError, match="does not exist"):
         video_io.read_video(str(tmp_path / "missing.mp4"), 24, 32)
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match="bad.mp4"):
         video_io.read_video(str(tmp_path / "bad.mp4"), 24, 32)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "folder", "missing"])
+def test_undecodable_inputs_give_one_line_value_errors(tmp_path, kind):
+    video, image = tmp_path / "x.mp4", tmp_path / "x.png"
+    write_video(tmp_path / "good.mp4", range(2))
+    iio.imwrite(tmp_path / "good.png", np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8))
+    good_png = (tmp_path / "good.png").read_bytes()
+    content = {"garbage": (b"not a video " * 10, b"not an image " * 10), "empty": (b"", b""),
+               "truncated": ((tmp_path / "good.mp4").read_bytes()[:300], good_png[:len(good_png) // 2])}
+    for path, data in zip((video, image), content.get(kind, (None, None))):
+        if kind == "folder":
+            path.mkdir()
+        elif data is not None:
+            path.write_bytes(data)
+    for read, path, option, what in [(video_io.read_video, video, "--extend", "a video"),
+                                     (video_io.read_image, image, "--image", "an image")]:
+        with pytest.raises(ValueError) as error:
+            read(str(path), 8, 8, option=option)
+        message = str(error.value)
+        want = f"{option} {path} does not exist" if kind == "missing" else f"{option} {path}: cannot decode it as {what} ("
+        assert message.startswith(want) and "\n" not in message and "last_frames" not in message, message

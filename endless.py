@@ -1,0 +1,354 @@
+"""Endless generation as a library: the chunk loop, the state between chunks and its file.
+
+A video is made chunk after chunk; between chunks only the context (the last `context_frames`
+latents), the anchor frame, the renormalisation statistics and the random state survive, so memory
+does not grow with the length of the video. `VideoState` is all of it; with the `Settings` it is
+saved after every chunk, so a run resumes exactly. sample.py is the command line around this module.
+"""
+
+import fcntl
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import randn
+from text import PromptEmbeddings
+from video_settings import Settings, settings_from_dict
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STATE_VERSION = 2
+
+
+@dataclass
+class VideoState:
+    """What survives between chunks: small, and all that --resume needs besides the settings."""
+
+    chunk_index: int = 0  # chunks made so far (written or dropped)
+    frames_written: int = 0
+    context: torch.Tensor | None = None  # (batch, 4, context_frames, h, w), clean latents
+    anchor: torch.Tensor | None = None  # (batch, 4, 1, h, w): the first frame, with --anchor-frame
+    latent_statistics: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # count, sum, sum of squares
+    generator_state: torch.Tensor | None = None
+
+
+def prompt_weights(timeline: list[tuple[int, str]], chunk: int, transition: int) -> list[tuple[int, float]]:
+    """Which timeline entries make the embeddings of `chunk`: [(entry, weight)].
+
+    Over the `transition` chunks before an entry starts (fewer if the previous entry starts later),
+    its weight rises linearly from 1 / (transition + 1) while the previous entry's falls, so every
+    entry is pure at the chunk where it is placed.
+    """
+    current = max(index for index, (start, _) in enumerate(timeline) if start <= chunk)
+    if current + 1 < len(timeline):
+        start, next_start = timeline[current][0], timeline[current + 1][0]
+        blend = min(transition, next_start - start - 1)
+        if chunk >= next_start - blend:
+            weight = (chunk - next_start + blend + 1) / (blend + 1)
+            return [(current, 1 - weight), (current + 1, weight)]
+    return [(current, 1.0)]
+
+
+def mix_embeddings(weighted: list[tuple[PromptEmbeddings, float]]) -> PromptEmbeddings:
+    """The weighted sum of prompt embeddings, field by field (None stays None)."""
+    if len(weighted) == 1:
+        return weighted[0][0]
+    parts_by_field = zip(*(embeddings for embeddings, _ in weighted))
+    return PromptEmbeddings(
+        *(None if parts[0] is None else sum(w * p for p, (_, w) in zip(parts, weighted)) for parts in parts_by_field)
+    )
+
+
+def renormalize(latents: torch.Tensor, statistics: list[float]) -> torch.Tensor:
+    """The original's renormalisation, in constant memory.
+
+    The original normalised the whole stack of latents made so far to zero mean and unit (unbiased)
+    standard deviation after every chunk. `statistics` (count, sum, sum of squares of the
+    normalised stack) let us compute the same mean and deviation without keeping the stack; the
+    new chunk is normalised with them. Frames already written are not transformed again (the
+    original re-normalised them before its single decode at the end).
+    """
+    count, total, squares = statistics
+    count += latents.numel()
+    total += latents.double().sum().item()
+    squares += latents.double().square().sum().item()
+    mean = total / count
+    deviation = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1)) + 1e-8
+    statistics[:] = [count, (total - count * mean) / deviation, (squares - 2 * mean * total + count * mean**2) / deviation**2]
+    return (latents - mean) / deviation
+
+
+def chunk_context(state: VideoState, settings: Settings, generator) -> torch.Tensor | None:
+    """The context of the next chunk: the last frames (after the anchor frame, if kept), noised if asked."""
+    if state.context is None:
+        return None
+    context = state.context
+    if state.anchor is not None:
+        context = torch.cat([state.anchor, context[:, :, 1:]], dim=2)  # (b, 4, k, h, w)
+    if settings.context_noise > 0:
+        context = context + settings.context_noise * randn(context.shape, generator, context.device, context.dtype)
+    return context
+
+
+def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
+                     generator, latent_image=None, callback=None):
+    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each."""
+    while True:
+        weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
+        first = state.chunk_index == 0
+        latents = pipeline(
+            prompt_embeds=mix_embeddings([(embeddings[entry], weight) for entry, weight in weights]),
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            generator=generator,
+            previous_latents=chunk_context(state, settings, generator),
+            latent_image=latent_image if first else None,
+            conditioning_strength=settings.image_strength if first and latent_image is not None else 0.0,
+            output_type="latent",
+            callback=callback,
+        )
+        if settings.renormalize:
+            latents = renormalize(latents, state.latent_statistics)
+        if settings.anchor_frame and state.anchor is None:
+            state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
+        previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
+        state.context = previous[:, :, -settings.context_frames:].clone()  # (b, 4, k, h, w)
+        state.chunk_index += 1
+        yield latents
+
+
+def to_uint8_frames(video: torch.Tensor):
+    """(3, frames, H, W) in [-1, 1] -> numpy uint8 (frames, H, W, 3)."""
+    return ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def starting_point(pipeline, state: VideoState, image=None, video=None):
+    """Encode an image (first context and first chunk's start) or a video's last frames (first
+    context) into `state`; returns the latent image (1, 4, 1, h, w), or None."""
+    if image is not None:
+        latents = pipeline.vae.encode_video(image[None, :, None].to(pipeline.device, pipeline.dtype))
+        state.context = latents  # (1, 4, 1, h, w)
+        return latents
+    if video is not None:
+        state.context = pipeline.vae.encode_video(video[None].to(pipeline.device, pipeline.dtype))  # (1, 4, k, h, w)
+    return None
+
+
+# The state file: replaced atomically after every chunk.
+
+
+def state_path(out: str) -> Path:
+    """The state file of the output `out` (a file or a folder): `OUT.state.pt` next to it."""
+    return Path(str(out).rstrip("/") + ".state.pt")
+
+
+def save_state(path: Path, settings: Settings, state: VideoState, pending_output: str | None = None) -> None:
+    """Replace the state file atomically and durably: a crash or a full disk leaves the old one or
+    the new one, never half of one, and no temporary file.
+
+    pending_output: the temporary file or folder that is about to replace the output (see
+    `finish_pending_output`), recorded so that a crash between the two renames can be completed.
+    """
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    saved = {"version": STATE_VERSION, "settings": asdict(settings), "state": dict(vars(state)),
+             "pending_output": pending_output}
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(saved, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        fsync_folder(path.parent)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_state_temporaries(path: Path) -> None:
+    """Remove `STATE.PID.tmp` files left by runs that were killed while saving (their process is gone)."""
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 1 : -len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:
+    """(settings, state, pending output) from a state file; ValueError naming it if it is missing,
+    truncated, edited or of another version."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no state file {path} (it is written next to --out after every chunk)")
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise ValueError(f"--resume: the state file {path} is damaged ({type(error).__name__}); "
+                         f"start again with --overwrite") from None
+    if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+        version = saved.get("version") if isinstance(saved, dict) else None
+        raise ValueError(f"--resume: {path} has state version {version!r}, expected {STATE_VERSION}")
+    try:
+        settings = settings_from_dict(saved["settings"])
+        state = state_from_dict(saved["state"])
+        pending = saved.get("pending_output")
+        if pending is not None and not isinstance(pending, str):
+            raise TypeError("pending_output")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"--resume: the state file {path} is damaged or edited ({error})") from None
+    return settings, state, pending
+
+
+def state_from_dict(values: dict) -> VideoState:
+    """VideoState from a state file's dict, its counts and tensors checked."""
+    state = VideoState(**values)
+    if not (isinstance(state.chunk_index, int) and isinstance(state.frames_written, int)
+            and 0 <= state.frames_written and 0 <= state.chunk_index):
+        raise TypeError("chunk_index / frames_written")
+    for name in ("context", "anchor", "generator_state"):
+        value = getattr(state, name)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(name)
+    if state.chunk_index > 0 and state.context is None:
+        raise TypeError("context")
+    return state
+
+
+def finish_pending_output(pending: str | None, out: str) -> None:
+    """Complete a replacement of `out` that a crash interrupted.
+
+    A new run saves its state (naming the temporary that holds its first chunk) just before the
+    temporary replaces the old output. If the temporary is still there, the crash came between the
+    two: the temporary is the output the state file describes, so it is moved into place now.
+    """
+    if pending is not None and os.path.lexists(pending):
+        os.replace(pending, os.path.abspath(out))
+        fsync_folder(Path(os.path.abspath(out)).parent)
+
+
+# The output's lock: one run per output at a time.
+
+
+class OutputLock:
+    """An exclusive lock on an output for a whole run, as a context manager: the file `OUT.lock`,
+    locked with flock and holding its owner's process id.
+
+    The kernel releases a flock when its process ends, however it ends, so the lock of a killed run
+    never blocks the next one; the file is removed when the lock is released.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = Path(str(out).rstrip("/") + ".lock")
+        self.descriptor = None
+
+    def __enter__(self) -> "OutputLock":
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "another process"
+                os.close(descriptor)
+                raise ValueError(f"--out {self.out} is being written by process {holder} (it holds {self.path}); "
+                                 f"wait for that run to end or stop it") from None
+            try:  # the last owner may have removed the file between our open and our lock
+                if os.stat(self.path).st_ino == os.fstat(descriptor).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self.descriptor = descriptor
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.path.unlink(missing_ok=True)  # while the lock is still held
+        os.close(self.descriptor)
+
+
+# The device and the memory a chunk needs, before a model is loaded.
+
+
+def resolve_device(name: str | None) -> str:
+    """The device to run on: `name`, or cuda if there is one, else cpu; ValueError if it is not there."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def chunk_memory(settings: Settings, model_config: dict, parameter_bytes: int) -> tuple[int, int]:
+    """A rough estimate, in bytes, of (weights, activations) for making one chunk.
+
+    Activations count the feature maps alive at once: in the UNet the skip connections of every
+    level and a few working copies, for the guidance-doubled batch of frames; in the VAE decoder,
+    a few maps of each level for the frames decoded at a time. Attention runs in blocks (SDPA), so
+    it adds no quadratic term. Good to a factor of about two; meant to refuse what cannot fit.
+    """
+    element = 2 if settings.dtype in ("fp16", "bf16") else 4
+    unet, vae = model_config["unet"], model_config["vae"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    batch = (2 if settings.guidance > 1 else 1) * (settings.frames + settings.context_frames)
+    latent_pixels = (settings.height // factor) * (settings.width // factor)
+    unet_elements = sum(width * latent_pixels // 4**level * (2 * unet["layers_per_block"] + 4)
+                        for level, width in enumerate(unet["block_out_channels"])) * batch
+    vae_elements = sum(width * settings.height * settings.width // 4**level * 4
+                       for level, width in enumerate(vae["block_out_channels"])) * settings.decode_frames
+    return parameter_bytes * element // 4, (unet_elements + vae_elements) * element
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for this run on `device` (on a CPU: MemAvailable from /proc/meminfo, else all memory)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(settings: Settings, model_config: dict, parameter_bytes: int, device: str) -> None:
+    """ValueError, with the estimate and what would make it fit, if a chunk cannot fit in memory."""
+    weights, activations = chunk_memory(settings, model_config, parameter_bytes)
+    free = available_memory(device)
+    if weights + activations > free:
+        gib = lambda count: f"{count / 2**30:.1f} GiB"
+        raise ValueError(
+            f"--height {settings.height} --width {settings.width}: a chunk needs about {gib(weights + activations)} "
+            f"(weights {gib(weights)}, activations {gib(activations)}) and {device} has {gib(free)} free; "
+            f"use a smaller --height/--width, fewer --frames, --decode-frames 1, or --dtype bf16")
