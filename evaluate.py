@@ -44,7 +44,7 @@ import torch
 
 from endless import DTYPES, VideoState, generate_latents, resolve_device, to_uint8_frames
 from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
-from sample import Progress, add_chunk_options
+from sample import Progress, add_chunk_options, default_threads
 from video_settings import DEFAULT_MODEL, Settings, check_settings
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
@@ -287,6 +287,9 @@ def main(argv=None) -> dict:
     combinations = resolve_prompts(args.prompts)
     if args.seeds < 1 or args.chunks < 1:
         raise ValueError(f"--seeds and --chunks must be at least 1, got {args.seeds} and {args.chunks}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads or default_threads())
     settings = [[settings_for(args, caption(c), seed) for seed in range(args.seeds)] for c in combinations]
     first = settings[0][0]
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])

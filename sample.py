@@ -100,10 +100,13 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     """The options that shape every chunk, shared with evaluate.py. Unset (None) options take the
     model's `sample_defaults`, then Settings' defaults (`with_model_defaults`)."""
     parser.add_argument("--model", help="checkpoint folder (convert_weights.py makes one); default: the embedded baby")
-    parser.add_argument("--frames", type=int, help="frames per chunk")
-    parser.add_argument("--context-frames", type=int, help="latents of the last frames each chunk sees")
-    parser.add_argument("--steps", type=int, help="denoising steps per chunk")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (1 or less: none)")
+    parser.add_argument("--frames", type=int, help=f"frames per chunk (default: the model's, else {Settings.frames})")
+    parser.add_argument("--context-frames", type=int,
+                        help=f"latents of the last frames each chunk sees (default: the model's, else {Settings.context_frames})")
+    parser.add_argument("--steps", "--num-inference-steps", dest="steps", type=int,
+                        help=f"denoising steps per chunk (default: the model's, else {Settings.steps})")
+    parser.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float,
+                        help=f"classifier-free guidance scale, >= 0, 1 or less: none (default: the model's, else {Settings.guidance:g})")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
@@ -111,7 +114,10 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
                         help="keep the first frame in the context (default: the model's, else off)")
     parser.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
                         help="the original's latent renormalisation (default: the model's, else off)")
-    parser.add_argument("--decode-frames", type=int, help="frames the VAE decodes at a time (default 2)")
+    parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: half the cores this process may use, fewer on a busy "
+                             "machine, at least 1; more threads than idle cores make torch many times slower)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if there is one, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default fp32")
 
@@ -128,15 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--chunks", type=int, help="chunks to write (default: until Ctrl-C)")
     length.add_argument("--seconds", type=float, help="length of the video in seconds")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--fps", type=float)
-    parser.add_argument("--crf", type=int, help="H.264 quality, 0..51 (lower is better)")
+    parser.add_argument("--seed", type=int, help=f"random seed, 0 .. 2**64 - 1 (default {Settings.seed})")
+    parser.add_argument("--fps", type=float, help=f"frames per second of the output (default {Settings.fps:g})")
+    parser.add_argument("--crf", type=int, help=f"H.264 quality, 0..51, lower is better (default {Settings.crf})")
     parser.add_argument("--image", help="image-to-video: start from this image")
-    parser.add_argument("--image-strength", type=float, help="how much of --image the first chunk keeps")
+    parser.add_argument("--image-strength", type=float,
+                        help=f"how much of --image the first chunk keeps, in [0, 1] (default {Settings.image_strength})")
     parser.add_argument("--extend", help="continue this video: its last frames are the first context")
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
     parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
-    parser.add_argument("--transition", type=int, help="chunks over which timeline prompts blend")
+    parser.add_argument("--transition", type=int, help=f"chunks over which timeline prompts blend (default {Settings.transition})")
     parser.add_argument("--drop-first-chunk", action="store_true", default=None, help="drop the first chunk (made without context), as the original did")
     return parser
 
@@ -189,6 +196,15 @@ def check_device_name(device: str | None) -> None:
     kind, _, index = device.partition(":")
     if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())):
         raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")
+
+
+def default_threads() -> int:
+    """Half the cores this process may use, fewer when the machine is busy (its load average), at
+    least 1: torch's default (every core) spins threads against other work and ran the quick start
+    10 times slower on a busy 2-core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores // 2, idle))
 
 
 def check_not_an_input(out: str, settings: Settings) -> None:
@@ -273,6 +289,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
     from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config
     from video_io import check_output_path, open_writer, read_image, read_video
 
+    torch.set_num_threads(args.threads or default_threads())
     # 2. Files, before any is written: the model, the inputs, the output and its lock.
     out = args.out
     check_output_path(out)  # its format and folder, before the lock is made next to it
@@ -417,6 +434,8 @@ def main(argv=None) -> None:
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue --out) or --overwrite (replace it), not both")
     check_device_name(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = None if args.resume else settings_from_arguments(args)
     if settings is not None:
         total_chunks(args, settings)
