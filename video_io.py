@@ -229,12 +229,20 @@ class VideoWriter:
     def _place(self):
         """Rename `temporary` (after `before_placing`) to `path`, on disk."""
         if self.temporary is not None:
-            if self.before_placing is not None:
-                self.before_placing(self.temporary)
+            self._before_placing(self.temporary)
             with _naming(self.path):
                 os.replace(self.temporary, os.path.abspath(self.path))
                 self.temporary = None
                 _fsync_parent(self.path)
+
+    def _before_placing(self, temporary):
+        """Call `before_placing`; an OSError from it keeps its own filename (not the output's)."""
+        if self.before_placing is not None:
+            try:
+                self.before_placing(temporary)
+            except OSError as error:
+                error.from_caller = True
+                raise
 
     def _close(self):
         pass
@@ -396,8 +404,7 @@ class PngFolderWriter(VideoWriter):
                     f.flush()
                     os.fsync(f.fileno())
             if not self.in_place and self.temporary is None:
-                if self.before_placing is not None:
-                    self.before_placing(None)  # no single rename: the old frames go first
+                self._before_placing(None)  # no single rename: the old frames go first
                 _remove_frames(self.path, 0)  # the old video
             for temporary, final in reversed(list(zip(temporaries, finals))):
                 os.replace(temporary, final)
@@ -456,6 +463,8 @@ def _naming(path):
     try:
         yield
     except OSError as error:
+        if getattr(error, "from_caller", False):
+            raise
         raise OSError(error.errno, error.strerror or str(error), path) from error
 
 

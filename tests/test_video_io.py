@@ -479,15 +479,17 @@ def test_before_placing_sees_the_complete_first_chunk_just_before_it_is_placed(t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.pt")
     old = snapshot(tmp_path)
     writer = video_io.open_writer(str(path), FPS, before_placing=failing)
-    if name == "frames/":  # a folder that exists: its frames are renamed in one by one, not called
+    with pytest.raises(OSError) as error:
         writer.write_chunk(chunk(2))
-        writer.close()
-        assert_frames(path, [2])
-    else:
-        with pytest.raises(OSError) as error:
-            writer.write_chunk(chunk(2))
-        assert error.value.filename == "state.pt" and writer.closed and not writer.in_place
-        assert snapshot(tmp_path) == old
+    writer.close()
+    assert error.value.filename == "state.pt" and not writer.in_place
+    assert snapshot(tmp_path) == old  # a folder that exists: called with None before its old frames go
+
+    existing = []
+    with video_io.open_writer(str(path), FPS, before_placing=existing.append) as writer:
+        writer.write_chunk(chunk(3))
+    assert existing == ([None] if name == "frames/" else [str(tmp_path / f".{name.strip('/')}.{os.getpid()}.partial")])
+    assert_frames(path, [3])
 
 
 @pytest.mark.parametrize("name", OUTPUTS)
