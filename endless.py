@@ -9,14 +9,14 @@ saved after every chunk, so a run resumes exactly. sample.py is the command line
 import fcntl
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from pipeline import randn
 from text import PromptEmbeddings
-from video_settings import Settings, settings_from_dict
+from video_settings import Settings, check_settings, settings_from_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_VERSION = 2
@@ -154,12 +154,31 @@ def save_state(path: Path, settings: Settings, state: VideoState, pending_output
     pending_output: the temporary file or folder that is about to replace the output (see
     `finish_pending_output`), recorded so that a crash between the two renames can be completed.
     """
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     saved = {"version": STATE_VERSION, "settings": asdict(settings), "state": dict(vars(state)),
              "pending_output": pending_output}
+    replace_file(path, lambda file: torch.save(saved, file))
+
+
+def restore_state(path: Path, data: bytes | None) -> None:
+    """Put back the bytes a state file had before (None: there was none), atomically; if that
+    fails, remove it rather than leave a state file that describes another video."""
+    try:
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            replace_file(path, lambda file: file.write(data))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def replace_file(path: Path, write) -> None:
+    """Replace `path` with what `write(file)` writes, atomically and durably: a crash or a full disk
+    leaves the old file or the new one, never half of one, and no temporary file."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            torch.save(saved, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -213,6 +232,7 @@ def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:
         raise ValueError(f"--resume: {path} has state version {version!r}, expected {STATE_VERSION}")
     try:
         settings = settings_from_dict(saved["settings"])
+        check_settings(settings)  # its values too: an edited --guidance -1 is refused here, naming the file
         state = state_from_dict(saved["state"])
         pending = saved.get("pending_output")
         if pending is not None and not isinstance(pending, str):
@@ -224,6 +244,9 @@ def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:
 
 def state_from_dict(values: dict) -> VideoState:
     """VideoState from a state file's dict, its counts and tensors checked."""
+    names = [f.name for f in fields(VideoState)]
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        raise TypeError(f"its state does not have the fields {names}")
     state = VideoState(**values)
     if not (isinstance(state.chunk_index, int) and isinstance(state.frames_written, int)
             and 0 <= state.frames_written and 0 <= state.chunk_index):

@@ -154,8 +154,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def given_options(args: argparse.Namespace) -> set[str]:
-    """The names of the options given on the command line (not None, not an unset flag)."""
-    return {name for name, value in vars(args).items() if value not in (None, False, [])} | {"out"}
+    """The names of the options given on the command line: those whose value is not the parser's
+    default (so `--seed 0`, `--guidance 0` and `--no-anchor-frame` count: 0 and False are values)."""
+    defaults = vars(build_parser().parse_args([]))
+    return {name for name, value in vars(args).items() if value != defaults[name]} | {"out"}
 
 
 def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | None = None) -> Settings:
@@ -293,7 +295,9 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
     # 2. Files, before any is written: the model, the inputs, the output and its lock.
     out = args.out
     check_output_path(out)  # its format and folder, before the lock is made next to it
-    with endless.OutputLock(out):
+    if settings is not None:  # and that it is no input (its lock would go inside --model)
+        check_not_an_input(out, settings)
+    with endless.OutputLock(out), torch.no_grad():
         state_file = endless.state_path(out)
         endless.remove_stale_state_temporaries(state_file)
         if args.resume:
@@ -315,7 +319,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
         parameter_bytes = check_checkpoint_files(settings.model)
         check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
-        device = endless.resolve_device(settings.device)
+        settings.device = device = endless.resolve_device(settings.device)  # stored as it is run
         endless.check_memory(settings, load_checkpoint_config(settings.model), parameter_bytes, device)
         starting = state.chunk_index == 0  # a resumed run past its first chunk needs no starting point
         image = video = None
@@ -350,17 +354,18 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
         dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
         written_chunks = state.frames_written // settings.frames
         progress = Progress(chunks_to_write, written_chunks)
-        recorded = []  # what `placing` recorded
+        old_state = []  # the old output's state file (its bytes, or None), once `placing` replaced it
 
         def placing(temporary: str | None) -> None:
             """The first chunk of a new output is complete, about to replace any old output: record it
             (a crash between the two renames is finished by --resume), or, for a PNG folder whose old
             frames go one by one, drop the old state so that it never describes the new frames."""
-            recorded.append(temporary)
             if temporary is None:
                 state_file.unlink(missing_ok=True)
-            else:
-                endless.save_state(state_file, settings, state, pending_output=temporary)
+                return
+            previous = state_file.read_bytes() if state_file.is_file() else None
+            endless.save_state(state_file, settings, state, pending_output=temporary)
+            old_state.append(previous)
 
         writer = open_writer(out, settings.fps, crf=settings.crf, resume_frames=state.frames_written or None,
                              before_placing=placing)
@@ -386,8 +391,10 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
                       f"{'; the old ' + out + ' is kept' if os.path.lexists(out) else ''}", file=sys.stderr)
         finally:
             writer.close()
-            if recorded and not writer.in_place:
-                state_file.unlink(missing_ok=True)  # it names a temporary that was never placed
+            if old_state and not writer.in_place and writer.temporary is not None:
+                # The state file names a temporary that was never placed (and is gone): the old
+                # output is still there, so its state file goes back.
+                endless.restore_state(state_file, old_state[0])
     if writer.in_place:
         print(f"\n{out}: {state.frames_written} frames, {state.frames_written / settings.fps:.1f} s at {settings.fps:g} fps, "
               f"made in {format_seconds(time.time() - started)}; state in {state_file}: "

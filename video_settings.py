@@ -39,7 +39,7 @@ class Settings:
     image_strength: float = 0.5
     extend: str | None = None
     scheduler: str | None = None
-    device: str = "cpu"
+    device: str | None = None  # None: cuda if there is one, else cpu (decided when the run starts)
     dtype: str = "fp32"
     decode_frames: int = 2
 
@@ -97,6 +97,8 @@ def settings_from_dict(values: dict) -> Settings:
             if not (isinstance(value, list) and value and all(
                     len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str) for entry in value)):
                 raise TypeError("timeline")
+            if [entry[0] for entry in value] != sorted({entry[0] for entry in value}) or value[0][0] != 0:
+                raise ValueError("timeline: its chunks must be sorted, unique and start at 0")
         elif not of_type(value, f.type):
             raise TypeError(f.name)
     settings = Settings(**values)

@@ -1,7 +1,15 @@
 """train.py: it learns, it resumes exactly, DDP keeps processes identical, mode temporal trains only
-the temporal modules. Baby configs at 16x16 pixels (4x4 latents) keep every run to seconds."""
+the temporal modules; a resumed run refuses other settings, checkpoints and the model are written
+whole or not at all, Ctrl-C checkpoints. Baby configs at 16x16 pixels (4x4 latents) keep every run
+to seconds. The options themselves: test_train_options.py."""
 
+import dataclasses
+import errno
+import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +40,10 @@ def fixed_draws_loss(stage) -> float:
 
 
 def test_overfitting_one_clip_drives_the_loss_down(tmp_path):
+    # Noise prediction on whole contexts, as this test was calibrated (v-prediction falls 5x in these steps).
     config = TrainConfig(out=str(tmp_path), clips=1, vae_steps=60, steps=150, learning_rate=3e-3, vae_learning_rate=3e-3,
-                         context_drop=0.0, text_drop=0.0, context_noise_probability=0.0, **SMALL)
+                         context_drop=0.0, text_drop=0.0, context_noise_probability=0.0, prediction_type="epsilon",
+                         context_shorten=0.0, **SMALL)
     measured = {}
 
     def measure(stage):
@@ -103,7 +113,11 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
                                                 (dict(autocast="fp8"), "--autocast"), (dict(text_drop=2.0), "--text-drop"),
                                                 (dict(mode="temporal", model="missing"), "--model"),
                                                 (dict(data="missing-folder"), "--data"),
-                                                (dict(prediction_type="sample"), "--prediction-type")])
+                                                (dict(prediction_type="sample"), "--prediction-type"),
+                                                (dict(grad_clip=0.0), "--grad-clip"), (dict(size=18), "--size"),
+                                                (dict(learning_rate=float("nan")), "--learning-rate"),
+                                                (dict(steps=2.5), "--steps"), (dict(warmup_steps=-1), "--warmup-steps"),
+                                                (dict(out=__file__), "--out")])
 def test_bad_settings_name_the_option(overrides, option):
     with pytest.raises(ValueError, match=option):
         TrainConfig(**overrides)
@@ -175,3 +189,166 @@ def test_context_shorten_keeps_the_last_context_frames(tmp_path, context_frames,
     assert {context.shape[2] for context in recorder.contexts} == expected
     last = recorder.contexts[-1]  # the context of batch 11: its last frames before the chunk
     assert torch.equal(last, latents[:, :, context_frames - last.shape[2] : context_frames])
+
+
+# Resuming, checkpoint files, Ctrl-C, progress, the written model ----------------------------------
+
+TINY = dict(vae_steps=2, steps=2, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished run of 2 VAE and 2 UNet steps; tests work on copies (`copy_of`)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train.train(TrainConfig(out=str(out), **TINY))
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_resumed_run_refuses_other_settings_and_goes_on_with_more_steps(tiny_run, tmp_path, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    before = files(out)
+    with pytest.raises(ValueError, match=r"--size 16 -> 32.*--learning-rate 0.001 -> 0.002"):
+        train.train(TrainConfig(out=str(out), **{**TINY, "size": 32, "learning_rate": 2e-3}))
+    assert files(out) == before  # nothing touched: the model keeps its VAE's scaling factor
+    capsys.readouterr()
+    train.train(TrainConfig(out=str(out), **{**TINY, "steps": 4}))
+    resuming = capsys.readouterr().out.splitlines()[0]
+    assert resuming.startswith(f"resuming {out} (vae.pt at step 2, unet.pt at step 2); accepted ")
+    assert resuming.endswith(", --steps 2 -> 4")  # after --out, the run's old folder -> this copy
+    assert len(losses(out, "unet")) == 4 and json.loads((out / "train_config.json").read_text())["steps"] == 4
+
+
+def test_the_trained_model_samples_as_the_baby_does(tiny_run):
+    from video_settings import Settings
+
+    written = json.loads((tiny_run / "model" / "config.json").read_text())["sample_defaults"]
+    baby = json.loads((REPOSITORY / "models" / "baby" / "config.json").read_text())["sample_defaults"]
+    assert written == {**baby, "height": 16, "width": 16}
+    assert set(written) <= {field.name for field in dataclasses.fields(Settings)}
+    config = train.parse_config(["--out", str(tiny_run), "--sample-steps", "12", "--sample-guidance", "3",
+                                 "--no-sample-anchor-frame"])
+    assert {k: train.sample_defaults(config)[k] for k in ("steps", "guidance", "anchor_frame")} == dict(
+        steps=12, guidance=3.0, anchor_frame=False)
+
+
+def main_exit(config: TrainConfig, capsys) -> tuple[int, list[str]]:
+    """train.main(config): its exit status and the lines it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit:
+        train.main(config)
+    return exit.value.code, capsys.readouterr().err.splitlines()
+
+
+def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    config = TrainConfig(out=str(tmp_path), **{**TINY, "steps": 5, "sample_every": 2, "checkpoint_every": 100})
+
+    def ctrl_c(*args):  # Ctrl-C while the samples of step 2 are written
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C interrupted training in the middle of a step")
+
+    monkeypatch.setattr(train, "write_samples", ctrl_c)
+    status, lines = main_exit(config, capsys)
+    assert status == 130
+    assert lines[-1] == f"stopped at unet step 2/5, saved in {tmp_path / 'unet.pt'}; run the same command to resume"
+    assert torch.load(tmp_path / "unet.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    train.train(config)
+    assert len(losses(tmp_path, "unet")) == 5 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checkpoints_and_the_model_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        events.append(("replace", str(Path(source).resolve()), str(Path(target).resolve())))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    out = tmp_path.resolve() / "run"
+    train.train(TrainConfig(out=str(out), **TINY))
+    synced = lambda until: {event[1] for event in events[:until] if event[0] == "fsync"}  # noqa: E731
+    for name in ("vae.pt", "unet.pt", "train_config.json", "model"):
+        renames = [i for i, event in enumerate(events) if event[0] == "replace" and event[2] == str(out / name)]
+        assert renames, name
+        for index in renames:
+            temporary = Path(events[index][1])
+            files_in = {str(temporary / path) for path in files(out / name)} if name == "model" else {str(temporary)}
+            assert files_in <= synced(index), name
+        assert str(out) in synced(len(events))  # the folder that holds the new name
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_model_and_says_which_file(tiny_run, tmp_path, monkeypatch, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    before = files(out)
+    save = torch.save
+
+    def full_disk(state, file):
+        save(state, file)  # half of it reaches the disk
+        file.truncate(file.tell() // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and str(out / "unet.pt") in lines[0] and "No space left" in lines[0]
+    assert files(out)["unet.pt"] == before["unet.pt"] and not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+
+    def full_disk_in_the_model(pipeline, folder, **settings):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "unet.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "unet.safetensors"))
+
+    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "save_pretrained", full_disk_in_the_model)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    assert status == 1 and "No space left" in lines[-1] and "unet.safetensors" in lines[-1], lines
+    model = {name: data for name, data in files(out).items() if name.startswith("model/")}
+    assert model == {name: data for name, data in before.items() if name.startswith("model/")}
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith("model")) == ["model"]
+
+
+@pytest.mark.parametrize("damage, named", [("truncate unet.pt", "unet.pt"), ("garbage vae.pt", "vae.pt"),
+                                           ("remove vae.pt", "unet.pt")])
+def test_a_broken_checkpoint_is_named_before_any_work(tiny_run, tmp_path, capsys, damage, named):
+    out = copy_of(tiny_run, tmp_path)
+    action, name = damage.split()
+    if action == "truncate":
+        (out / name).write_bytes((out / name).read_bytes()[:5000])
+    elif action == "garbage":
+        (out / name).write_bytes(b"not a checkpoint\n" * 100)
+    else:
+        (out / name).unlink()
+    before = files(out)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / named}"), lines
+    assert files(out) == before
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_live_line_in_a_terminal_and_a_line_per_interval_otherwise():
+    for stream in (io.StringIO(), Terminal()):
+        progress = train.Progress("unet", 0, 5, 2, stream)
+        for step in range(1, 6):
+            progress.update(step, 0.5, 1e-3)
+        kept = [line.split("\r")[-1].strip() for line in stream.getvalue().split("\n") if line]  # as a terminal shows
+        assert [line.split(" loss")[0] for line in kept] == [f"unet step {step}/5" for step in (2, 4, 5)]
+        assert all(line.endswith(" left") and " spent, " in line for line in kept)
+        assert stream.getvalue().count("\r") == (5 if stream.isatty() else 0)

@@ -1,0 +1,145 @@
+"""train.py's options: help, defaults and choices generated from TrainConfig; every bad option as one
+line before torch is even imported; a run resumed in the same --out keeps its stored settings and
+refuses changes that would alter what it trains. No training here: runs' settings are written as
+the train_config.json a run leaves."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from train import TrainConfig
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# Runs train.py as `python train.py ...` does, then says whether torch was imported by then.
+RUN_TRAIN = """import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+def run_train(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN_TRAIN, *options], cwd=REPOSITORY, capture_output=True, text=True,
+                          timeout=120)
+
+
+def store_run(out: Path, **settings) -> TrainConfig:
+    """A run's folder as train.py leaves it before its first checkpoint: only train_config.json."""
+    config = TrainConfig(out=str(out), **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    return config
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_shows_each_settings_help_default_and_choices_from_the_dataclass():
+    result = run_train("--help")
+    assert result.returncode == 0 and result.stderr.strip() == "torch not imported", result.stderr
+    text = flat(result.stdout)
+    for field in dataclasses.fields(TrainConfig):
+        assert flat(f"{field.metadata['help']} (default: {train.shown(field.default)})") in text, field.name
+        assert train.option_name(field.name) in text
+        if train.literal_choices(field):
+            assert "{" + ",".join(train.literal_choices(field)) + "}" in text, field.name
+    assert "--no-sample-anchor-frame" in text and "cosine decay to 10%" in text
+
+
+def test_every_setting_has_help_and_says_what_a_resumed_run_may_do_with_it():
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help"), field.name
+        assert field.metadata.get("resume") in (train.FIXED, train.EXTEND, train.FREE), field.name
+
+
+def test_the_defaults_are_the_recipe_of_the_shipped_baby():
+    # README, "How the baby was made"; --threads 1 there suits that busy machine, not every one.
+    recipe = dict(mode="baby", batch_size=16, steps=9000, vae_steps=1500, prediction_type="v_prediction",
+                  context_drop=0.3, context_shorten=0.5, sample_every=3000, checkpoint_every=250, log_every=100)
+    assert {name: getattr(TrainConfig(), name) for name in recipe} == recipe
+    baby = json.loads((REPOSITORY / "models" / "baby" / "config.json").read_text())["sample_defaults"]
+    assert train.sample_defaults(TrainConfig()) == baby
+
+
+def test_the_choices_are_those_the_modules_take():
+    from scheduler import PREDICTION_TYPES
+
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    assert train.literal_choices(fields["prediction_type"]) == PREDICTION_TYPES
+    assert train.literal_choices(fields["autocast"]) == tuple(train.AUTOCAST_DTYPES)
+
+
+@pytest.mark.parametrize("options, option", [
+    (["--grad-clip", "0"], "--grad-clip"), (["--grad-clip", "-1"], "--grad-clip"),
+    (["--learning-rate", "0"], "--learning-rate"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--vae-learning-rate", "inf"], "--vae-learning-rate"), (["--context-noise", "nan"], "--context-noise"),
+    (["--weight-decay", "-inf"], "--weight-decay"), (["--size", "18"], "--size"), (["--steps", "0"], "--steps"),
+    (["--vae-steps", "0"], "--vae-steps"), (["--batch-size", "-2"], "--batch-size"), (["--clips", "-1"], "--clips"),
+    (["--warmup-steps", "-1"], "--warmup-steps"), (["--sample-steps", "0"], "--sample-steps"),
+    (["--sample-guidance", "-1"], "--sample-guidance"), (["--text-drop", "1.5"], "--text-drop"),
+    (["--steps", "seven"], "--steps"), (["--mode", "video"], "--mode"), (["--device", "gpu"], "--device"),
+    (["--mode", "temporal", "--model", "missing"], "--model"),
+])
+def test_a_bad_option_is_one_line_before_anything_is_imported_or_written(tmp_path, options, option):
+    result = run_train("--out", str(tmp_path / "run"), *options)
+    assert result.returncode == 2, result.stderr
+    error, marker = result.stderr.splitlines()
+    assert error.startswith("error: ") and option in error and marker == "torch not imported", result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_size_must_fit_the_vae_of_the_checkpoint_in_mode_temporal(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vae": {"block_out_channels": [128, 256, 512, 512]}}))
+    TrainConfig(mode="temporal", model=str(tmp_path), size=64)
+    with pytest.raises(ValueError, match=r"--size must be a multiple of 8 .* got 36"):
+        TrainConfig(mode="temporal", model=str(tmp_path), size=36)
+
+
+def test_options_not_given_take_the_values_of_the_run_in_out(tmp_path):
+    stored = store_run(tmp_path, prediction_type="epsilon", context_drop=0.1, context_shorten=0.0, steps=7,
+                       sample_guidance=3.0, gradient_checkpointing=True)
+    assert train.parse_config(["--out", str(tmp_path)]) == stored  # resumes as it was started, not as the defaults
+    assert train.parse_config(["--out", str(tmp_path), "--steps", "9"]) == dataclasses.replace(stored, steps=9)
+    assert train.parse_config(["--out", str(tmp_path / "new")]).prediction_type == "v_prediction"
+
+
+def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
+    stored = store_run(tmp_path, size=16, steps=10, vae_steps=5)
+    extended = dataclasses.replace(stored, steps=20, vae_steps=6, log_every=7, threads=2, device="cpu",
+                                   gradient_checkpointing=True, sample_guidance=4.0)
+    assert train.resume_changes(extended) == [
+        "--steps 10 -> 20", "--gradient-checkpointing off -> on", "--vae-steps 5 -> 6", "--log-every 100 -> 7",
+        "--threads 0 -> 2", "--device auto -> cpu", "--sample-guidance 2.0 -> 4.0"]
+    refused = dict(size=32, learning_rate=0.01, prediction_type="epsilon", context_shorten=0.0, seed=1,
+                   batch_size=4, autocast="bf16", steps=9)
+    with pytest.raises(ValueError) as error:
+        train.resume_changes(dataclasses.replace(stored, **refused))
+    message = str(error.value)
+    for change in ("--size 16 -> 32", "--learning-rate 0.001 -> 0.01", "--prediction-type v_prediction -> epsilon",
+                   "--context-shorten 0.5 -> 0.0", "--seed 0 -> 1", "--batch-size 16 -> 4", "--autocast none -> bf16",
+                   "--steps 10 -> 9 (it may only increase)"):
+        assert change in message
+    assert "\n" not in message
+    (tmp_path / "unet.pt").touch()  # the UNet stage has begun on the VAE of step 5
+    with pytest.raises(ValueError, match=r"--vae-steps 5 -> 6 \(the UNet stage has begun\)"):
+        train.resume_changes(dataclasses.replace(stored, vae_steps=6))
+
+
+def test_the_command_line_refuses_to_change_a_run_before_importing_torch(tmp_path):
+    store_run(tmp_path, size=16, steps=1, vae_steps=1)
+    before = (tmp_path / "train_config.json").read_text()
+    result = run_train("--out", str(tmp_path), "--size", "32", "--learning-rate", "0.01", "--steps", "1",
+                       "--vae-steps", "1", "--threads", "1")
+    assert result.returncode == 2, result.stderr
+    error, marker = result.stderr.splitlines()
+    assert "--size 16 -> 32" in error and "--learning-rate 0.001 -> 0.01" in error and marker == "torch not imported"
+    assert (tmp_path / "train_config.json").read_text() == before and sorted(tmp_path.iterdir()) == [
+        tmp_path / "train_config.json"]
