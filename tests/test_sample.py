@@ -24,6 +24,7 @@ from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
 from endless import VideoState, generate_latents, mix_embeddings, prompt_weights, state_path
 from video_settings import Settings
 from tiny_pipeline import tiny_video_pipeline
+from vae import AutoencoderKL
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SIZE = ["--height", "32", "--width", "48"]  # latents 4 x 6
@@ -254,3 +255,13 @@ def test_model_defaults_apply_and_the_command_line_overrides_them(tmp_path):
     given = sample.with_model_defaults(sample.parse_arguments(
         ["--model", str(folder), "--prompt", "a", "--no-anchor-frame", "--guidance", "5", "--renormalize"]), config)
     assert (given.anchor_frame, given.guidance, given.renormalize) == (False, 5.0, True)
+
+
+def test_the_run_builds_no_autograd_graph(model, tmp_path, monkeypatch):
+    """Without it the VAE decode kept every activation for a backward pass: 2.7 GB instead of 1 GB at 512x512."""
+    grad_enabled = []
+    decode = AutoencoderKL.decode_video
+    monkeypatch.setattr(AutoencoderKL, "decode_video",
+                        lambda self, *a, **kw: grad_enabled.append(torch.is_grad_enabled()) or decode(self, *a, **kw))
+    run(model, tmp_path / "video.mp4", "--prompt", "a red circle", "--chunks", "2")
+    assert grad_enabled == [False, False]
