@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -461,6 +462,7 @@ def write_error_message(error: OSError) -> str:
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source line
     try:
         main()
     except ValueError as error:
