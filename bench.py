@@ -42,22 +42,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import world
+from endless import DTYPES
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
-from text import TextEncoder
+from text import TextEncoder, clip_tokenizers
 from vae import AutoencoderKL, VAEConfig
 
-try:  # the reference; a test-only dependency, needed only by unet_vs_diffusers
+try:  # the reference, a test-only dependency, and its builder in tests/: needed only by unet_vs_diffusers
     from diffusers import UNet2DConditionModel
+
+    from tests.diffusers_oracle import diffusers_unet
 except ImportError:
-    UNet2DConditionModel = None
+    UNet2DConditionModel = diffusers_unet = None
 
 REPOSITORY = Path(__file__).resolve().parent
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
 CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
 GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a red circle moving left"
 
 
@@ -105,33 +107,14 @@ def bench_vae_config() -> VAEConfig:
     return VAEConfig(block_out_channels=(32, 64, 128, 128))
 
 
-def diffusers_unet(config: UNetConfig):
-    """diffusers' UNet2DConditionModel with the spatial layers of `config` (the tests use it too)."""
-    depths = config.transformer_layers_per_block
-    return UNet2DConditionModel(
-        sample_size=config.sample_size,
-        block_out_channels=config.block_out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
-        layers_per_block=config.layers_per_block,
-        transformer_layers_per_block=tuple(max(d, 1) for d in depths),
-        attention_head_dim=tuple(c // config.head_dim for c in config.block_out_channels),  # heads
-        cross_attention_dim=config.cross_attention_dim,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=config.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=config.pooled_text_dim + 6 * config.addition_time_embed_dim,
-        norm_num_groups=config.norm_num_groups,
-        norm_eps=config.norm_eps,
-        use_linear_projection=True,
-    )
+def tokenizers(folder: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's pair of CLIP tokenizers (77 tokens; the second pads with "!") of the world's words."""
+    return clip_tokenizers(world.write_tokenizer_files(folder), 77)
 
 
 def text_encoder(widths: tuple[int, int], layers: tuple[int, int], projection: int, folder: Path) -> TextEncoder:
     """Two random CLIP text encoders (77 tokens, 64-channel heads) and a tokenizer of the world's words."""
-    tokenizer_folder = world.write_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, local_files_only=True)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, pad_token="!",
-                                                local_files_only=True)
+    tokenizer, tokenizer_2 = tokenizers(folder)
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     encoders = [
@@ -144,10 +127,7 @@ def text_encoder(widths: tuple[int, int], layers: tuple[int, int], projection: i
 
 def sdxl_text_encoder(folder: Path) -> TextEncoder:
     """SDXL's two text encoders from configs/sdxl-base-1.0 with random weights (our tokenizer)."""
-    tokenizer_folder = world.write_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, local_files_only=True)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77, pad_token="!",
-                                                local_files_only=True)
+    tokenizer, tokenizer_2 = tokenizers(folder)
     configs = [CLIPTextConfig.from_pretrained(SDXL / name) for name in ("text_encoder", "text_encoder_2")]
     return TextEncoder(tokenizer, tokenizer_2, CLIPTextModel(configs[0]), CLIPTextModelWithProjection(configs[1]))
 

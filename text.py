@@ -45,6 +45,15 @@ def as_prompt_list(prompt, name):
     raise ValueError(f"{name} must be a str or a non-empty list of str, got {prompt!r}")
 
 
+def clip_tokenizers(folder, max_length: int) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's pair of CLIP tokenizers from one folder of vocab.json and merges.txt, offline: the
+    first pads with <|endoftext|>, the second with "!", as SDXL's do."""
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, pad_token="!",
+                                                local_files_only=True)
+    return tokenizer, tokenizer_2
+
+
 def tokenize(tokenizer, prompts):
     """Token ids (batch, model_max_length), padded with the tokenizer's own pad token.
 

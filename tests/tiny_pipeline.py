@@ -1,16 +1,17 @@
 """A tiny SDXL pipeline in diffusers and the same weights in ours, built offline in a second.
 
 The diffusers side is the oracle: `diffusers_tiny_pipeline` builds a `StableDiffusionXLPipeline`
-with random (perturbed) weights, and `ours_from_diffusers` loads its state dicts into our modules.
+with random (perturbed) weights (its UNet and VAE from diffusers_oracle.py), and `ours_from_diffusers`
+loads its state dicts into our modules.
 """
 
 import dataclasses
 
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-from bench import diffusers_unet  # shared with the benchmark; the model and converter tests use it from here
+# re-exported: test_model, test_vae and test_convert_weights import the oracles from here
+from diffusers_oracle import diffusers_unet, diffusers_vae  # noqa: F401
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
@@ -28,22 +29,6 @@ def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
         for parameter in module.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
     return module.eval()
-
-
-def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
-    levels = len(config.block_out_channels)
-    return DiffusersAutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        latent_channels=config.latent_channels,
-        scaling_factor=config.scaling_factor,
-        force_upcast=config.force_upcast,
-    )
 
 
 def diffusers_tiny_pipeline(folder, scheduler_config: SchedulerConfig, seed: int = 0) -> StableDiffusionXLPipeline:

@@ -5,21 +5,17 @@ words; "!" has id 0, as in SDXL's second tokenizer, which pads with it.
 """
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import world
+from text import clip_tokenizers
 
 WORDS = "a photo of red blue green circle square moving left right slowly".split()
 
 
 def tiny_tokenizers(folder, max_length=16):
     """Two CLIP tokenizers like SDXL's: the first pads with <|endoftext|>, the second with "!"."""
-    folder = world.write_tokenizer_files(folder, WORDS)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, local_files_only=True)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(
-        folder, model_max_length=max_length, pad_token="!", local_files_only=True
-    )
-    return tokenizer, tokenizer_2
+    return clip_tokenizers(world.write_tokenizer_files(folder, WORDS), max_length)
 
 
 def tiny_text_encoders(tokenizer, max_length=16, seed=0):
