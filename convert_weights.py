@@ -47,7 +47,6 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from model import NUM_TIME_IDS, UNet, UNetConfig
-from temporal import TemporalConditionerTransformer, TemporalTransformer
 from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
 from text import SUBFOLDERS, TextEncoder
@@ -576,9 +575,7 @@ def add_fresh_temporal_modules(unet: UNet, dtype: torch.dtype) -> None:
     """Freshly initialised temporal modules (zero output projections) in place of the meta ones."""
     with torch.random.fork_rng():
         torch.manual_seed(FRESH_SEED)
-        for name, module in list(unet.named_modules()):
-            if isinstance(module, (TemporalTransformer, TemporalConditionerTransformer)):
-                unet.set_submodule(name, type(module)(module.proj_in.in_features, unet.config).to(dtype))
+        unet.add_fresh_temporal_modules(dtype)
 
 
 def restore_position_ids(model: nn.Module) -> None:

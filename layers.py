@@ -3,11 +3,12 @@
 Spatial layers see frames folded into the batch, `(batch * frames, channels, height, width)`;
 temporal layers see positions folded into the batch, `(batch * height * width, frames, channels)`.
 The helpers below are the only places where those folds are made and undone. `Conditioning` is
-what every UNet block gets besides its input.
+what every UNet block gets besides its input; `ChunkCache` is what the steps of one chunk share.
 Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +23,7 @@ class Conditioning(NamedTuple):
     text: torch.Tensor  # (batch, tokens, cross_attention_dim), shared by the frames of each video
     num_frames: int
     previous_latents: torch.Tensor | None  # (context_batch, in_channels, context_frames, H, W)
-    cache: dict | None = None  # what depends only on the text and the context, kept for a chunk's steps
-
-
-def once_per_chunk(cond: Conditioning, module: nn.Module, compute):
-    """compute(), or what it returned for `module` at an earlier step of the chunk, kept in
-    `cond.cache` (keyed by the module's id, which torch.compile can guard on)."""
-    if cond.cache is None:
-        return compute()
-    if id(module) not in cond.cache:
-        cond.cache[id(module)] = compute()
-    return cond.cache[id(module)]
+    chunk: "ChunkCache | None" = None  # what the chunk's steps share; None: blocks compute it themselves
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
@@ -124,6 +115,44 @@ class KeysValues(NamedTuple):
 
     keys: torch.Tensor
     values: torch.Tensor
+
+
+class CrossKeysValues(NamedTuple):
+    """A TransformerBlock's keys and values of the context, for each of its two attentions (None for
+    one that attends to its own input, or that the block lacks)."""
+
+    attn1: KeysValues | None
+    attn2: KeysValues | None
+
+
+@dataclass
+class ChunkCache:
+    """What the steps of one chunk share: everything that depends only on the prompt (text, pooled
+    text, time_ids) and the context (previous_latents), never on the noisy sample or the timestep.
+
+    Built once per chunk by `UNet.prepare_chunk`, given to `UNet.forward(..., cache=)` at every step.
+    - `added_embedding`: (batch, time_embed_dim), the pooled text and time_ids through `add_embedding`;
+    - `text[spatial_transformer]`: per transformer block, its `CrossKeysValues` of the text;
+    - `context[conditioner]`: what the conditioner computes from the context alone (its
+      `prepare_context`; for `TemporalConditionerTransformer`, each block's `CrossKeysValues` of the
+      encoded context); empty without a context;
+    - `sizes` and `sources`: the (batch, height, width) and the very tensors (text, pooled text,
+      time_ids, context) it was built for, which `check` holds a step's inputs against.
+    """
+
+    added_embedding: torch.Tensor
+    text: dict[nn.Module, list[CrossKeysValues]]
+    context: dict[nn.Module, Any]
+    sizes: tuple[int, int, int]
+    sources: tuple[torch.Tensor | None, ...]
+
+    def check(self, sizes: tuple[int, int, int], dtype: torch.dtype, sources: tuple[torch.Tensor | None, ...]) -> None:
+        """ValueError unless `sizes` and the sample's `dtype` are the same and `sources` the same
+        tensors (not equal ones)."""
+        same_sources = all(a is b for a, b in zip(self.sources, sources))
+        if self.sizes != sizes or self.added_embedding.dtype != dtype or not same_sources:
+            raise ValueError("cache holds what was computed for other text, time_ids, context, sizes or dtype: "
+                             "prepare a new one for each chunk")
 
 
 class Attention(nn.Module):
@@ -242,21 +271,21 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def keys_values(self, context: torch.Tensor) -> list[KeysValues | None]:
-        """The keys and values of the attentions that attend to `context` (None for a self-attention),
-        for `forward` to reuse while the context is fixed (the steps of a chunk)."""
+    def cross_keys_values(self, context: torch.Tensor) -> CrossKeysValues:
+        """The keys and values of `context` for the attentions that attend to it, for `forward` to
+        reuse while the context is fixed (the steps of a chunk)."""
         attends = [self.only_cross_attention, self.attn2 is not None and not self.double_self_attention]
         attentions = [self.attn1, self.attn2]
-        return [a.keys_values(context) if attending else None for a, attending in zip(attentions, attends)]
+        return CrossKeysValues(*[a.keys_values(context) if on else None for a, on in zip(attentions, attends)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | list | None = None) -> torch.Tensor:
-        """x: (batch, tokens, dim); context: (batch, context_tokens, context_dim), its
-        `keys_values`, or None. The residual adds go in place into fresh attention and feed-forward
-        outputs (linear layers keep only their inputs for backward)."""
-        contexts = self.keys_values(context) if isinstance(context, torch.Tensor) else context or [None, None]
-        x = self.attn1(self.norm1(x), contexts[0]).add_(x)
+    def forward(self, x: torch.Tensor, context: CrossKeysValues | None = None) -> torch.Tensor:
+        """x: (batch, tokens, dim); context: `cross_keys_values` of the context, or None for a block
+        whose attentions all attend to x. The residual adds go in place into fresh attention and
+        feed-forward outputs (linear layers keep only their inputs for backward)."""
+        context = context or CrossKeysValues(None, None)
+        x = self.attn1(self.norm1(x), context.attn1).add_(x)
         if self.attn2 is not None:
-            x = self.attn2(self.norm2(x), contexts[1]).add_(x)
+            x = self.attn2(self.norm2(x), context.attn2).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
 

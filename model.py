@@ -7,6 +7,8 @@ positions into the batch to look across the chunk's frames and at the context.
 Spatial module names are diffusers', so an SDXL UNet state dict loads with a strict
 `load_state_dict`; a freshly built model has zero output projections in its temporal modules and
 so computes exactly what SDXL computes frame by frame (with per-frame GroupNorm).
+What depends only on the prompt and the context is made once per chunk by `UNet.prepare_chunk`
+(a `ChunkCache`, layers.py) and given to every step's `forward(..., cache=)`.
 """
 
 import math
@@ -19,18 +21,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from layers import (
+    ChunkCache,
     Conditioning,
+    CrossKeysValues,
     Downsample,
     GroupNorm,
     ResnetBlock,
     TransformerBlock,
     Upsample,
     fold_frames,
-    once_per_chunk,
     repeat_per_frame,
     unfold_frames,
 )
-from temporal import TemporalConditionerTransformer, TemporalTransformer
+from temporal import CONDITIONERS, TemporalTransformer, make_conditioner
 
 GROUPNORM_SCOPES = ("frame", "chunk")
 NUM_TIME_IDS = 6  # original height and width, crop top and left, target height and width
@@ -45,9 +48,11 @@ class UNetConfig:
     `transformer_layers_per_block[level]` is the spatial transformer depth; 0 means no attention
     (and no temporal modules) at that level. The mid block uses the last level's depth.
     `temporal_layers` is the number of transformer blocks in each temporal transformer (0 builds
-    no temporal modules at all: plain SDXL); `conditioner_layers` and `conditioner_dim` (D) shape
-    each conditioner. `groupnorm_scope` is "frame" (SDXL exact) or "chunk" (statistics across the
-    chunk's frames, as the original video weights were trained).
+    no temporal modules at all: plain SDXL); `conditioner` names the conditioner's class in
+    temporal.CONDITIONERS ("transformer": the original one, the default for configs saved before
+    the field), and `conditioner_layers` and `conditioner_dim` (D) shape each conditioner.
+    `groupnorm_scope` is "frame" (SDXL exact) or "chunk" (statistics across the chunk's frames,
+    as the original video weights were trained).
     """
 
     in_channels: int = 4
@@ -66,6 +71,7 @@ class UNetConfig:
     temporal_double_self_attention: bool = True
     conditioner_layers: int = 1
     conditioner_dim: int = 2560
+    conditioner: str = "transformer"
     groupnorm_scope: str = "frame"
 
     def __post_init__(self):
@@ -80,6 +86,8 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.{field.name} must hold non-negative integers, got {value!r}")
         if self.groupnorm_scope not in GROUPNORM_SCOPES:
             raise ValueError(f"UNetConfig.groupnorm_scope must be one of {GROUPNORM_SCOPES}, got {self.groupnorm_scope!r}")
+        if self.conditioner not in CONDITIONERS:
+            raise ValueError(f"UNetConfig.conditioner must be one of {tuple(CONDITIONERS)}, got {self.conditioner!r}")
         if not self.block_out_channels or 0 in self.block_out_channels:
             raise ValueError(f"UNetConfig.block_out_channels must be positive widths, got {self.block_out_channels}")
         if len(self.transformer_layers_per_block) != len(self.block_out_channels):
@@ -170,20 +178,27 @@ class SpatialTransformer(nn.Module):
         height, width = x.shape[-2:]
         tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")
         tokens = self.proj_in(tokens)
-        text = once_per_chunk(cond, self, lambda: [block.keys_values(cond.text) for block in self.transformer_blocks])
+        text = self.text_keys_values(cond.text) if cond.chunk is None else cond.chunk.text[self]
         for block, keys_values in zip(self.transformer_blocks, text):
             tokens = block(tokens, keys_values)
         tokens = self.proj_out(tokens)
         return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # in x's memory format
 
+    def text_keys_values(self, text: torch.Tensor) -> list[CrossKeysValues]:
+        """text: (batch, tokens, cross_attention_dim) -> every block's keys and values of it."""
+        return [block.cross_keys_values(text) for block in self.transformer_blocks]
 
-def make_layer(channels: int, depth: int, config: UNetConfig) -> dict[str, nn.Module]:
-    """The attention modules that follow one resnet at an attention level, keyed by list name."""
-    layer = {"attentions": SpatialTransformer(channels, depth, config)}
-    if config.temporal_layers:
-        layer["temp_attentions"] = TemporalTransformer(channels, config)
-        layer["temp_cond_attentions"] = TemporalConditionerTransformer(channels, config)
-    return layer
+
+# The temporal modules that follow every spatial transformer: list name -> factory(channels, config).
+TEMPORAL_MODULES = {"temp_attentions": TemporalTransformer, "temp_cond_attentions": make_conditioner}
+
+
+def make_temporal_modules(channels: int, config: UNetConfig) -> dict[str, nn.Module]:
+    """Fresh temporal modules that follow one spatial transformer, keyed by list name (none
+    without `config.temporal_layers`)."""
+    if not config.temporal_layers:
+        return {}
+    return {name: make(channels, config) for name, make in TEMPORAL_MODULES.items()}
 
 
 class UNetLevel(nn.Module):
@@ -204,17 +219,21 @@ class UNetLevel(nn.Module):
             )
             for channels in in_channels
         )
-        layers = [make_layer(out_channels, depth, config) for _ in in_channels] if depth else []
-        for name in layers[0] if layers else ():
-            setattr(self, name, nn.ModuleList(layer[name] for layer in layers))
-        if sampler == "down":
-            self.downsamplers = nn.ModuleList([Downsample(out_channels)])
-        if sampler == "up":
-            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
+        # One entry per resnet at an attention level (depth > 0), empty lists elsewhere.
+        self.attentions = nn.ModuleList()  # SpatialTransformer
+        self.temp_attentions = nn.ModuleList()  # TemporalTransformer
+        self.temp_cond_attentions = nn.ModuleList()  # the conditioner
+        for _ in in_channels if depth else ():
+            self.attentions.append(SpatialTransformer(out_channels, depth, config))
+            for name, module in make_temporal_modules(out_channels, config).items():
+                getattr(self, name).append(module)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if sampler == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if sampler == "up" else None
 
     def attention_modules(self, index: int) -> list[nn.Module]:
-        names = ("attentions", "temp_attentions", "temp_cond_attentions")
-        return [getattr(self, name)[index] for name in names if hasattr(self, name)]
+        """What follows resnet `index`: spatial transformer, temporal transformer, conditioner (those there are)."""
+        lists = (self.attentions, self.temp_attentions, self.temp_cond_attentions)
+        return [modules[index] for modules in lists if len(modules)]
 
     def forward(self, x, cond: Conditioning, skips: tuple[torch.Tensor, ...] = (), upsample_size=None):
         """x: (batch * frames, channels, h, w); `skips`: a decoder level's skips, one per resnet,
@@ -228,10 +247,10 @@ class UNetLevel(nn.Module):
             for module in self.attention_modules(index):
                 x = module(x, cond)
             made.append(x)
-        if hasattr(self, "downsamplers"):
+        if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             made.append(x)
-        if hasattr(self, "upsamplers"):
+        if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x, made
 
@@ -246,12 +265,15 @@ class UNetMidBlock(nn.Module):
             ResnetBlock(channels, channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, across_frames)
             for _ in range(2)
         )
-        for name, module in make_layer(channels, depth, config).items():
-            setattr(self, name, nn.ModuleList([module]))
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, depth, config)])
+        self.temp_attentions = nn.ModuleList()  # one TemporalTransformer, or none without temporal layers
+        self.temp_cond_attentions = nn.ModuleList()  # one conditioner, or none
+        for name, module in make_temporal_modules(channels, config).items():
+            getattr(self, name).append(module)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = self.resnets[0](x, cond.time_embedding, cond.num_frames)
-        if hasattr(self, "temp_cond_attentions"):
+        if len(self.temp_cond_attentions):
             x = self.temp_cond_attentions[0](x, cond)
             x = self.temp_attentions[0](x, cond)
         x = self.attentions[0](x, cond)
@@ -301,6 +323,22 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(config.norm_num_groups, widths[0], config.norm_eps, across_frames)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
+    def levels(self) -> list[tuple[nn.Module, int]]:
+        """Every level with the index of its resolution (0: the input's), in module order:
+        the encoder's, the mid block, the decoder's."""
+        top = len(self.down_blocks) - 1
+        return [*((block, level) for level, block in enumerate(self.down_blocks)), (self.mid_block, top),
+                *((block, top - index) for index, block in enumerate(self.up_blocks))]
+
+    def add_fresh_temporal_modules(self, dtype: torch.dtype | None = None) -> None:
+        """Freshly built temporal modules (zero output projections) in place of the present ones,
+        made in module order by the factories __init__ uses (TEMPORAL_MODULES)."""
+        for block, level in self.levels():
+            for name, make in TEMPORAL_MODULES.items():
+                modules = getattr(block, name)
+                for index in range(len(modules)):
+                    modules[index] = make(self.config.block_out_channels[level], self.config).to(dtype)
+
     def temporal_parameters(self) -> list[nn.Parameter]:
         """The parameters of the temporal modules (what video training trains)."""
         return [p for name, p in self.named_parameters() if ".temp_" in name]
@@ -346,22 +384,52 @@ class UNet(nn.Module):
         added = torch.cat([text_embeds, time_ids_embedding.to(text_embeds.dtype)], dim=-1).to(dtype)
         return self.add_embedding(added)
 
-    def check_cache(self, cache: dict, sample, encoder_hidden_states, text_embeds, time_ids, previous_latents):
-        """ValueError unless `cache` was filled (if at all) for these conditions and sizes."""
-        sizes = (sample.shape[0], *sample.shape[3:])  # batch, h, w
-        sources = (sizes, encoder_hidden_states, text_embeds, time_ids, previous_latents)
-        held = cache.setdefault("sources", sources)
-        if held[0] != sizes or any(a is not b for a, b in zip(held[1:], sources[1:])):
-            raise ValueError("cache holds what was computed for other text, time_ids, context or sizes: "
-                             "give a new dict for each chunk")
-
     def uses_channels_last(self, device: torch.device) -> bool:
         """Never under autograd: PyTorch 2.13's CPU GroupNorm backward crashes (segfault) on a
         channels-last input that needs no gradient while its weight does (temporal training)."""
         wanted = device.type == "cpu" if self.channels_last is None else self.channels_last
         return wanted and not torch.is_grad_enabled()
 
-    def run(self, module: nn.Module, *args):
+    def level_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (h, w) of every resolution level for an input of (height, width): stride-2, padding-1
+        downsamplers make ceil(h / 2), and the decoder returns to the encoder's sizes."""
+        sizes = [(height, width)]
+        for _ in self.down_blocks[1:]:
+            sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+        return sizes
+
+    def prepare_chunk(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        previous_latents: torch.Tensor | None,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+    ) -> ChunkCache:
+        """What every step of a chunk of (height, width) latents in `dtype` shares, for `forward`'s
+        `cache`: the added embedding, the keys and values of every attention to the text and of
+        every conditioner's attention to the encoded context. The inputs are `forward`'s; give the
+        same tensors at every step of the chunk."""
+        batch = encoder_hidden_states.shape[0]
+        text = {m: m.text_keys_values(encoder_hidden_states) for m in self.modules() if isinstance(m, SpatialTransformer)}
+        context = {}
+        if previous_latents is not None:
+            sizes = self.level_sizes(height, width)
+            for block, level in self.levels():
+                for conditioner in block.temp_cond_attentions:
+                    context[conditioner] = conditioner.prepare_context(previous_latents, batch, *sizes[level])
+        return ChunkCache(
+            added_embedding=self.embed_added(text_embeds, time_ids, dtype),
+            text=text,
+            context=context,
+            sizes=(batch, height, width),
+            sources=(encoder_hidden_states, text_embeds, time_ids, previous_latents),
+        )
+
+    def checkpointed(self, module: nn.Module, *args):
+        """module(*args), through gradient checkpointing when it is on and autograd is recording."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
@@ -374,7 +442,7 @@ class UNet(nn.Module):
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
         previous_latents: torch.Tensor | None = None,
-        cache: dict | None = None,
+        cache: ChunkCache | dict | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a chunk of video latents.
 
@@ -382,19 +450,26 @@ class UNet(nn.Module):
         encoder_hidden_states: (batch, tokens, cross_attention_dim); text_embeds: (batch,
         pooled_text_dim); time_ids: (batch, 6); previous_latents: the context, (batch or a
         divisor of it, in_channels, context_frames, H, W), or None.
-        cache: a dict the caller keeps over the steps of one chunk, when the text, pooled text,
-        time_ids and context stay the same tensors: at the first step it is filled with what
-        depends on them alone (the added embedding of the pooled text and time_ids, the keys and
-        values of every attention to the text or to the encoded context), later steps reuse it.
-        Give a new dict for each chunk; a filled one given other inputs raises ValueError.
+        cache: what `prepare_chunk` made for these text, pooled text, time_ids and context tensors
+        and sizes, to reuse at every step of a chunk (other inputs raise ValueError); None: computed
+        here. A dict (deprecated, for callers of the older API) is filled with a `ChunkCache`'s
+        fields at the first step and read back at the others: give a new one for each chunk.
         Returns (batch, out_channels, frames, h, w).
         """
         self.check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, previous_latents)
+        batch, _, num_frames, height, width = sample.shape
+        if isinstance(cache, dict):
+            if not cache:
+                cache.update(vars(self.prepare_chunk(
+                    encoder_hidden_states, text_embeds, time_ids, previous_latents, height, width, sample.dtype)))
+            cache = ChunkCache(**cache)
         if cache is not None:
-            self.check_cache(cache, sample, encoder_hidden_states, text_embeds, time_ids, previous_latents)
-        batch, _, num_frames = sample.shape[:3]
+            cache.check((batch, height, width), sample.dtype, (encoder_hidden_states, text_embeds, time_ids, previous_latents))
         cond = Conditioning(None, encoder_hidden_states, num_frames, previous_latents, cache)
-        added = once_per_chunk(cond, self, lambda: self.embed_added(text_embeds, time_ids, sample.dtype))
+        if cache is None:
+            added = self.embed_added(text_embeds, time_ids, sample.dtype)
+        else:
+            added = cache.added_embedding
         time_embedding = self.embed_time(timestep, batch, sample.dtype, sample.device) + added
         cond = cond._replace(time_embedding=repeat_per_frame(time_embedding, num_frames))  # (b*f, time_embed_dim)
 
@@ -404,13 +479,13 @@ class UNet(nn.Module):
         x = self.conv_in(x)  # (b*f, c0, h, w)
         skips = [x]
         for block in self.down_blocks:
-            x, made = self.run(block, x, cond)
+            x, made = self.checkpointed(block, x, cond)
             skips += made
-        x = self.run(self.mid_block, x, cond)
+        x = self.checkpointed(self.mid_block, x, cond)
         for block in self.up_blocks:
             count = len(block.resnets)
             block_skips, skips = tuple(skips[-count:][::-1]), skips[:-count]  # nearest skip first
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None  # forced when h, w are odd
-            x, _ = self.run(block, x, cond, block_skips, upsample_size)
+            x, _ = self.checkpointed(block, x, cond, block_skips, upsample_size)
         x = self.conv_out(F.silu(self.conv_norm_out(x, num_frames)))
         return unfold_frames(x, num_frames)  # (b, out_channels, f, h, w)

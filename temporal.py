@@ -7,6 +7,11 @@ batch, `(batch * height * width, frames, channels)`:
   the context, the clean latents of the last frames already made (`previous_latents`).
 Built fresh, each has a zero output projection, so it returns its input until trained.
 SEED_FORMAT.md has the maths each one follows.
+
+The conditioner is chosen by `UNetConfig.conditioner`, a name in `CONDITIONERS`. Another one is a
+class here plus an entry there: built as `cls(channels, config)`, it has `forward(x, cond)` and
+`prepare_context(previous_latents, batch, height, width)`, what it computes from the context alone,
+which `UNet.prepare_chunk` keeps for a chunk's steps in `cond.chunk.context[module]`.
 """
 
 from typing import TYPE_CHECKING
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from layers import Conditioning, GroupNorm, TransformerBlock, frames_to_tokens, once_per_chunk, tokens_to_frames
+from layers import Conditioning, CrossKeysValues, GroupNorm, TransformerBlock, frames_to_tokens, tokens_to_frames
 
 if TYPE_CHECKING:
     from model import UNetConfig
@@ -118,16 +123,28 @@ class TemporalConditionerTransformer(nn.Module):
             return x
         height, width = x.shape[-2:]
         batch = x.shape[0] // cond.num_frames
-        context = once_per_chunk(cond, self, lambda: self.keys_values(cond.previous_latents, batch, height, width))
+        if cond.chunk is None:
+            context = self.prepare_context(cond.previous_latents, batch, height, width)
+        else:
+            context = cond.chunk.context[self]
         tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
         positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
         tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])
         for block, keys_values in zip(self.transformer_blocks, context):
+            assert keys_values.attn1.keys.shape[0] == tokens.shape[0], "context prepared for other sizes"
             tokens = block(tokens, keys_values)
         return x + tokens_to_frames(self.proj_out(tokens), height, width)
 
-    def keys_values(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list:
-        """The keys and values of every block's attentions to the encoded context: what the
-        conditioner computes from the context alone, once per chunk."""
+    def prepare_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list[CrossKeysValues]:
+        """Every block's keys and values of the encoded context: what the conditioner computes
+        from the context alone, once per chunk."""
         context = self.encode_context(previous_latents, batch, height, width)  # (b*h*w, k, D)
-        return [block.keys_values(context) for block in self.transformer_blocks]
+        return [block.cross_keys_values(context) for block in self.transformer_blocks]
+
+
+CONDITIONERS = {"transformer": TemporalConditionerTransformer}  # UNetConfig.conditioner -> class
+
+
+def make_conditioner(channels: int, config: "UNetConfig") -> nn.Module:
+    """The conditioner that `config.conditioner` names, for a level of `channels` channels."""
+    return CONDITIONERS[config.conditioner](channels, config)

@@ -3,6 +3,8 @@
 - A freshly built video UNet (zero temporal output projections, per-frame GroupNorm) equals
   diffusers applied frame by frame, for several batch shapes and an odd latent size.
 - The SDXL preset covers every key of diffusers' SDXL UNet, with the same shapes.
+- A chunk prepared once (`UNet.prepare_chunk`) gives every step exactly the uncached output; the
+  conditioner is the class `UNetConfig.conditioner` names in temporal.CONDITIONERS.
 - The temporal modules compute what SEED_FORMAT.md says, written out here independently with
   explicit softmax, and the whole UNet reproduces the outputs the original code computed for the
   tiny model in tests/fixtures/original-video-unet-tiny (a copy of ../shared/fixtures).
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from layers import Conditioning
 from model import UNet, UNetConfig
+import temporal
 from temporal import TemporalConditionerTransformer, TemporalTransformer
 from tiny_pipeline import diffusers_unet, perturbed
 
@@ -353,8 +356,67 @@ def test_bad_inputs_name_the_argument(change, argument):
         (dict(head_dim=0), "head_dim"),
         (dict(temporal_layers=-1), "temporal_layers"),
         (dict(layers_per_block=1.5), "layers_per_block"),
+        (dict(conditioner="linear"), "conditioner"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         UNetConfig.tiny(**overrides)
+
+
+@pytest.mark.parametrize("context_batch", [None, 1, 2])
+@torch.no_grad()
+def test_a_prepared_chunk_gives_the_uncached_outputs(context_batch):
+    unet = UNet(UNetConfig.tiny(groupnorm_scope="chunk"))
+    randomise(unet)
+    inputs = random_inputs(unet.config, 2, 3, 13, 11)  # odd sizes: the decoder's levels are forced
+    context = None if context_batch is None else torch.randn(context_batch, 4, 2, 13, 11)
+    fixed = {name: inputs[name] for name in ("encoder_hidden_states", "text_embeds", "time_ids")}
+    chunk = unet.prepare_chunk(**fixed, previous_latents=context, height=13, width=11, dtype=torch.float32)
+    assert len(chunk.text) == 1 + 1 + 1 + 2 + 2  # spatial transformers: down at levels 1, 2, mid, up at 2, 1
+    assert len(chunk.context) == (0 if context is None else len(chunk.text))
+    for timestep in (900.0, 500.0):
+        step = {**inputs, "timestep": torch.tensor(timestep), "previous_latents": context}
+        assert torch.equal(unet(**step, cache=chunk), unet(**step))
+    with pytest.raises(ValueError, match="cache holds what was computed for other"):
+        unet(**{**inputs, "text_embeds": inputs["text_embeds"].clone()}, previous_latents=context, cache=chunk)
+
+
+def test_levels_declare_their_module_lists():
+    unet = UNet(UNetConfig.tiny())
+    top = unet.down_blocks[0]  # no attention at level 0: empty lists, no key in the state dict
+    assert len(top.attentions) == len(top.temp_attentions) == len(top.temp_cond_attentions) == 0
+    assert top.upsamplers is None and top.downsamplers is not None
+    assert unet.down_blocks[-1].downsamplers is None and unet.up_blocks[-1].upsamplers is None
+    assert not any(key.startswith("down_blocks.0.attentions") for key in unet.state_dict())
+    image = UNet(UNetConfig.tiny(temporal_layers=0))
+    assert not any(".temp_" in key for key in image.state_dict())
+
+
+class CheaperConditioner(torch.nn.Module):
+    """A conditioner with nothing to prepare: its input plus a learnt bias, given a context."""
+
+    def __init__(self, channels, config):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(channels))
+
+    def prepare_context(self, previous_latents, batch, height, width):
+        return None
+
+    def forward(self, x, cond):
+        return x if cond.previous_latents is None else x + self.bias[:, None, None]
+
+
+@torch.no_grad()
+def test_the_conditioner_is_the_class_the_config_names(monkeypatch):
+    monkeypatch.setitem(temporal.CONDITIONERS, "cheaper", CheaperConditioner)
+    unet = UNet(UNetConfig.tiny(conditioner="cheaper"))
+    conditioners = [m for block, _ in unet.levels() for m in block.temp_cond_attentions]
+    assert len(conditioners) == 7 and all(isinstance(m, CheaperConditioner) for m in conditioners)
+    inputs = random_inputs(unet.config, 1, 2, 8, 8)
+    unet(**inputs, previous_latents=torch.randn(1, 4, 2, 8, 8))
+    unet.add_fresh_temporal_modules()  # what convert_weights.py builds fresh, through the same factory
+    assert all(isinstance(m, CheaperConditioner) for block, _ in unet.levels() for m in block.temp_cond_attentions)
+    saved = UNetConfig.tiny().to_dict()
+    del saved["conditioner"]  # a config saved before the field existed
+    assert UNetConfig(**saved).conditioner == "transformer"
