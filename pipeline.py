@@ -61,6 +61,17 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
 
 
+def micro_conditioning(batch_size: int, height: int, width: int, original_size: tuple[int, int] | None = None,
+                       crop_top_left: tuple[int, int] = (0, 0), dtype=torch.float32, device=None) -> torch.Tensor:
+    """SDXL's micro-conditioning (diffusers' `add_time_ids`), the same in training and sampling:
+    (original height, original width, crop top, crop left, target height, target width) for
+    frames of height x width pixels, by default neither resized (original = target) nor
+    cropped. Returns (batch_size, 6) in `dtype` on `device`."""
+    original_height, original_width = (height, width) if original_size is None else original_size
+    values = torch.tensor([original_height, original_width, *crop_top_left, height, width], dtype=dtype, device=device)
+    return values.repeat(batch_size, 1)  # (batch, 6)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a file; ValueError naming the file if it is missing, not JSON or not an object."""
     if not path.is_file():
@@ -304,11 +315,6 @@ class StableDiffusionXLVideoPipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(self.device, self.dtype)
 
-    def time_ids(self, batch_size: int, height: int, width: int) -> torch.Tensor:
-        """SDXL micro-conditioning (original size, crop top-left, target size): (batch, 6)."""
-        values = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype, device=self.device)
-        return values.repeat(batch_size, 1)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -342,6 +348,28 @@ class StableDiffusionXLVideoPipeline:
         (batch, 3, frames, H, W) for "pt"; (batch, frames, H, W, 3) float for "np"; lists of PIL
         images for "pil".
         """
+        # 0. Checks: a bad argument is a ValueError naming it, before any work.
+        height, width = self.check_inputs(height, width, num_frames, output_type, conditioning_strength, generator,
+                                          latents)
+        do_classifier_free_guidance = guidance_scale > 1.0
+        # 1. Text: embeddings once per call (or given), as the guidance batch [negative, positive].
+        batch_size, text, pooled = self.guidance_batch(prompt, negative_prompt, prompt_embeds,
+                                                       do_classifier_free_guidance)
+        time_ids = micro_conditioning(text.shape[0], height, width, dtype=self.dtype, device=self.device)
+        # 2. Timesteps and starting latents: noise, or latent_image noised to the first kept step.
+        scheduler = DPMSolverMultistepScheduler(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self.prepare_latents(batch_size, num_frames, height, width, generator, latents)
+        timesteps, latents = self.starting_point(scheduler, latents, latent_image, conditioning_strength)
+        # 3. Denoising loop.
+        latents = self.denoise(scheduler, timesteps, latents, text, pooled, time_ids, previous_latents,
+                               guidance_scale, generator, callback)
+        # 4. Output.
+        return self.decode_output(latents, output_type)
+
+    def check_inputs(self, height, width, num_frames, output_type, conditioning_strength, generator, latents):
+        """`__call__`'s phase 0: ValueError naming a bad argument; returns (height, width), the
+        UNet's default size where None."""
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -355,9 +383,11 @@ class StableDiffusionXLVideoPipeline:
         stochastic = self.scheduler_config.algorithm_type == "sde-dpmsolver++"
         if generator is None and (stochastic or latents is None):
             raise ValueError("generator is needed for the starting noise and the SDE noise (never the global RNG)")
-        do_classifier_free_guidance = guidance_scale > 1.0
+        return height, width
 
-        # 1. Text: embeddings once per call (or given), then the guidance batch [negative, positive].
+    def guidance_batch(self, prompt, negative_prompt, prompt_embeds, do_classifier_free_guidance):
+        """`__call__`'s phase 1: (batch_size, text (b or 2b, tokens, dim), pooled (b or 2b, pooled_dim)),
+        the negatives first under guidance; the prompt is encoded unless `prompt_embeds` is given."""
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("give prompt or prompt_embeds")
@@ -369,28 +399,32 @@ class StableDiffusionXLVideoPipeline:
         if do_classifier_free_guidance:
             text = torch.cat([prompt_embeds.negative_prompt_embeds, text])  # (2b, tokens, dim)
             pooled = torch.cat([prompt_embeds.negative_pooled_prompt_embeds, pooled])  # (2b, pooled_dim)
-        time_ids = self.time_ids(text.shape[0], height, width)
+        return batch_size, text, pooled
 
-        # 2. Timesteps and starting latents.
-        scheduler = DPMSolverMultistepScheduler(self.scheduler_config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+    def starting_point(self, scheduler, noise, latent_image, conditioning_strength):
+        """`__call__`'s phase 2: (timesteps to run, starting latents). From `noise` (batch, 4,
+        frames, h, w) over the whole schedule; or, with a latent_image and conditioning_strength s
+        > 0, from the image noised to the step after the first round(s * steps) (the image itself
+        when every step is skipped)."""
         timesteps = scheduler.timesteps
-        latents = self.prepare_latents(batch_size, num_frames, height, width, generator, latents)
-        if latent_image is not None and conditioning_strength > 0:
-            skipped = round(conditioning_strength * num_inference_steps)
-            start = latent_image.to(self.device, self.dtype).expand_as(latents)
-            if skipped == num_inference_steps:
-                timesteps, latents = timesteps[:0], start
-            else:
-                timesteps = timesteps[skipped:]
-                latents = scheduler.add_noise(start, latents, timesteps[:1].expand(batch_size))
-        else:
-            latents = latents * scheduler.init_noise_sigma
+        if latent_image is None or conditioning_strength == 0:
+            return timesteps, noise * scheduler.init_noise_sigma
+        skipped = round(conditioning_strength * len(timesteps))
+        start = latent_image.to(self.device, self.dtype).expand_as(noise)
+        if skipped == len(timesteps):
+            return timesteps[:0], start
+        timesteps = timesteps[skipped:]
+        return timesteps, scheduler.add_noise(start, noise, timesteps[:1].expand(noise.shape[0]))
+
+    def denoise(self, scheduler, timesteps, latents, text, pooled, time_ids, previous_latents, guidance_scale,
+                generator, callback=None):
+        """`__call__`'s phase 3: one UNet call (on the guidance batch) and one scheduler step per
+        timestep; returns the denoised latents. What depends only on the text and the context is
+        computed at the first step and kept in `cache` for the others."""
+        do_classifier_free_guidance = guidance_scale > 1.0
+        stochastic = scheduler.config.algorithm_type == "sde-dpmsolver++"
         if previous_latents is not None:
             previous_latents = previous_latents.to(self.device, self.dtype)
-
-        # 3. Denoising loop. What depends only on the text and the context is computed at the first
-        # step and kept in `cache` for the others.
         cache = {}
         for index, timestep in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
@@ -403,7 +437,10 @@ class StableDiffusionXLVideoPipeline:
             latents = scheduler.step(noise_pred, timestep, latents, noise=noise)
             if callback is not None:
                 callback(index + 1, len(timesteps))
+        return latents
 
+    def decode_output(self, latents, output_type):
+        """`__call__`'s phase 4: the latents as `output_type` says (see `__call__`)."""
         if output_type == "latent":
             return latents
         video = (self.vae.decode_video(latents) / 2 + 0.5).clamp(0, 1).float()  # (b, 3, f, H, W)

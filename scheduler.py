@@ -283,16 +283,41 @@ class DPMSolverMultistepScheduler:
         self._step_index = index + 1
         return new_sample.to(original_dtype)
 
+    def _training_coefficients(self, timesteps, like):
+        """(alpha_t, std_t) at each training timestep, shaped (batch, 1, ...) to broadcast over `like`
+        and in its device and dtype; ValueError for a timestep outside [0, num_train_timesteps)."""
+        timesteps, steps = torch.as_tensor(timesteps).cpu(), self.config.num_train_timesteps
+        if timesteps.is_floating_point() or timesteps.min() < 0 or timesteps.max() >= steps:
+            raise ValueError(f"timesteps must be integers in [0, {steps}), got {timesteps.tolist()}")
+        alphas_cumprod = self.alphas_cumprod[timesteps].reshape(-1, *[1] * (like.dim() - 1))  # (batch, 1, ...)
+        alpha = alphas_cumprod.sqrt().to(like.device, like.dtype)
+        std = (1 - alphas_cumprod).sqrt().to(like.device, like.dtype)
+        return alpha, std
+
     def add_noise(self, original, noise, timesteps):
         """Noise clean samples to training timesteps: alpha_t * original + std_t * noise.
 
         original, noise: (batch, ...); timesteps: int tensor (batch,) or scalar, each in
-        [0, num_train_timesteps). Returns original's shape and dtype.
+        [0, num_train_timesteps). Returns original's shape and dtype. Equals diffusers'
+        `DDPMScheduler.add_noise`.
         """
-        timesteps, steps = torch.as_tensor(timesteps).cpu(), self.config.num_train_timesteps
-        if timesteps.is_floating_point() or timesteps.min() < 0 or timesteps.max() >= steps:
-            raise ValueError(f"timesteps must be integers in [0, {steps}), got {timesteps.tolist()}")
-        alphas_cumprod = self.alphas_cumprod[timesteps].reshape(-1, *[1] * (original.dim() - 1))
-        alpha = alphas_cumprod.sqrt().to(original.device, original.dtype)
-        std = (1 - alphas_cumprod).sqrt().to(original.device, original.dtype)
+        alpha, std = self._training_coefficients(timesteps, original)
         return alpha * original + std * noise
+
+    def velocity(self, sample, noise, timesteps):
+        """The v of v-prediction (Salimans & Ho, 2022, arXiv:2202.00512): alpha_t * noise - std_t * sample.
+
+        Arguments as `add_noise`'s (`sample` is the clean sample). Equals diffusers'
+        `DDPMScheduler.get_velocity`.
+        """
+        alpha, std = self._training_coefficients(timesteps, sample)
+        return alpha * noise - std * sample
+
+    def training_target(self, sample, noise, timesteps, prediction_type=None):
+        """What the model learns to output for `add_noise(sample, noise, timesteps)`: the noise
+        (epsilon) or `velocity` (v_prediction); `prediction_type` defaults to the config's."""
+        prediction_type = self.config.prediction_type if prediction_type is None else prediction_type
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if prediction_type == "epsilon":
+            return noise
+        return self.velocity(sample, noise, timesteps)

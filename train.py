@@ -41,12 +41,16 @@ EXTEND = "extend"  # it may grow (more steps): the run goes on
 FREE = "free"  # logging, speed, the machine, the sample defaults written with the model: it may change
 BABY_VAE_CHANNELS = (16, 32, 32)  # baby_configs' VAE: three levels, so it downsamples by 4
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
+# Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
+RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
 
 
-def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None):
+def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None, aliases=()):
     """A TrainConfig field: its default, its --help text, what a resumed run may do with it (FIXED,
-    EXTEND or FREE), and the range its value must be in (`above`: strictly greater)."""
-    metadata = {"help": help, "resume": resume, "minimum": minimum, "maximum": maximum, "above": above}
+    EXTEND or FREE), the range its value must be in (`above`: strictly greater), and other option
+    names it answers to (old names, e.g. "--steps")."""
+    metadata = {"help": help, "resume": resume, "minimum": minimum, "maximum": maximum, "above": above,
+                "aliases": aliases}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -65,7 +69,8 @@ class TrainConfig:
     size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
     frame_stride: int = setting(1, "video folders: keep every n-th frame", FIXED, minimum=1)
     context_frames: int = setting(2, "clean frames before each chunk", FIXED, minimum=1)
-    chunk_frames: int = setting(4, "noised frames of each chunk", FIXED, minimum=1)
+    frames: int = setting(4, "noised frames of each chunk, after its context frames (as sample.py's --frames)", FIXED,
+                          minimum=1, aliases=("--chunk-frames",))
     context_drop: float = setting(0.3, "probability that a batch has no context", FIXED, minimum=0, maximum=1)
     context_shorten: float = setting(
         0.5, "probability that a batch keeps only its last 1 .. k-1 context frames (--image gives 1)", FIXED,
@@ -79,7 +84,7 @@ class TrainConfig:
         "v_prediction", "what the UNet predicts, in mode baby (mode temporal keeps its checkpoint's)", FIXED)
     batch_size: int = setting(16, "clips per step and process", FIXED, minimum=1)
     gradient_accumulation: int = setting(1, "micro-batches per step", FIXED, minimum=1)
-    steps: int = setting(9000, "steps of the UNet stage", EXTEND, minimum=1)
+    unet_steps: int = setting(9000, "steps of the UNet stage", EXTEND, minimum=1, aliases=("--steps",))
     learning_rate: float = setting(1e-3, "peak learning rate of the UNet stage", FIXED, above=0)
     warmup_steps: int = setting(200, "steps of linear warm-up of each stage, then a cosine decay to 10%", FIXED,
                                 minimum=0)
@@ -205,23 +210,28 @@ def make_parser() -> argparse.ArgumentParser:
                            argument_default=argparse.SUPPRESS)
     for field in dataclasses.fields(TrainConfig):
         help = f"{field.metadata['help']} (default: {shown(field.default)})".replace("%", "%%")
+        names = (option_name(field.name), *field.metadata["aliases"])
         if field.type is bool:
-            parser.add_argument(option_name(field.name), action=argparse.BooleanOptionalAction, help=help)
+            parser.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, help=help)
         else:
             choices = literal_choices(field) or None
-            parser.add_argument(option_name(field.name), type=str if choices else field.type, choices=choices,
+            parser.add_argument(*names, dest=field.name, type=str if choices else field.type, choices=choices,
                                 help=help)
     return parser
 
 
 def stored_settings(out: Path) -> dict | None:
-    """The settings of the run in `out` (its train_config.json; fields TrainConfig no longer has
-    left out), or None when it holds no run."""
+    """The settings of the run in `out` (its train_config.json; an old name under its new one, as
+    RENAMED_SETTINGS says; fields TrainConfig no longer has left out), or None when it holds no run."""
     path = out / "train_config.json"
     if not path.exists():
         return None
+    values = read_json_object(path)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in values and new not in values:
+            values[new] = values.pop(old)
     names = {field.name for field in dataclasses.fields(TrainConfig)}
-    return {name: value for name, value in read_json_object(path).items() if name in names}
+    return {name: value for name, value in values.items() if name in names}
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -235,7 +245,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 def resume_changes(config: TrainConfig) -> list[str]:
     """The settings of `config` that differ from those of the run already in its --out, as
-    "--steps 9000 -> 12000", when all of them only extend the run (EXTEND and FREE fields); a
+    "--unet-steps 9000 -> 12000", when all of them only extend the run (EXTEND and FREE fields); a
     ValueError naming every one that would change its result. Fields the stored run lacks (added
     since) are not compared. --vae-steps may grow only until the UNet stage has begun."""
     out = Path(config.out)
@@ -287,8 +297,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import world
 from endless import VideoState, generate_latents, to_uint8_frames
 from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline, fsync, fsync_tree, writing
-from scheduler import SchedulerConfig, make_alphas_cumprod, make_betas
+from pipeline import StableDiffusionXLVideoPipeline, fsync, fsync_tree, micro_conditioning, writing
+from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
 from text import TextEncoder
 from vae import AutoencoderKL, VAEConfig
 from video_io import open_writer, read_video
@@ -360,10 +370,10 @@ def read_captions(folder: Path) -> dict[Path, str]:
 
 def make_data(config: TrainConfig):
     """The run's clips: the shapes world or a folder of videos (ValueError if it holds none)."""
-    frames = config.context_frames + config.chunk_frames
+    clip_frames = config.context_frames + config.frames
     if config.data == "shapes":
-        return ShapesData(config.size, frames, config.seed, config.clips)
-    return VideoFolder(config.data, config.size, frames, config.frame_stride, config.seed)
+        return ShapesData(config.size, clip_frames, config.seed, config.clips)
+    return VideoFolder(config.data, config.size, clip_frames, config.frame_stride, config.seed)
 
 
 def batch_of(data, step: int, batch_size: int, rank: int, world_size: int):
@@ -638,9 +648,10 @@ def vae_loss(data, config: TrainConfig, rank: int, world_size: int, latent_shape
 
 def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, rank: int, world_size: int):
     """The denoising loss on the chunk frames, conditioned on the clean (or noised, or no) context: the
-    model predicts the noise, or v = alpha * noise - sigma * latents, as its scheduler's prediction_type says."""
+    model predicts the noise, or v = alpha * noise - sigma * latents, as its scheduler's prediction_type says
+    (`DPMSolverMultistepScheduler.add_noise` and `.training_target`, in float32)."""
     device = pipeline.device
-    alphas_cumprod = make_alphas_cumprod(make_betas(pipeline.scheduler_config)).to(device)
+    scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
     train_steps = pipeline.scheduler_config.num_train_timesteps
     k = config.context_frames
 
@@ -663,12 +674,10 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
                 context = context + config.context_noise * torch.randn(context.shape, generator=generator).to(context)
         timesteps = torch.randint(0, train_steps, (batch,), generator=generator)
         noise = torch.randn(chunk.shape, generator=generator).to(chunk)
-        alpha = alphas_cumprod[timesteps.to(device)].sqrt()[:, None, None, None, None]
-        sigma = (1 - alphas_cumprod[timesteps.to(device)]).sqrt()[:, None, None, None, None]
-        noisy = alpha * chunk + sigma * noise
-        target = noise if pipeline.scheduler_config.prediction_type == "epsilon" else alpha * noise - sigma * chunk
-        size = config.size
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=text.dtype, device=text.device).repeat(batch, 1)
+        chunk, noise = chunk.float(), noise.float()  # (b, 4, f, h, w), the noising and target in float32
+        noisy = scheduler.add_noise(chunk, noise, timesteps)
+        target = scheduler.training_target(chunk, noise, timesteps)
+        time_ids = micro_conditioning(batch, config.size, config.size, dtype=text.dtype, device=text.device)
         prediction = unet(noisy, timesteps.to(device), text, pooled, time_ids, context)
         return F.mse_loss(prediction.float(), target.float())
 
@@ -678,7 +687,7 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
 def sample_defaults(config: TrainConfig) -> dict:
     """How sample.py makes videos with the trained model (its config.json's `sample_defaults`), and
     how write_samples makes the training samples."""
-    return {"height": config.size, "width": config.size, "frames": config.chunk_frames,
+    return {"height": config.size, "width": config.size, "frames": config.frames,
             "context_frames": config.context_frames, "steps": config.sample_steps,
             "guidance": config.sample_guidance, "anchor_frame": config.sample_anchor_frame}
 
@@ -706,7 +715,8 @@ def save_model(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) ->
     (save_pretrained), then put in the place of the old one (`replace_folder`)."""
     folder = Path(config.out) / "model"
     temporary = folder.with_name("model.tmp")
-    provenance = {"trained_by": "train.py", "mode": config.mode, "data": config.data, "steps": config.steps}
+    provenance = {"trained_by": "train.py", "mode": config.mode, "data": config.data,
+                  "unet_steps": config.unet_steps}
     try:
         with writing(folder):
             shutil.rmtree(temporary, ignore_errors=True)  # left by a save that was killed
@@ -795,7 +805,7 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
 
     unet = pipeline.unet.train()
     trained = [p for p in unet.parameters() if p.requires_grad]
-    stage = Stage("unet", unet, trained, unet_loss(pipeline, data, config, rank, world_size), config.steps,
+    stage = Stage("unet", unet, trained, unet_loss(pipeline, data, config, rank, world_size), config.unet_steps,
                   config.learning_rate, config, distributed)
     stage.load()
 

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline import StableDiffusionXLVideoPipeline
+from pipeline import StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
 from tiny_pipeline import diffusers_tiny_pipeline, ours_from_diffusers
 
@@ -115,3 +115,13 @@ def test_bad_input_names_the_argument(pipelines, arguments, name):
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         StableDiffusionXLVideoPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("original_size, crop_top_left", [(None, (0, 0)), ((128, 96), (8, 0))])
+def test_micro_conditioning_equals_diffusers_add_time_ids(pipelines, original_size, crop_top_left):
+    reference, _ = pipelines["sde"]
+    expected = reference._get_add_time_ids(
+        original_size or (HEIGHT, WIDTH), crop_top_left, (HEIGHT, WIDTH), dtype=torch.float32,
+        text_encoder_projection_dim=reference.text_encoder_2.config.projection_dim).repeat(3, 1)  # (3, 6)
+    ours = micro_conditioning(3, HEIGHT, WIDTH, original_size=original_size, crop_top_left=crop_top_left)
+    assert ours.dtype == torch.float32 and torch.equal(ours, expected)

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from diffusers import DPMSolverMultistepScheduler as DiffusersScheduler
 
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
@@ -127,6 +128,27 @@ def test_add_noise_equals_diffusers():
     assert (ours.add_noise(original, noise, timesteps) - expected).abs().max() <= 1e-6
     assert (ours.add_noise(original, noise, timesteps[0]) - theirs.add_noise(original, noise, timesteps[:1])
             ).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("preset", [SchedulerConfig.sdxl_base, SchedulerConfig.video_model])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_noise_and_target_equal_diffusers_ddpm(preset, prediction_type):
+    """add_noise, velocity and training_target against DDPMScheduler (what diffusers' training
+    scripts use), at timesteps over the whole training range, ends included."""
+    config = dataclasses.replace(preset(), prediction_type=prediction_type)
+    ours, theirs = DPMSolverMultistepScheduler(config), DDPMScheduler.from_config(config.to_dict())
+    generator = torch.Generator().manual_seed(0)
+    sample, noise = torch.randn(SAMPLE_SHAPE, generator=generator), torch.randn(SAMPLE_SHAPE, generator=generator)
+    for timesteps in (torch.tensor([0, 999]), torch.tensor([1, 500]), torch.randint(1000, (2,), generator=generator)):
+        noisy, velocity = theirs.add_noise(sample, noise, timesteps), theirs.get_velocity(sample, noise, timesteps)
+        assert (ours.add_noise(sample, noise, timesteps) - noisy).abs().max() <= 1e-6
+        assert (ours.velocity(sample, noise, timesteps) - velocity).abs().max() <= 1e-6
+        expected = noise if prediction_type == "epsilon" else velocity
+        assert (ours.training_target(sample, noise, timesteps) - expected).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="timesteps"):
+        ours.velocity(sample, noise, torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="prediction_type"):
+        ours.training_target(sample, noise, torch.tensor([0, 1]), "sample")
 
 
 def test_returns_the_sample_dtype_and_scale_model_input_is_identity():

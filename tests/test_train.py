@@ -41,7 +41,8 @@ def fixed_draws_loss(stage) -> float:
 
 def test_overfitting_one_clip_drives_the_loss_down(tmp_path):
     # Noise prediction on whole contexts, as this test was calibrated (v-prediction falls 5x in these steps).
-    config = TrainConfig(out=str(tmp_path), clips=1, vae_steps=60, steps=150, learning_rate=3e-3, vae_learning_rate=3e-3,
+    config = TrainConfig(out=str(tmp_path), clips=1, vae_steps=60, unet_steps=150, learning_rate=3e-3,
+                         vae_learning_rate=3e-3,
                          context_drop=0.0, text_drop=0.0, context_noise_probability=0.0, prediction_type="epsilon",
                          context_shorten=0.0, **SMALL)
     measured = {}
@@ -60,7 +61,7 @@ class Interrupted(Exception):
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
-    settings = dict(vae_steps=4, steps=6, checkpoint_every=3, **SMALL)
+    settings = dict(vae_steps=4, unet_steps=6, checkpoint_every=3, **SMALL)
     train.train(TrainConfig(out=str(tmp_path / "straight"), **settings))
 
     def interrupt(stage):
@@ -84,7 +85,7 @@ def test_two_processes_under_torchrun_end_identical(tmp_path):
         "import sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {str(REPOSITORY)!r})\n"
         "import train\n"
-        f"config = train.TrainConfig(out={str(tmp_path / 'out')!r}, vae_steps=2, steps=3, **{SMALL!r})\n"
+        f"config = train.TrainConfig(out={str(tmp_path / 'out')!r}, vae_steps=2, unet_steps=3, **{SMALL!r})\n"
         "pipeline = train.train(config)\n"
         f"torch.save(pipeline.unet.state_dict(), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')\n"
     )
@@ -100,7 +101,7 @@ def test_two_processes_under_torchrun_end_identical(tmp_path):
 def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
     tiny_video_pipeline(tmp_path / "tokenizer", groupnorm_scope="frame").save_pretrained(tmp_path / "checkpoint")
     before = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "checkpoint")
-    config = TrainConfig(mode="temporal", model=str(tmp_path / "checkpoint"), out=str(tmp_path / "out"), steps=3,
+    config = TrainConfig(mode="temporal", model=str(tmp_path / "checkpoint"), out=str(tmp_path / "out"), unet_steps=3,
                          context_drop=0.0, **{**SMALL, "size": 32})
     after = train.train(config)
     changed = {name for name, p in after.unet.state_dict().items() if not torch.equal(p, before.unet.state_dict()[name])}
@@ -116,7 +117,7 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
                                                 (dict(prediction_type="sample"), "--prediction-type"),
                                                 (dict(grad_clip=0.0), "--grad-clip"), (dict(size=18), "--size"),
                                                 (dict(learning_rate=float("nan")), "--learning-rate"),
-                                                (dict(steps=2.5), "--steps"), (dict(warmup_steps=-1), "--warmup-steps"),
+                                                (dict(unet_steps=2.5), "--unet-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
                                                 (dict(out=__file__), "--out")])
 def test_bad_settings_name_the_option(overrides, option):
     with pytest.raises(ValueError, match=option):
@@ -124,8 +125,9 @@ def test_bad_settings_name_the_option(overrides, option):
 
 
 def test_command_line_options_are_typed():
-    config = train.parse_config(["--steps", "7", "--learning-rate", "0.5", "--gradient-checkpointing", "--out", "x"])
-    assert (config.steps, config.learning_rate, config.gradient_checkpointing, config.out) == (7, 0.5, True, "x")
+    config = train.parse_config(["--unet-steps", "7", "--learning-rate", "0.5", "--gradient-checkpointing", "--out",
+                                 "x"])
+    assert (config.unet_steps, config.learning_rate, config.gradient_checkpointing, config.out) == (7, 0.5, True, "x")
     with pytest.raises(SystemExit):
         train.parse_config(["--steps", "seven"])
 
@@ -153,7 +155,7 @@ def test_the_training_target_is_what_diffusers_predicts(tmp_path, prediction_typ
     pipeline = train.build_pipeline(config)
     scheduler = diffusers.DDPMScheduler.from_config(pipeline.scheduler_config.to_dict())
     assert scheduler.config.prediction_type == prediction_type
-    data = train.ShapesData(config.size, config.context_frames + config.chunk_frames, config.seed)
+    data = train.ShapesData(config.size, config.context_frames + config.frames, config.seed)
     videos, _ = train.batch_of(data, 0, config.batch_size, 0, 1)
     with torch.no_grad():
         clean = pipeline.vae.encode_video(videos)[:, :, config.context_frames:]  # (b, 4, chunk frames, h, w)
@@ -179,7 +181,7 @@ def test_context_shorten_keeps_the_last_context_frames(tmp_path, context_frames,
     config = TrainConfig(out=str(tmp_path), context_frames=context_frames, context_drop=0.0, context_shorten=shorten,
                          context_noise_probability=0.0, **SMALL)
     pipeline = train.build_pipeline(config)
-    data = train.ShapesData(config.size, context_frames + config.chunk_frames, config.seed)
+    data = train.ShapesData(config.size, context_frames + config.frames, config.seed)
     recorder, generator = ContextRecorder(), torch.Generator().manual_seed(0)
     loss = train.unet_loss(pipeline, data, config, 0, 1)
     with torch.no_grad():
@@ -193,7 +195,7 @@ def test_context_shorten_keeps_the_last_context_frames(tmp_path, context_frames,
 
 # Resuming, checkpoint files, Ctrl-C, progress, the written model ----------------------------------
 
-TINY = dict(vae_steps=2, steps=2, **SMALL)
+TINY = dict(vae_steps=2, unet_steps=2, **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +221,11 @@ def test_a_resumed_run_refuses_other_settings_and_goes_on_with_more_steps(tiny_r
         train.train(TrainConfig(out=str(out), **{**TINY, "size": 32, "learning_rate": 2e-3}))
     assert files(out) == before  # nothing touched: the model keeps its VAE's scaling factor
     capsys.readouterr()
-    train.train(TrainConfig(out=str(out), **{**TINY, "steps": 4}))
+    train.train(TrainConfig(out=str(out), **{**TINY, "unet_steps": 4}))
     resuming = capsys.readouterr().out.splitlines()[0]
     assert resuming.startswith(f"resuming {out} (vae.pt at step 2, unet.pt at step 2); accepted ")
-    assert resuming.endswith(", --steps 2 -> 4")  # after --out, the run's old folder -> this copy
-    assert len(losses(out, "unet")) == 4 and json.loads((out / "train_config.json").read_text())["steps"] == 4
+    assert resuming.endswith(", --unet-steps 2 -> 4")  # after --out, the run's old folder -> this copy
+    assert len(losses(out, "unet")) == 4 and json.loads((out / "train_config.json").read_text())["unet_steps"] == 4
 
 
 def test_the_trained_model_samples_as_the_baby_does(tiny_run):
@@ -247,7 +249,7 @@ def main_exit(config: TrainConfig, capsys) -> tuple[int, list[str]]:
 
 
 def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    config = TrainConfig(out=str(tmp_path), **{**TINY, "steps": 5, "sample_every": 2, "checkpoint_every": 100})
+    config = TrainConfig(out=str(tmp_path), **{**TINY, "unet_steps": 5, "sample_every": 2, "checkpoint_every": 100})
 
     def ctrl_c(*args):  # Ctrl-C while the samples of step 2 are written
         try:
@@ -302,7 +304,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_model_and_says_which_file(tin
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
-    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
     assert status == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: ") and str(out / "unet.pt") in lines[0] and "No space left" in lines[0]
     assert files(out)["unet.pt"] == before["unet.pt"] and not list(out.glob("*.tmp"))
@@ -314,7 +316,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_model_and_says_which_file(tin
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "unet.safetensors"))
 
     monkeypatch.setattr(StableDiffusionXLVideoPipeline, "save_pretrained", full_disk_in_the_model)
-    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
     assert status == 1 and "No space left" in lines[-1] and "unet.safetensors" in lines[-1], lines
     model = {name: data for name, data in files(out).items() if name.startswith("model/")}
     assert model == {name: data for name, data in before.items() if name.startswith("model/")}
@@ -333,7 +335,7 @@ def test_a_broken_checkpoint_is_named_before_any_work(tiny_run, tmp_path, capsys
     else:
         (out / name).unlink()
     before = files(out)
-    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "steps": 3}), capsys)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
     assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / named}"), lines
     assert files(out) == before
 

@@ -62,7 +62,7 @@ def test_every_setting_has_help_and_says_what_a_resumed_run_may_do_with_it():
 
 def test_the_defaults_are_the_recipe_of_the_shipped_baby():
     # README, "How the baby was made"; --threads 1 there suits that busy machine, not every one.
-    recipe = dict(mode="baby", batch_size=16, steps=9000, vae_steps=1500, prediction_type="v_prediction",
+    recipe = dict(mode="baby", batch_size=16, unet_steps=9000, vae_steps=1500, prediction_type="v_prediction",
                   context_drop=0.3, context_shorten=0.5, sample_every=3000, checkpoint_every=250, log_every=100)
     assert {name: getattr(TrainConfig(), name) for name in recipe} == recipe
     baby = json.loads((REPOSITORY / "models" / "baby" / "config.json").read_text())["sample_defaults"]
@@ -81,7 +81,8 @@ def test_the_choices_are_those_the_modules_take():
     (["--grad-clip", "0"], "--grad-clip"), (["--grad-clip", "-1"], "--grad-clip"),
     (["--learning-rate", "0"], "--learning-rate"), (["--learning-rate", "nan"], "--learning-rate"),
     (["--vae-learning-rate", "inf"], "--vae-learning-rate"), (["--context-noise", "nan"], "--context-noise"),
-    (["--weight-decay", "-inf"], "--weight-decay"), (["--size", "18"], "--size"), (["--steps", "0"], "--steps"),
+    (["--weight-decay", "-inf"], "--weight-decay"), (["--size", "18"], "--size"),
+    (["--unet-steps", "0"], "--unet-steps"),
     (["--vae-steps", "0"], "--vae-steps"), (["--batch-size", "-2"], "--batch-size"), (["--clips", "-1"], "--clips"),
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--sample-steps", "0"], "--sample-steps"),
     (["--sample-guidance", "-1"], "--sample-guidance"), (["--text-drop", "1.5"], "--text-drop"),
@@ -104,28 +105,43 @@ def test_size_must_fit_the_vae_of_the_checkpoint_in_mode_temporal(tmp_path):
 
 
 def test_options_not_given_take_the_values_of_the_run_in_out(tmp_path):
-    stored = store_run(tmp_path, prediction_type="epsilon", context_drop=0.1, context_shorten=0.0, steps=7,
+    stored = store_run(tmp_path, prediction_type="epsilon", context_drop=0.1, context_shorten=0.0, unet_steps=7,
                        sample_guidance=3.0, gradient_checkpointing=True)
     assert train.parse_config(["--out", str(tmp_path)]) == stored  # resumes as it was started, not as the defaults
-    assert train.parse_config(["--out", str(tmp_path), "--steps", "9"]) == dataclasses.replace(stored, steps=9)
+    given = train.parse_config(["--out", str(tmp_path), "--unet-steps", "9"])
+    assert given == dataclasses.replace(stored, unet_steps=9)
     assert train.parse_config(["--out", str(tmp_path / "new")]).prediction_type == "v_prediction"
 
 
+def test_old_names_of_settings_work_as_options_and_in_old_runs(tmp_path):
+    new_run = train.parse_config(["--out", str(tmp_path / "new"), "--steps", "9", "--chunk-frames", "3"])
+    assert (new_run.unet_steps, new_run.frames) == (9, 3)
+    stored = store_run(tmp_path, size=16, unet_steps=7, frames=3)
+    values = json.loads((tmp_path / "train_config.json").read_text())
+    for old, new in train.RENAMED_SETTINGS.items():  # train_config.json as runs before the renames wrote it
+        values[old] = values.pop(new)
+    (tmp_path / "train_config.json").write_text(json.dumps(values))
+    assert train.parse_config(["--out", str(tmp_path)]) == stored
+    assert train.resume_changes(train.parse_config(["--out", str(tmp_path), "--steps", "9"])) == ["--unet-steps 7 -> 9"]
+    with pytest.raises(ValueError, match=r"--frames 3 -> 4, --unet-steps 7 -> 6 \(it may only increase\)"):
+        train.resume_changes(dataclasses.replace(stored, frames=4, unet_steps=6))
+
+
 def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
-    stored = store_run(tmp_path, size=16, steps=10, vae_steps=5)
-    extended = dataclasses.replace(stored, steps=20, vae_steps=6, log_every=7, threads=2, device="cpu",
+    stored = store_run(tmp_path, size=16, unet_steps=10, vae_steps=5)
+    extended = dataclasses.replace(stored, unet_steps=20, vae_steps=6, log_every=7, threads=2, device="cpu",
                                    gradient_checkpointing=True, sample_guidance=4.0)
     assert train.resume_changes(extended) == [
-        "--steps 10 -> 20", "--gradient-checkpointing off -> on", "--vae-steps 5 -> 6", "--log-every 100 -> 7",
+        "--unet-steps 10 -> 20", "--gradient-checkpointing off -> on", "--vae-steps 5 -> 6", "--log-every 100 -> 7",
         "--threads 0 -> 2", "--device auto -> cpu", "--sample-guidance 2.0 -> 4.0"]
     refused = dict(size=32, learning_rate=0.01, prediction_type="epsilon", context_shorten=0.0, seed=1,
-                   batch_size=4, autocast="bf16", steps=9)
+                   batch_size=4, autocast="bf16", unet_steps=9)
     with pytest.raises(ValueError) as error:
         train.resume_changes(dataclasses.replace(stored, **refused))
     message = str(error.value)
     for change in ("--size 16 -> 32", "--learning-rate 0.001 -> 0.01", "--prediction-type v_prediction -> epsilon",
                    "--context-shorten 0.5 -> 0.0", "--seed 0 -> 1", "--batch-size 16 -> 4", "--autocast none -> bf16",
-                   "--steps 10 -> 9 (it may only increase)"):
+                   "--unet-steps 10 -> 9 (it may only increase)"):
         assert change in message
     assert "\n" not in message
     (tmp_path / "unet.pt").touch()  # the UNet stage has begun on the VAE of step 5
@@ -134,7 +150,7 @@ def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
 
 
 def test_the_command_line_refuses_to_change_a_run_before_importing_torch(tmp_path):
-    store_run(tmp_path, size=16, steps=1, vae_steps=1)
+    store_run(tmp_path, size=16, unet_steps=1, vae_steps=1)
     before = (tmp_path / "train_config.json").read_text()
     result = run_train("--out", str(tmp_path), "--size", "32", "--learning-rate", "0.01", "--steps", "1",
                        "--vae-steps", "1", "--threads", "1")
