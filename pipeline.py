@@ -425,7 +425,7 @@ class StableDiffusionXLVideoPipeline:
         stochastic = scheduler.config.algorithm_type == "sde-dpmsolver++"
         if previous_latents is not None:
             previous_latents = previous_latents.to(self.device, self.dtype)
-        cache = {}
+        cache = self.unet.prepare_chunk(text, pooled, time_ids, previous_latents, *latents.shape[-2:], latents.dtype)
         for index, timestep in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
