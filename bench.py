@@ -244,10 +244,16 @@ def meta_decode_flops(config: VAEConfig, frames: int, height: int, width: int) -
 
 
 def in_the_loop(unet, inputs: dict):
-    """A call as at every step of a chunk after the first: with a cache that one call filled."""
-    cache = {}
-    unet(**inputs, cache=cache)
+    """A call as at every step of a chunk: with the chunk's cache, made once by `prepare_chunk`."""
+    cache = prepared_chunk(unet, inputs)
     return lambda: unet(**inputs, cache=cache)
+
+
+def prepared_chunk(unet, inputs: dict):
+    """`unet.prepare_chunk` for the text, pooled text, time ids and context of a UNet call's inputs."""
+    sample = inputs["sample"]
+    return unet.prepare_chunk(inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["time_ids"],
+                              inputs["previous_latents"], *sample.shape[-2:], sample.dtype)
 
 
 def meta_flops(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,

@@ -46,13 +46,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from endless import DTYPES
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                  "text_encoder_2": CLIPTextModelWithProjection}

@@ -1,14 +1,16 @@
 """Endless generation as a library: the chunk loop, the state between chunks and its file.
 
 A video is made chunk after chunk; between chunks only the context (the last `context_frames`
-latents), the anchor frame, the renormalisation statistics and the random state survive, so memory
-does not grow with the length of the video. `VideoState` is all of it; with the `Settings` it is
-saved after every chunk, so a run resumes exactly. sample.py is the command line around this module.
+latents), what the drift controls keep (the anchor frame, statistics) and the random state survive,
+so memory does not grow with the length of the video. `VideoState` is all of it; with the `Settings`
+it is saved after every chunk, so a run resumes exactly. sample.py is the command line around this
+module; `Progress` and `default_threads` serve it and evaluate.py alike.
 """
 
 import fcntl
-import math
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from text import PromptEmbeddings
 from video_settings import Settings, check_settings, settings_from_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the drift controls nested in settings["drift"]; reference_statistics
 
 
 @dataclass
@@ -31,6 +33,7 @@ class VideoState:
     context: torch.Tensor | None = None  # (batch, 4, context_frames, h, w), clean latents
     anchor: torch.Tensor | None = None  # (batch, 4, 1, h, w): the first frame, with --anchor-frame
     latent_statistics: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # count, sum, sum of squares
+    reference_statistics: torch.Tensor | None = None  # (2, batch, 4, 1, 1, 1): the first chunk's channel mean, std
     generator_state: torch.Tensor | None = None
 
 
@@ -61,61 +64,38 @@ def mix_embeddings(weighted: list[tuple[PromptEmbeddings, float]]) -> PromptEmbe
     )
 
 
-def renormalize(latents: torch.Tensor, statistics: list[float]) -> torch.Tensor:
-    """The original's renormalisation, in constant memory.
-
-    The original normalised the whole stack of latents made so far to zero mean and unit (unbiased)
-    standard deviation after every chunk. `statistics` (count, sum, sum of squares of the
-    normalised stack) let us compute the same mean and deviation without keeping the stack; the
-    new chunk is normalised with them. Frames already written are not transformed again (the
-    original re-normalised them before its single decode at the end).
-    """
-    count, total, squares = statistics
-    count += latents.numel()
-    total += latents.double().sum().item()
-    squares += latents.double().square().sum().item()
-    mean = total / count
-    deviation = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1)) + 1e-8
-    statistics[:] = [count, (total - count * mean) / deviation, (squares - 2 * mean * total + count * mean**2) / deviation**2]
-    return (latents - mean) / deviation
-
-
-def chunk_context(state: VideoState, settings: Settings, generator) -> torch.Tensor | None:
-    """The context of the next chunk: the last frames (after the anchor frame, if kept), noised if asked."""
-    if state.context is None:
-        return None
-    context = state.context
-    if state.anchor is not None:
-        context = torch.cat([state.anchor, context[:, :, 1:]], dim=2)  # (b, 4, k, h, w)
-    if settings.context_noise > 0:
-        context = context + settings.context_noise * randn(context.shape, generator, context.device, context.dtype)
-    return context
-
-
 def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
-                     generator, latent_image=None, callback=None):
-    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each."""
+                     generator, latent_image=None, callback=None, on_chunk=None):
+    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each.
+
+    The drift controls (`settings.drift`) make each chunk's context and post-process each finished
+    chunk, in the order DriftControls' docstring lists. callback(step, steps): after every denoising
+    step. on_chunk(index, context, embeddings): before every chunk, with what the chunk is made from
+    (its context, None for the first, and its prompt embeddings).
+    """
+    noise = lambda shape: randn(shape, generator, state.context.device, state.context.dtype)
     while True:
         weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
         first = state.chunk_index == 0
+        chunk_embeddings = mix_embeddings([(embeddings[entry], weight) for entry, weight in weights])
+        context = settings.drift.next_context(state, noise)
+        if on_chunk is not None:
+            on_chunk(state.chunk_index, context, chunk_embeddings)
         latents = pipeline(
-            prompt_embeds=mix_embeddings([(embeddings[entry], weight) for entry, weight in weights]),
+            prompt_embeds=chunk_embeddings,
             height=settings.height,
             width=settings.width,
             num_frames=settings.frames,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             generator=generator,
-            previous_latents=chunk_context(state, settings, generator),
+            previous_latents=context,
             latent_image=latent_image if first else None,
             conditioning_strength=settings.image_strength if first and latent_image is not None else 0.0,
             output_type="latent",
             callback=callback,
         )
-        if settings.renormalize:
-            latents = renormalize(latents, state.latent_statistics)
-        if settings.anchor_frame and state.anchor is None:
-            state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
+        latents = settings.drift.finish_chunk(latents, state)
         previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
         state.context = previous[:, :, -settings.context_frames:].clone()  # (b, 4, k, h, w)
         state.chunk_index += 1
@@ -251,7 +231,7 @@ def state_from_dict(values: dict) -> VideoState:
     if not (isinstance(state.chunk_index, int) and isinstance(state.frames_written, int)
             and 0 <= state.frames_written and 0 <= state.chunk_index):
         raise TypeError("chunk_index / frames_written")
-    for name in ("context", "anchor", "generator_state"):
+    for name in ("context", "anchor", "reference_statistics", "generator_state"):
         value = getattr(state, name)
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(name)
@@ -375,3 +355,44 @@ def check_memory(settings: Settings, model_config: dict, parameter_bytes: int, d
             f"--height {settings.height} --width {settings.width}: a chunk needs about {gib(weights + activations)} "
             f"(weights {gib(weights)}, activations {gib(activations)}) and {device} has {gib(free)} free; "
             f"use a smaller --height/--width, fewer --frames, --decode-frames 1, or --dtype bf16")
+
+
+# Running: threads and progress (sample.py and evaluate.py).
+
+
+def default_threads() -> int:
+    """Half the cores this process may use, fewer when the machine is busy (its load average), at
+    least 1: torch's default (every core) spins threads against other work and ran the quick start
+    10 times slower on a busy 2-core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores // 2, idle))
+
+
+class Progress:
+    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA) in a terminal, else a
+    line per chunk."""
+
+    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None):
+        self.total, self.first, self.start = total_chunks, first_chunk, time.time()
+        self.chunk = first_chunk
+        self.live = sys.stderr.isatty() if live is None else live
+
+    def line(self, step: int, steps: int) -> str:
+        done = self.chunk - self.first
+        elapsed = time.time() - self.start
+        per_chunk = elapsed / (done + step / steps) if done or step else 0.0
+        total = f"/{self.total}" if self.total else ""
+        eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
+        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}"
+
+    def step(self, step: int, steps: int) -> None:
+        if self.live:
+            print(f"\r{self.line(step, steps)}   ", end="", file=sys.stderr, flush=True)
+        elif step == steps:
+            print(self.line(step, steps), file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(max(seconds, 0)), 60)
+    return f"{minutes}m{seconds:02d}s"

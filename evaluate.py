@@ -2,6 +2,7 @@
 
     python evaluate.py --model models/baby --chunks 100 --seeds 2            # the HELD_OUT prompts
     python evaluate.py --prompts "a red circle moving left" train --context-noise 0.1 --anchor-frame
+    python evaluate.py --statistics-lock 0.5      # any drift control of video_settings.DriftControls
 
 Each (prompt, seed) video is made as `python sample.py --prompt PROMPT --seed SEED` makes it (the
 same `Settings`, `generate_latents` and decoding), chunk after chunk. Each chunk's frames go
@@ -37,15 +38,14 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from endless import DTYPES, VideoState, generate_latents, resolve_device, to_uint8_frames
+from endless import DTYPES, Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
 from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
-from sample import Progress, add_chunk_options, default_threads
-from video_settings import DEFAULT_MODEL, Settings, check_settings
+from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
@@ -271,12 +271,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
-    names = ("model", "frames", "context_frames", "steps", "guidance", "height", "width", "context_noise",
-             "anchor_frame", "renormalize", "decode_frames", "device", "dtype")
     model = args.model or str(DEFAULT_MODEL)
     config = load_checkpoint_config(model)
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    settings = Settings(timeline=[(0, text)], seed=seed, **{**config.get("sample_defaults", {}), **given, "model": model})
+    given = {name: value for name, value in vars(args).items() if name in SETTING_NAMES and value is not None}
+    values = {**config.get("sample_defaults", {}), **given, "model": model}
+    settings = Settings.from_options(timeline=[(0, text)], seed=seed, **values)
     check_settings(settings, config)
     return settings
 
@@ -304,8 +303,7 @@ def main(argv=None) -> dict:
     print(markdown_table({**per_prompt, "all": overall}))
     report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
-              "height": first.height, "width": first.width, "context_noise": first.context_noise,
-              "anchor_frame": first.anchor_frame, "renormalize": first.renormalize,
+              "height": first.height, "width": first.width, **asdict(first.drift),
               "all": overall, "prompts": per_prompt}
     print(json.dumps(without_nan(report)))
     return report

@@ -442,7 +442,7 @@ class UNet(nn.Module):
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
         previous_latents: torch.Tensor | None = None,
-        cache: ChunkCache | dict | None = None,
+        cache: ChunkCache | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a chunk of video latents.
 
@@ -452,17 +452,11 @@ class UNet(nn.Module):
         divisor of it, in_channels, context_frames, H, W), or None.
         cache: what `prepare_chunk` made for these text, pooled text, time_ids and context tensors
         and sizes, to reuse at every step of a chunk (other inputs raise ValueError); None: computed
-        here. A dict (deprecated, for callers of the older API) is filled with a `ChunkCache`'s
-        fields at the first step and read back at the others: give a new one for each chunk.
+        here.
         Returns (batch, out_channels, frames, h, w).
         """
         self.check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, previous_latents)
         batch, _, num_frames, height, width = sample.shape
-        if isinstance(cache, dict):
-            if not cache:
-                cache.update(vars(self.prepare_chunk(
-                    encoder_hidden_states, text_embeds, time_ids, previous_latents, height, width, sample.dtype)))
-            cache = ChunkCache(**cache)
         if cache is not None:
             cache.check((batch, height, width), sample.dtype, (encoder_hidden_states, text_embeds, time_ids, previous_latents))
         cond = Conditioning(None, encoder_hidden_states, num_frames, previous_latents, cache)

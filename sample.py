@@ -20,10 +20,9 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
-from video_settings import DEFAULT_MODEL, DTYPE_NAMES, Settings, check_settings
+from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings, option_name
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are.
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads"}
@@ -97,32 +96,6 @@ def read_timeline_file(path: str) -> list[str]:
 # Options
 
 
-def add_chunk_options(parser: argparse.ArgumentParser) -> None:
-    """The options that shape every chunk, shared with evaluate.py. Unset (None) options take the
-    model's `sample_defaults`, then Settings' defaults (`with_model_defaults`)."""
-    parser.add_argument("--model", help="checkpoint folder (convert_weights.py makes one); default: the embedded baby")
-    parser.add_argument("--frames", type=int, help=f"frames per chunk (default: the model's, else {Settings.frames})")
-    parser.add_argument("--context-frames", type=int,
-                        help=f"latents of the last frames each chunk sees (default: the model's, else {Settings.context_frames})")
-    parser.add_argument("--steps", "--num-inference-steps", dest="steps", type=int,
-                        help=f"denoising steps per chunk (default: the model's, else {Settings.steps})")
-    parser.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float,
-                        help=f"classifier-free guidance scale, >= 0, 1 or less: none (default: the model's, else {Settings.guidance:g})")
-    parser.add_argument("--height", type=int, help="pixels (default: the model's)")
-    parser.add_argument("--width", type=int, help="pixels (default: the model's)")
-    parser.add_argument("--context-noise", type=float, help="std of noise added to the context (default 0)")
-    parser.add_argument("--anchor-frame", action=argparse.BooleanOptionalAction,
-                        help="keep the first frame in the context (default: the model's, else off)")
-    parser.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
-                        help="the original's latent renormalisation (default: the model's, else off)")
-    parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: half the cores this process may use, fewer on a busy "
-                             "machine, at least 1; more threads than idle cores make torch many times slower)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if there is one, else cpu)")
-    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default fp32")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
@@ -163,8 +136,7 @@ def given_options(args: argparse.Namespace) -> set[str]:
 
 def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | None = None) -> Settings:
     """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
-    names = {f.name for f in fields(Settings)} - {"timeline"}
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name) is not None}
     values = {**(model_defaults or {}), **given}
     for name in ("model", "image", "extend", "negative_prompt"):
         if isinstance(values.get(name), str):
@@ -174,7 +146,7 @@ def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | Non
     for option, value in (("--fps", fps), ("--frames", frames)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{option} must be a positive number, got {value}")
-    settings = Settings(timeline=parse_timeline(prompts, fps, frames), **values)
+    settings = Settings.from_options(timeline=parse_timeline(prompts, fps, frames), **values)
     check_settings(settings)
     return settings
 
@@ -201,15 +173,6 @@ def check_device_name(device: str | None) -> None:
         raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")
 
 
-def default_threads() -> int:
-    """Half the cores this process may use, fewer when the machine is busy (its load average), at
-    least 1: torch's default (every core) spins threads against other work and ran the quick start
-    10 times slower on a busy 2-core machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    idle = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores // 2, idle))
-
-
 def check_not_an_input(out: str, settings: Settings) -> None:
     """ValueError if --out is (or holds, or lies inside) a file this run reads, links resolved."""
     target = os.path.realpath(out)
@@ -226,9 +189,9 @@ def check_not_an_input(out: str, settings: Settings) -> None:
 
 def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
     """The options given with --resume whose values differ from the state file's."""
-    conflicts = []
+    conflicts, stored_values = [], stored.options()
     for name in sorted(given_options(args) - RESUME_MAY_CHANGE):
-        option = "--" + name.replace("_", "-")
+        option = option_name(name)
         if name in ("prompt", "timeline"):
             prompts = (args.prompt or []) + (read_timeline_file(args.timeline) if args.timeline else [])
             if parse_timeline(prompts, stored.fps, stored.frames) != stored.timeline:
@@ -238,52 +201,20 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
         elif name in ("overwrite",):
             conflicts.append("--overwrite (a resumed run keeps what was written)")
-        elif getattr(args, name) != getattr(stored, name):
-            conflicts.append(f"{option} {getattr(args, name)} (the state file has {getattr(stored, name)})")
+        elif getattr(args, name) != stored_values[name]:
+            conflicts.append(f"{option} {getattr(args, name)} (the state file has {stored_values[name]})")
     return conflicts
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA) in a terminal, else a
-    line per chunk."""
-
-    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None):
-        self.total, self.first, self.start = total_chunks, first_chunk, time.time()
-        self.chunk = first_chunk
-        self.live = sys.stderr.isatty() if live is None else live
-
-    def line(self, step: int, steps: int) -> str:
-        done = self.chunk - self.first
-        elapsed = time.time() - self.start
-        per_chunk = elapsed / (done + step / steps) if done or step else 0.0
-        total = f"/{self.total}" if self.total else ""
-        eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
-        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}"
-
-    def step(self, step: int, steps: int) -> None:
-        if self.live:
-            print(f"\r{self.line(step, steps)}   ", end="", file=sys.stderr, flush=True)
-        elif step == steps:
-            print(self.line(step, steps), file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(max(seconds, 0)), 60)
-    return f"{minutes}m{seconds:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def run(args: argparse.Namespace, settings: Settings | None) -> None:
+def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> None:
     """Check the files, lock the output, load the model, then write chunk after chunk.
 
     settings: from the command line, or None with --resume (they come from the state file).
+    on_chunk: passed to endless.generate_latents (called before every chunk).
     """
     # Imported here, once the options are checked, so that --help and option errors are instant.
     import torch
@@ -292,7 +223,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
     from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config
     from video_io import check_output_path, open_writer, read_image, read_video
 
-    torch.set_num_threads(args.threads or default_threads())
+    torch.set_num_threads(args.threads or endless.default_threads())
     # 2. Files, before any is written: the model, the inputs, the output and its lock.
     out = args.out
     check_output_path(out)  # its format and folder, before the lock is made next to it
@@ -345,7 +276,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
         if state.generator_state is not None:
             generator.set_state(state.generator_state)
         latent_image = endless.starting_point(pipeline, state, image, video)
-        for name in ("context", "anchor"):
+        for name in ("context", "anchor", "reference_statistics"):
             if getattr(state, name) is not None:
                 setattr(state, name, getattr(state, name).to(pipeline.device, pipeline.dtype))
         print_timeline(settings, chunks_to_write)
@@ -354,7 +285,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
         # 4. Chunk after chunk: denoise, decode, write, save the state.
         dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
         written_chunks = state.frames_written // settings.frames
-        progress = Progress(chunks_to_write, written_chunks)
+        progress = endless.Progress(chunks_to_write, written_chunks)
         old_state = []  # the old output's state file (its bytes, or None), once `placing` replaced it
 
         def placing(temporary: str | None) -> None:
@@ -372,7 +303,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
                              before_placing=placing)
         try:
             chunks = endless.generate_latents(pipeline, settings, embeddings, state, generator, latent_image,
-                                              progress.step)
+                                              progress.step, on_chunk)
             while chunks_to_write is None or written_chunks < chunks_to_write:
                 latents = next(chunks)
                 state.generator_state = generator.get_state()
@@ -398,7 +329,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> None:
                 endless.restore_state(state_file, old_state[0])
     if writer.in_place:
         print(f"\n{out}: {state.frames_written} frames, {state.frames_written / settings.fps:.1f} s at {settings.fps:g} fps, "
-              f"made in {format_seconds(time.time() - started)}; state in {state_file}: "
+              f"made in {endless.format_seconds(time.time() - started)}; state in {state_file}: "
               f"`python sample.py --out {out} --resume --chunks N` continues it", file=sys.stderr)
 
 
@@ -428,15 +359,15 @@ def print_timeline(settings: Settings, chunks_to_write: int | None) -> None:
 def with_model_defaults(args: argparse.Namespace, model_config: dict) -> Settings:
     """The settings of a new run: the command line's, else the model's `sample_defaults`, else Settings'."""
     defaults = model_config.get("sample_defaults", {})
-    known = {f.name for f in fields(Settings)} - {"timeline"}
-    if unknown := sorted(set(defaults) - known):
+    if unknown := sorted(set(defaults) - set(SETTING_NAMES)):
         raise ValueError(f"{args.model}/config.json: unknown sample_defaults {unknown}")
     settings = settings_from_arguments(args, defaults)
     check_settings(settings, model_config)
     return settings
 
 
-def main(argv=None) -> None:
+def main(argv=None, on_chunk=None) -> None:
+    """Run the command line `argv`; on_chunk(index, context, embeddings) is called before every chunk."""
     args = parse_arguments(argv)
     # 1. The options alone: no torch yet, no file touched.
     if args.resume and args.overwrite:
@@ -450,7 +381,7 @@ def main(argv=None) -> None:
     elif args.chunks is not None and args.chunks < 1 or args.seconds is not None and not (
             math.isfinite(args.seconds) and args.seconds > 0):
         raise ValueError("--chunks must be at least 1 and --seconds a positive finite number")
-    run(args, settings)
+    run(args, settings, on_chunk)
 
 
 def write_error_message(error: OSError) -> str:

@@ -82,6 +82,8 @@ class TrainConfig:
                                minimum=0, maximum=1)
     prediction_type: Literal["epsilon", "v_prediction"] = setting(
         "v_prediction", "what the UNet predicts, in mode baby (mode temporal keeps its checkpoint's)", FIXED)
+    conditioner: str = setting("transformer", "mode baby: the temporal conditioner, a name in temporal.CONDITIONERS",
+                               FIXED)
     batch_size: int = setting(16, "clips per step and process", FIXED, minimum=1)
     gradient_accumulation: int = setting(1, "micro-batches per step", FIXED, minimum=1)
     unet_steps: int = setting(9000, "steps of the UNet stage", EXTEND, minimum=1, aliases=("--steps",))
@@ -402,13 +404,14 @@ def baby_text_encoder(folder: Path, seed: int) -> TextEncoder:
     return TextEncoder(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
 
 
-def baby_configs(size: int) -> tuple[UNetConfig, VAEConfig]:
-    """Three levels each (the VAE downsamples by 4), 3.0 M UNet parameters, 1.3 M of them temporal."""
+def baby_configs(size: int, conditioner: str = "transformer") -> tuple[UNetConfig, VAEConfig]:
+    """Three levels each (the VAE downsamples by 4), 3.0 M UNet parameters, 1.3 M of them temporal
+    (with the transformer conditioner)."""
     vae = VAEConfig(block_out_channels=BABY_VAE_CHANNELS, layers_per_block=1, norm_num_groups=8, force_upcast=False)
     unet = UNetConfig(
         block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
         cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=16, norm_num_groups=8,
-        sample_size=size // vae.downsample_factor, temporal_layers=1, conditioner_dim=64,
+        sample_size=size // vae.downsample_factor, temporal_layers=1, conditioner_dim=64, conditioner=conditioner,
     )
     return unet, vae
 
@@ -696,11 +699,11 @@ def write_samples(pipeline, config: TrainConfig, step: int, prompts=("a red circ
     """A 4-chunk GIF per prompt in out/samples/, made as sample.py makes videos."""
     folder = Path(config.out) / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    settings = Settings(timeline=[(0, "")], **sample_defaults(config))
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     with torch.no_grad():
         for index, prompt in enumerate(prompts):
+            settings = Settings.from_options(timeline=[(0, prompt)], **sample_defaults(config))
             chunks = generate_latents(pipeline, settings, [pipeline.encode_prompt(prompt)], VideoState(),
                                       torch.Generator().manual_seed(index))
             path = folder / f"step{step:06d}_{index}.gif"
@@ -752,7 +755,7 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
             parameter.requires_grad_(True)
         pipeline.vae.requires_grad_(False)
         return pipeline
-    unet_config, vae_config = baby_configs(config.size)
+    unet_config, vae_config = baby_configs(config.size, config.conditioner)
     torch.manual_seed(config.seed)
     text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed)
     scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
@@ -775,6 +778,11 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
                          f"missing: move unet.pt away too, or use a new --out")
     data = make_data(config)
     resolve_device(config.device)
+    if config.mode == "baby":
+        try:
+            baby_configs(config.size, config.conditioner)
+        except ValueError as error:  # a conditioner temporal.py does not have
+            raise ValueError(f"--conditioner {config.conditioner}: {error}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
     distributed = "WORLD_SIZE" in os.environ

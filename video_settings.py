@@ -1,17 +1,110 @@
-"""What decides the frames of a video: `Settings`, and its checks.
+"""What decides the frames of a video: `Settings`, its drift controls, their options and checks.
 
 Only the standard library, so that sample.py can check its options and answer `--help` before
-torch is imported. The chunk loop that uses these settings is in endless.py.
+torch is imported (the drift controls' methods work on the tensors they are given, with tensor
+methods alone). The chunk loop that uses these settings is in endless.py.
 """
 
+import argparse
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def control(default, help: str, low: float = -math.inf, high: float = math.inf):
+    """A field of DriftControls: its default (off), its --help, and for a number its range [low, high]."""
+    return field(default=default, metadata={"help": help, "range": (low, high)})
+
+
+@dataclass
+class DriftControls:
+    """The controls against drift over a long video. Each is a field (its command-line option, help
+    and range come from the field, in sample.py and evaluate.py alike) and one step of the two
+    methods below, which endless.generate_latents calls around every chunk, in this order:
+
+    `next_context`, before a chunk: its context, from the last latents made
+        1. anchor_frame: the first frame replaces the oldest frame of the context
+        2. context_noise: Gaussian noise of this std is added to the context
+    `finish_chunk`, after it: its latents, before they are decoded and kept as the next context
+        3. renormalize: the original's renormalisation over every latent made so far
+        4. statistics_lock: each channel's mean and std move this far toward the first chunk's
+        5. anchor_frame: at the first chunk, the first frame is kept (in `state.anchor`)
+
+    Every control defaults to off, so a default video is made without any of them. `state` is
+    endless.VideoState: what the controls keep between chunks lives there.
+    """
+
+    context_noise: float = control(0.0, "std of noise added to the context", 0)
+    anchor_frame: bool = control(False, "keep the first frame in the context")
+    renormalize: bool = control(False, "the original's latent renormalisation")
+    statistics_lock: float = control(
+        0.0, "closed loop: move each finished chunk's per-channel latent mean and std this far, in [0, 1], "
+             "toward the first chunk's", 0, 1)
+
+    def next_context(self, state, noise) -> "torch.Tensor | None":
+        """The context of the next chunk (batch, 4, k, h, w), or None before the first; `noise(shape)`
+        draws Gaussian noise from the run's generator."""
+        if state.context is None:
+            return None
+        context = state.context
+        if self.anchor_frame and state.anchor is not None:
+            context = context.clone()
+            context[:, :, :1] = state.anchor  # (b, 4, k, h, w)
+        if self.context_noise > 0:
+            context = context + self.context_noise * noise(context.shape)
+        return context
+
+    def finish_chunk(self, latents, state) -> "torch.Tensor":
+        """A finished chunk's latents (batch, 4, frames, h, w), post-processed; called before
+        `state.context` moves on to them."""
+        if self.renormalize:
+            latents = renormalize(latents, state.latent_statistics)
+        if self.statistics_lock > 0:
+            latents = lock_statistics(latents, state, self.statistics_lock)
+        if self.anchor_frame and state.anchor is None:
+            state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
+        return latents
+
+
+def renormalize(latents, statistics: list[float]):
+    """The original's renormalisation, in constant memory.
+
+    The original normalised the whole stack of latents made so far to zero mean and unit (unbiased)
+    standard deviation after every chunk. `statistics` (count, sum, sum of squares of the
+    normalised stack) let us compute the same mean and deviation without keeping the stack; the
+    new chunk is normalised with them. Frames already written are not transformed again (the
+    original re-normalised them before its single decode at the end).
+    """
+    count, total, squares = statistics
+    count += latents.numel()
+    total += latents.double().sum().item()
+    squares += latents.double().square().sum().item()
+    mean = total / count
+    deviation = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1)) + 1e-8
+    statistics[:] = [count, (total - count * mean) / deviation, (squares - 2 * mean * total + count * mean**2) / deviation**2]
+    return (latents - mean) / deviation
+
+
+def lock_statistics(latents, state, strength: float):
+    """Move each (batch, channel)'s mean and std over the chunk's frames and pixels `strength` of
+    the way to the first chunk's (kept in `state.reference_statistics` at the first call)."""
+    mean = latents.mean(dim=(2, 3, 4), keepdim=True)  # (b, 4, 1, 1, 1)
+    std = latents.std(dim=(2, 3, 4), keepdim=True)  # (b, 4, 1, 1, 1)
+    if state.reference_statistics is None:
+        state.reference_statistics = latents.new_empty((2, *mean.shape))  # (2, b, 4, 1, 1, 1): mean, std
+        state.reference_statistics[0], state.reference_statistics[1] = mean, std
+        return latents
+    reference_mean, reference_std = state.reference_statistics
+    locked = (latents - mean) / (std + 1e-8) * reference_std + reference_mean
+    return latents + strength * (locked - latents)
+
+
+DRIFT_NAMES = tuple(f.name for f in fields(DriftControls))
 
 
 @dataclass
@@ -31,9 +124,7 @@ class Settings:
     fps: float = 6.0
     crf: int = 18
     transition: int = 0
-    context_noise: float = 0.0
-    anchor_frame: bool = False
-    renormalize: bool = False
+    drift: DriftControls = field(default_factory=DriftControls)
     drop_first_chunk: bool = False
     image: str | None = None
     image_strength: float = 0.5
@@ -42,6 +133,59 @@ class Settings:
     device: str | None = None  # None: cuda if there is one, else cpu (decided when the run starts)
     dtype: str = "fp32"
     decode_frames: int = 2
+
+    @classmethod
+    def from_options(cls, **values) -> "Settings":
+        """Settings from flat names, as the command line, a model's `sample_defaults` and train.py give
+        them: a drift control's name (`anchor_frame=True`) goes into `drift`."""
+        drift = DriftControls(**{name: values.pop(name) for name in DRIFT_NAMES if name in values})
+        return cls(**values, drift=drift)
+
+    def options(self) -> dict:
+        """The settings by flat name (the inverse of `from_options`), drift controls included."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drift"}
+        return {**values, **asdict(self.drift)}
+
+
+# Every setting's flat name but the timeline: what the command line and `sample_defaults` may give.
+SETTING_NAMES = tuple(name for name in Settings.from_options(timeline=[]).options() if name != "timeline")
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_drift_options(parser: argparse.ArgumentParser) -> None:
+    """An option per DriftControls field: its name, type, help and default from the field."""
+    for f in fields(DriftControls):
+        default = ("on" if f.default else "off") if f.type is bool else f"{f.default:g}"
+        help = f"{f.metadata['help']} (default: the model's, else {default})"
+        if f.type is bool:
+            parser.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(option_name(f.name), type=f.type, help=help)
+
+
+def add_chunk_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape every chunk, shared by sample.py and evaluate.py. Unset (None) options
+    take the model's `sample_defaults`, then Settings' defaults (sample.py's `with_model_defaults`)."""
+    parser.add_argument("--model", help="checkpoint folder (convert_weights.py makes one); default: the embedded baby")
+    parser.add_argument("--frames", type=int, help=f"frames per chunk (default: the model's, else {Settings.frames})")
+    parser.add_argument("--context-frames", type=int,
+                        help=f"latents of the last frames each chunk sees (default: the model's, else {Settings.context_frames})")
+    parser.add_argument("--steps", "--num-inference-steps", dest="steps", type=int,
+                        help=f"denoising steps per chunk (default: the model's, else {Settings.steps})")
+    parser.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float,
+                        help=f"classifier-free guidance scale, >= 0, 1 or less: none (default: the model's, else {Settings.guidance:g})")
+    parser.add_argument("--height", type=int, help="pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's)")
+    add_drift_options(parser)
+    parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: half the cores this process may use, fewer on a busy "
+                             "machine, at least 1; more threads than idle cores make torch many times slower)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if there is one, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help=f"default {Settings.dtype}")
 
 
 def check_settings(settings: Settings, model_config: dict | None = None) -> None:
@@ -59,8 +203,10 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
         raise ValueError(
             f"--context-frames {settings.context_frames} is more than the {settings.frames} frames a chunk makes"
         )
-    ranges = {"--guidance": (settings.guidance, 0, math.inf), "--context-noise": (settings.context_noise, 0, math.inf),
-              "--image-strength": (settings.image_strength, 0, 1), "--fps": (settings.fps, 0.01, 1000)}
+    ranges = {"--guidance": (settings.guidance, 0, math.inf), "--image-strength": (settings.image_strength, 0, 1),
+              "--fps": (settings.fps, 0.01, 1000)}
+    ranges |= {option_name(f.name): (getattr(settings.drift, f.name), *f.metadata["range"])
+               for f in fields(DriftControls) if f.type is float}
     for option, (value, low, high) in ranges.items():
         if not (math.isfinite(value) and low <= value <= high):
             bounds = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
@@ -87,23 +233,29 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
 
 
 def settings_from_dict(values: dict) -> Settings:
-    """Settings from a state file's dict, every field present and of its type (TypeError otherwise)."""
-    names = [f.name for f in fields(Settings)]
-    if not isinstance(values, dict) or sorted(values) != sorted(names):
-        raise TypeError("its settings do not have the fields of Settings")
-    for f in fields(Settings):
-        value = values[f.name]
-        if f.name == "timeline":
-            if not (isinstance(value, list) and value and all(
-                    len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str) for entry in value)):
-                raise TypeError("timeline")
-            if [entry[0] for entry in value] != sorted({entry[0] for entry in value}) or value[0][0] != 0:
-                raise ValueError("timeline: its chunks must be sorted, unique and start at 0")
-        elif not of_type(value, f.type):
-            raise TypeError(f.name)
-    settings = Settings(**values)
+    """Settings from a state file's dict, every field present and of its type, the drift controls'
+    too (TypeError otherwise)."""
+    check_fields(Settings, values)
+    check_fields(DriftControls, values["drift"], "drift.")
+    timeline = values["timeline"]
+    if not (isinstance(timeline, list) and timeline and all(
+            len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str) for entry in timeline)):
+        raise TypeError("timeline")
+    if [entry[0] for entry in timeline] != sorted({entry[0] for entry in timeline}) or timeline[0][0] != 0:
+        raise ValueError("timeline: its chunks must be sorted, unique and start at 0")
+    settings = Settings(**{**values, "drift": DriftControls(**values["drift"])})
     settings.timeline = [tuple(entry) for entry in settings.timeline]
     return settings
+
+
+def check_fields(cls, values: dict, prefix: str = "") -> None:
+    """TypeError unless `values` has exactly the fields of the dataclass `cls`, each of its type
+    (the timeline and the nested drift controls are checked by the caller)."""
+    if not isinstance(values, dict) or sorted(values) != sorted(f.name for f in fields(cls)):
+        raise TypeError(f"its settings do not have the fields of {prefix}{cls.__name__}")
+    for f in fields(cls):
+        if f.name not in ("timeline", "drift") and not of_type(values[f.name], f.type):
+            raise TypeError(prefix + f.name)
 
 
 def of_type(value, annotation) -> bool:

@@ -43,8 +43,8 @@ def pipeline(model):
     return StableDiffusionXLVideoPipeline.from_pretrained(model)
 
 
-def run(model, out, *arguments):
-    sample.main(["--model", str(model), "--out", str(out), *FAST, *arguments])
+def run(model, out, *arguments, on_chunk=None):
+    sample.main(["--model", str(model), "--out", str(out), *FAST, *arguments], on_chunk)
 
 
 def png_frames(folder) -> np.ndarray:
@@ -54,7 +54,7 @@ def png_frames(folder) -> np.ndarray:
 def settings(model, **overrides) -> Settings:
     values = dict(timeline=[(0, "a red circle moving left")], model=str(model), height=32, width=48, frames=3,
                   context_frames=2, steps=3)
-    return Settings(**{**values, **overrides})
+    return Settings.from_options(**{**values, **overrides})
 
 
 def test_same_seed_same_frames(model, tmp_path):
@@ -173,7 +173,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(model, tmp_path, out_name
         assert np.array_equal(decode(killed), decode(uninterrupted))
 
 
-def test_extend_starts_from_the_encoded_last_frames(model, pipeline, tmp_path, monkeypatch):
+def test_extend_starts_from_the_encoded_last_frames(model, pipeline, tmp_path):
     source = tmp_path / "source.mp4"
     run(model, source, "--prompt", "a red circle", "--chunks", "2")
     with av.open(str(source)) as container:  # an independent decoder
@@ -181,10 +181,8 @@ def test_extend_starts_from_the_encoded_last_frames(model, pipeline, tmp_path, m
     last_frames = torch.from_numpy(frames[-2:]).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, 2, H, W)
     expected = pipeline.vae.encode_video(last_frames[None])  # (1, 4, 2, h, w)
     contexts = []
-    call = StableDiffusionXLVideoPipeline.__call__
-    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "__call__",
-                        lambda self, **kw: contexts.append(kw["previous_latents"]) or call(self, **kw))
-    run(model, tmp_path / "extended/", "--prompt", "a blue square", "--chunks", "1", "--extend", str(source))
+    run(model, tmp_path / "extended/", "--prompt", "a blue square", "--chunks", "1", "--extend", str(source),
+        on_chunk=lambda index, context, embeddings: contexts.append(context))
     assert (contexts[0] - expected).abs().max() <= 1e-5
 
 
@@ -231,13 +229,10 @@ def test_existing_output_is_kept_without_overwrite(model, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
-def test_timeline_through_the_command_line(model, pipeline, tmp_path, monkeypatch):
+def test_timeline_through_the_command_line(model, pipeline, tmp_path):
     used = []
-    call = StableDiffusionXLVideoPipeline.__call__
-    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "__call__",
-                        lambda self, **kw: used.append(kw["prompt_embeds"]) or call(self, **kw))
     run(model, tmp_path / "out/", "--prompt", "a red circle", "--prompt", "a blue square@3", "--transition", "2",
-        "--chunks", "4")
+        "--chunks", "4", on_chunk=lambda index, context, embeddings: used.append(embeddings))
     red, blue = pipeline.encode_prompt("a red circle"), pipeline.encode_prompt("a blue square")
     assert all(torch.equal(a, b) for a, b in zip(used[0], red))
     assert all(torch.equal(a, b) for a, b in zip(used[3], blue))
@@ -251,10 +246,10 @@ def test_model_defaults_apply_and_the_command_line_overrides_them(tmp_path):
         folder, sample_defaults={"anchor_frame": True, "guidance": 2.0, "steps": 3})
     config = load_checkpoint_config(folder)
     defaults = sample.with_model_defaults(sample.parse_arguments(["--model", str(folder), "--prompt", "a"]), config)
-    assert (defaults.anchor_frame, defaults.guidance, defaults.steps, defaults.renormalize) == (True, 2.0, 3, False)
+    assert (defaults.drift.anchor_frame, defaults.guidance, defaults.steps, defaults.drift.renormalize) == (True, 2.0, 3, False)
     given = sample.with_model_defaults(sample.parse_arguments(
         ["--model", str(folder), "--prompt", "a", "--no-anchor-frame", "--guidance", "5", "--renormalize"]), config)
-    assert (given.anchor_frame, given.guidance, given.renormalize) == (False, 5.0, True)
+    assert (given.drift.anchor_frame, given.guidance, given.drift.renormalize) == (False, 5.0, True)
 
 
 def test_the_run_builds_no_autograd_graph(model, tmp_path, monkeypatch):

@@ -104,6 +104,16 @@ def test_size_must_fit_the_vae_of_the_checkpoint_in_mode_temporal(tmp_path):
         TrainConfig(mode="temporal", model=str(tmp_path), size=36)
 
 
+def test_the_conditioner_is_a_setting_and_an_unknown_one_is_refused_before_any_file(tmp_path):
+    from temporal import CONDITIONERS
+
+    assert TrainConfig().conditioner in CONDITIONERS
+    assert train.baby_configs(32, "transformer")[0].conditioner == "transformer"
+    with pytest.raises(ValueError, match="--conditioner cheap: .*must be one of"):
+        train.train(TrainConfig(out=str(tmp_path / "run"), conditioner="cheap", size=16))
+    assert not (tmp_path / "run").exists()
+
+
 def test_options_not_given_take_the_values_of_the_run_in_out(tmp_path):
     stored = store_run(tmp_path, prediction_type="epsilon", context_drop=0.1, context_shorten=0.0, unet_steps=7,
                        sample_guidance=3.0, gradient_checkpointing=True)

@@ -44,6 +44,12 @@ def step(seed: int) -> dict:
     return dict(sample=torch.randn(2, 4, 3, 8, 8, generator=generator), timestep=torch.tensor(900.0 - 100 * seed))
 
 
+def prepared(unet: UNet, inputs: dict):
+    """The chunk cache of a call's text, pooled text, time ids and context."""
+    return unet.prepare_chunk(inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["time_ids"],
+                              inputs["previous_latents"], *inputs["sample"].shape[-2:], inputs["sample"].dtype)
+
+
 def count_flops(function) -> int:
     with FlopCounterMode(display=False) as counter:
         function()
@@ -54,7 +60,8 @@ def count_flops(function) -> int:
 @torch.no_grad()
 def test_cached_steps_equal_plain_steps(groupnorm_scope):
     unet = randomised_unet(groupnorm_scope=groupnorm_scope)
-    fixed, cache = conditions(unet.config), {}
+    fixed = conditions(unet.config)
+    cache = prepared(unet, {**step(0), **fixed})
     for index in range(3):
         cached = unet(**step(index), **fixed, cache=cache)
         assert torch.allclose(cached, unet(**step(index), **fixed), atol=1e-6, rtol=0)
@@ -65,7 +72,8 @@ def test_cached_steps_equal_plain_steps(groupnorm_scope):
 @torch.no_grad()
 def test_a_cache_filled_for_other_inputs_is_refused():
     unet = randomised_unet()
-    inputs, cache = {**step(0), **conditions(unet.config)}, {}
+    inputs = {**step(0), **conditions(unet.config)}
+    cache = prepared(unet, inputs)
     unet(**inputs, cache=cache)
     for name, value in [("previous_latents", inputs["previous_latents"].clone()),
                         ("encoder_hidden_states", inputs["encoder_hidden_states"].clone()),

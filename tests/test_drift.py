@@ -1,0 +1,174 @@
+"""The drift controls (video_settings.DriftControls): one field each, the options and checks made
+from the fields, the order of the steps, the state file, and the statistics lock."""
+
+import argparse
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sample
+from endless import VideoState, generate_latents, load_state, save_state, state_path
+from pipeline import StableDiffusionXLVideoPipeline
+from tiny_pipeline import tiny_video_pipeline
+from video_settings import (DRIFT_NAMES, SETTING_NAMES, DriftControls, Settings, add_chunk_options, check_settings,
+                            settings_from_dict)
+
+FAST = ["--steps", "2", "--frames", "3", "--context-frames", "2", "--height", "32", "--width", "48"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_video_pipeline(tmp_path_factory.mktemp("tokenizer")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(model):
+    return StableDiffusionXLVideoPipeline.from_pretrained(model)
+
+
+def channel_statistics(latents: torch.Tensor) -> torch.Tensor:
+    """(b, 4, f, h, w) -> (2, b, 4): each channel's mean and std over frames and pixels."""
+    return torch.stack([latents.mean(dim=(2, 3, 4)), latents.std(dim=(2, 3, 4))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and checks come from the fields
+
+
+def test_every_control_is_an_option_of_sample_and_evaluate_with_the_fields_help_and_default():
+    parser = argparse.ArgumentParser()
+    add_chunk_options(parser)
+    for f in fields(DriftControls):
+        action = next(a for a in parser._actions if a.dest == f.name)
+        assert action.help.startswith(f.metadata["help"])
+        assert action.default is None  # unset: the model's default, then the field's
+        default = ("on" if f.default else "off") if f.type is bool else f"{f.default:g}"
+        assert action.help.endswith(f"else {default})")
+    assert set(DRIFT_NAMES) <= set(SETTING_NAMES)
+    for f in fields(DriftControls):  # every control reaches Settings.drift from either command line
+        option = "--" + f.name.replace("_", "-")
+        value, expected = ([option], True) if f.type is bool else ([option, "0.25"], 0.25)
+        args = sample.parse_arguments(["--prompt", "a", *value])
+        assert getattr(sample.settings_from_arguments(args).drift, f.name) == expected
+        arguments = evaluate.parse_arguments(value)
+        assert vars(arguments)[f.name] == expected
+
+
+def test_every_control_defaults_to_off():
+    assert all(not getattr(DriftControls(), name) for name in DRIFT_NAMES)
+    assert Settings(timeline=[(0, "a")]).drift == DriftControls()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--statistics-lock", "1.5"], r"--statistics-lock must be a finite number in \[0, 1\], got 1.5"),
+    (["--statistics-lock", "-0.1"], "--statistics-lock"),
+    (["--context-noise", "-1"], "--context-noise must be a finite number at least 0"),
+])
+def test_a_control_out_of_its_range_is_refused_naming_its_option(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        sample.settings_from_arguments(sample.parse_arguments(["--prompt", "a", *arguments]))
+
+
+def test_flat_options_and_settings_round_trip():
+    settings = Settings.from_options(timeline=[(0, "a")], steps=3, anchor_frame=True, statistics_lock=0.5)
+    assert settings.drift == DriftControls(anchor_frame=True, statistics_lock=0.5) and settings.steps == 3
+    assert Settings.from_options(**settings.options()) == settings
+    assert settings_from_dict(asdict(settings)) == settings
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["drift"].update(statistics_lock="0.5"), "drift.statistics_lock"),
+    (lambda d: d["drift"].pop("anchor_frame"), "drift.DriftControls"),
+    (lambda d: d["drift"].update(unknown=1.0), "drift.DriftControls"),
+    (lambda d: d.update(drift=[0.0]), "drift.DriftControls"),
+    (lambda d: d.update(anchor_frame=True), "Settings"),  # the old, flat layout
+])
+def test_the_state_files_drift_controls_are_checked(edit, message):
+    values = asdict(Settings(timeline=[(0, "a")]))
+    edit(values)
+    with pytest.raises(TypeError, match=message):
+        settings_from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of the steps
+
+
+def test_the_context_is_anchored_then_noised():
+    controls = DriftControls(anchor_frame=True, context_noise=0.5)
+    state = VideoState(context=torch.zeros(1, 4, 3, 2, 2), anchor=torch.full((1, 4, 1, 2, 2), 2.0))
+    context = controls.next_context(state, noise=lambda shape: torch.ones(shape))
+    assert torch.equal(context[:, :, 0], torch.full((1, 4, 2, 2), 2.5))  # the anchor, noised too
+    assert torch.equal(context[:, :, 1:], torch.full((1, 4, 2, 2, 2), 0.5))
+    assert torch.equal(state.context, torch.zeros(1, 4, 3, 2, 2))  # the state is not changed
+    assert controls.next_context(VideoState(), noise=None) is None
+
+
+def test_a_finished_chunk_is_renormalised_then_locked_then_anchored():
+    controls = DriftControls(renormalize=True, statistics_lock=1.0, anchor_frame=True)
+    state = VideoState()
+    generator = torch.Generator().manual_seed(0)
+    first = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 3 + 1, state)
+    assert torch.equal(state.anchor, first[:, :, :1])  # the anchor is the post-processed first frame
+    assert torch.allclose(state.reference_statistics.flatten(1), channel_statistics(first).flatten(1))
+    second = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 5 - 2, state)
+    assert torch.allclose(channel_statistics(second), channel_statistics(first), atol=1e-5)  # locked last
+
+
+# ---------------------------------------------------------------------------------------------
+# The statistics lock
+
+
+def test_the_statistics_lock_pulls_each_channel_toward_the_first_chunks_by_its_strength():
+    generator = torch.Generator().manual_seed(1)
+    first, drifted = torch.randn(2, 4, 3, 4, 4, generator=generator), torch.randn(2, 4, 3, 4, 4, generator=generator) * 2 + 3
+    results = {}
+    for strength in (0.0, 0.5, 1.0):
+        state = VideoState()
+        controls = DriftControls(statistics_lock=strength)
+        assert torch.equal(controls.finish_chunk(first, state), first)  # the first chunk is the reference
+        results[strength] = controls.finish_chunk(drifted, state)
+    assert torch.equal(results[0.0], drifted)  # 0 is off
+    assert torch.allclose(channel_statistics(results[1.0]), channel_statistics(first), atol=1e-5)
+    assert torch.allclose(results[0.5], (drifted + results[1.0]) / 2, atol=1e-6)
+
+
+def test_the_lock_reaches_the_next_context_and_each_chunk_keeps_the_first_chunks_statistics(pipeline, model):
+    settings = Settings.from_options(timeline=[(0, "a red circle")], model=str(model), height=32, width=48, frames=3,
+                                     context_frames=2, steps=2, statistics_lock=1.0)
+    contexts = []
+    chunks = generate_latents(pipeline, settings, [pipeline.encode_prompt("a red circle")], VideoState(),
+                              torch.Generator().manual_seed(0), on_chunk=lambda i, context, e: contexts.append(context))
+    made = [next(chunks) for _ in range(3)]
+    for latents in made[1:]:
+        assert torch.allclose(channel_statistics(latents), channel_statistics(made[0]), atol=1e-4)
+    assert contexts[0] is None and torch.equal(contexts[2], made[1][:, :, -2:])  # the locked chunk is the context
+    unlocked = generate_latents(pipeline, Settings.from_options(**{**settings.options(), "statistics_lock": 0.0}),
+                                [pipeline.encode_prompt("a red circle")], VideoState(), torch.Generator().manual_seed(0))
+    assert torch.equal(next(unlocked), made[0]) and not torch.equal(next(unlocked), made[1])
+
+
+def test_a_locked_run_resumes_exactly_and_its_state_keeps_the_reference(model, tmp_path):
+    arguments = ["--model", str(model), *FAST, "--prompt", "a red circle", "--statistics-lock", "0.7"]
+    sample.main([*arguments, "--out", str(tmp_path / "resumed/"), "--chunks", "2"])
+    settings, state, _ = load_state(state_path(str(tmp_path / "resumed/")))
+    assert settings.drift.statistics_lock == 0.7 and state.reference_statistics.shape == (2, 1, 4, 1, 1, 1)
+    sample.main(["--out", str(tmp_path / "resumed/"), "--resume", "--chunks", "4"])
+    sample.main([*arguments, "--out", str(tmp_path / "whole/"), "--chunks", "4"])
+    frames = lambda folder: np.stack([np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
+    assert np.array_equal(frames(tmp_path / "resumed"), frames(tmp_path / "whole"))
+    with pytest.raises(ValueError, match="--statistics-lock 0.5 \\(the state file has 0.7\\)"):
+        sample.main(["--out", str(tmp_path / "resumed/"), "--resume", "--chunks", "5", "--statistics-lock", "0.5"])
+
+
+def test_evaluate_takes_the_lock_and_reports_every_control(model, capsys):
+    report = evaluate.main(["--model", str(model), "--prompts", "a red circle moving left", "--seeds", "1",
+                            "--chunks", "2", *FAST, "--statistics-lock", "0.5"])
+    assert {name: report[name] for name in DRIFT_NAMES} == asdict(DriftControls(statistics_lock=0.5))
