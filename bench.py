@@ -44,7 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import world
 from endless import DTYPES
 from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline
+from pipeline import StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
 from vae import AutoencoderKL, VAEConfig
@@ -172,8 +172,7 @@ def unet_inputs(config: UNetConfig, batch: int, frames: int, height: int, width:
         timestep=torch.tensor(500.0, device=device),
         encoder_hidden_states=draw(batch, 77, config.cross_attention_dim),
         text_embeds=draw(batch, config.pooled_text_dim),
-        time_ids=torch.tensor([[8.0 * height, 8.0 * width, 0, 0, 8.0 * height, 8.0 * width]], device=device,
-                              dtype=dtype).repeat(batch, 1),
+        time_ids=micro_conditioning(batch, 8 * height, 8 * width, dtype=dtype, device=device),
         previous_latents=draw(1, config.in_channels, context_frames, height, width) if context_frames else None,
     )
 

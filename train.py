@@ -294,14 +294,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import world
 from endless import VideoState, generate_latents, to_uint8_frames
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline, fsync, fsync_tree, micro_conditioning, writing
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
-from text import TextEncoder
+from text import TextEncoder, clip_tokenizers
 from vae import AutoencoderKL, VAEConfig
 from video_io import open_writer, read_video
 from video_settings import Settings
@@ -391,10 +391,7 @@ def batch_of(data, step: int, batch_size: int, rank: int, world_size: int):
 
 def baby_text_encoder(folder: Path, seed: int) -> TextEncoder:
     """Frozen random CLIP encoders (hidden 32, projection 32) and a tokenizer of the world's words."""
-    tokenizer_folder = world.write_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=16, local_files_only=True)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=16, pad_token="!",
-                                                local_files_only=True)
+    tokenizer, tokenizer_2 = clip_tokenizers(world.write_tokenizer_files(folder), 16)
     common = dict(vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
