@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import randn
+from pipeline import fsync, randn
 from text import PromptEmbeddings
 from video_settings import Settings, check_settings, settings_from_dict
 
@@ -162,21 +162,12 @@ def replace_file(path: Path, write) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-        fsync_folder(path.parent)
+        fsync(path.parent)  # the rename, durable
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.filename is None:
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def remove_stale_state_temporaries(path: Path) -> None:
@@ -249,7 +240,7 @@ def finish_pending_output(pending: str | None, out: str) -> None:
     """
     if pending is not None and os.path.lexists(pending):
         os.replace(pending, os.path.abspath(out))
-        fsync_folder(Path(os.path.abspath(out)).parent)
+        fsync(Path(os.path.abspath(out)).parent)
 
 
 # The output's lock: one run per output at a time.

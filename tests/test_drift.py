@@ -12,25 +12,11 @@ from PIL import Image
 
 import evaluate
 import sample
-from endless import VideoState, generate_latents, load_state, save_state, state_path
-from pipeline import StableDiffusionXLVideoPipeline
-from tiny_pipeline import tiny_video_pipeline
-from video_settings import (DRIFT_NAMES, SETTING_NAMES, DriftControls, Settings, add_chunk_options, check_settings,
+from endless import VideoState, generate_latents, load_state, state_path
+from video_settings import (DRIFT_NAMES, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
                             settings_from_dict)
 
 FAST = ["--steps", "2", "--frames", "3", "--context-frames", "2", "--height", "32", "--width", "48"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_video_pipeline(tmp_path_factory.mktemp("tokenizer")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipeline(model):
-    return StableDiffusionXLVideoPipeline.from_pretrained(model)
 
 
 def channel_statistics(latents: torch.Tensor) -> torch.Tensor:

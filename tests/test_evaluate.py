@@ -16,7 +16,6 @@ import sample
 from endless import to_uint8_frames
 from video_settings import Settings
 from evaluate import VideoScore, detect, direction, displacement, parse_caption, resolve_prompts
-from tiny_pipeline import tiny_video_pipeline
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
 
 SIZES = (24, 48, 64)
@@ -180,13 +179,6 @@ def test_prompts():
     assert parse_caption(" a white square moving down ") == ("white", "square", "down")
     with pytest.raises(ValueError, match="purple"):
         parse_caption("a purple circle moving left")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_video_pipeline(tmp_path_factory.mktemp("tokenizer")).save_pretrained(folder)
-    return folder
 
 
 FAST = ["--steps", "1", "--frames", "2", "--context-frames", "1", "--height", "32", "--width", "48", "--chunks", "2"]

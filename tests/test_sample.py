@@ -31,18 +31,6 @@ SIZE = ["--height", "32", "--width", "48"]  # latents 4 x 6
 FAST = ["--steps", "3", "--frames", "3", "--context-frames", "2", *SIZE]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_video_pipeline(tmp_path_factory.mktemp("tokenizer")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipeline(model):
-    return StableDiffusionXLVideoPipeline.from_pretrained(model)
-
-
 def run(model, out, *arguments, on_chunk=None):
     sample.main(["--model", str(model), "--out", str(out), *FAST, *arguments], on_chunk)
 

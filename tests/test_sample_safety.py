@@ -27,18 +27,10 @@ import endless
 import sample
 import vae
 from pipeline import StableDiffusionXLVideoPipeline
-from tiny_pipeline import tiny_video_pipeline
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--frames", "2", "--context-frames", "1", "--height", "32", "--width", "48"]
 PROMPT = ["--prompt", "a red circle"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_video_pipeline(tmp_path_factory.mktemp("tokenizer")).save_pretrained(folder)
-    return folder
 
 
 def run(model, out, *arguments, prompt=PROMPT):
