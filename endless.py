@@ -247,21 +247,26 @@ def finish_pending_output(pending: str | None, out: str) -> None:
 
 
 class OutputLock:
-    """An exclusive lock on an output for a whole run, as a context manager: the file `OUT.lock`,
-    locked with flock and holding its owner's process id.
+    """An exclusive lock on an output for a whole run, as a context manager: the file
+    `OUT.sample.lock`, locked with flock and holding its owner's process id.
 
     The kernel releases a flock when its process ends, however it ends, so the lock of a killed run
-    never blocks the next one; the file is removed when the lock is released.
+    never blocks the next one; the file is removed when the lock is released. A file of that name
+    that holds anything but a process id is someone else's: it is refused, never overwritten.
     """
 
     def __init__(self, out: str):
         self.out = out
-        self.path = Path(str(out).rstrip("/") + ".lock")
+        self.path = Path(str(out).rstrip("/") + ".sample.lock")
         self.descriptor = None
 
     def __enter__(self) -> "OutputLock":
         while True:
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not os.pread(descriptor, 64, 0).strip().isdigit() and os.fstat(descriptor).st_size:
+                os.close(descriptor)
+                raise ValueError(f"--out {self.out}: {self.path} exists and is not a lock of sample.py "
+                                 f"(it holds no process id); move it away")
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -54,7 +54,7 @@ def state_file(out) -> Path:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporaries and locks that a run must not leave behind."""
-    return sorted(p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial", ".lock")))
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial", ".sample.lock")))
 
 
 def gif_frames(path) -> int:
@@ -73,22 +73,31 @@ def gif_frames(path) -> int:
 def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(model, tmp_path):
     out = tmp_path / "video.gif"
     with endless.OutputLock(str(out)):
-        with pytest.raises(ValueError, match=rf"being written by process {os.getpid()}\b.*video\.gif\.lock"):
+        with pytest.raises(ValueError, match=rf"being written by process {os.getpid()}\b.*video\.gif\.sample\.lock"):
             run(model, out, "--chunks", "1")
-        assert sorted(os.listdir(tmp_path)) == ["video.gif.lock"]  # nothing but the holder's lock
+        assert sorted(os.listdir(tmp_path)) == ["video.gif.sample.lock"]  # nothing but the holder's lock
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_stale_lock_file_does_not_block_and_the_lock_is_removed_after_a_run(model, tmp_path):
     out = tmp_path / "video.gif"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock = tmp_path / "video.gif.lock"
+    lock = tmp_path / "video.gif.sample.lock"
     lock.write_text(f"{int(dead.stdout)}\n")  # its process is gone, and so is its flock
     run(model, out, "--chunks", "1")
     assert sorted(os.listdir(tmp_path)) == ["video.gif", "video.gif.state.pt"]
     with pytest.raises(ValueError, match="--overwrite"):  # a failed run removes its lock too
         run(model, out, "--chunks", "1")
     assert sorted(os.listdir(tmp_path)) == ["video.gif", "video.gif.state.pt"]
+
+
+def test_a_file_of_the_lock_s_name_that_is_not_a_lock_is_refused_and_kept(model, tmp_path):
+    out = tmp_path / "frames"
+    theirs = tmp_path / "frames.sample.lock"
+    theirs.write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"frames\.sample\.lock exists and is not a lock of sample\.py"):
+        run(model, out, "--chunks", "1")
+    assert theirs.read_text() == "my notes\n" and sorted(os.listdir(tmp_path)) == ["frames.sample.lock"]
 
 
 # ---------------------------------------------------------------------------------------------
