@@ -52,6 +52,7 @@ from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, lo
 from scheduler import SchedulerConfig
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
+from video_io import process_alive
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -607,24 +608,13 @@ def staging_folder(out: Path, purpose: str) -> Path:
     return out.parent / f".{out.name}.{os.getpid()}.{purpose}"
 
 
-def process_is_alive(pid: int) -> bool:
-    """Whether process `pid` runs (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, as another user
-        pass
-    return True
-
-
 def clean_up_killed_conversions(out: Path) -> None:
     """Remove the staging folders of conversions into OUT whose process is gone, one line each; a
     process killed between its two renames left OUT as ".previous": that goes back to OUT."""
     pattern = rf"\.{re.escape(out.name)}\.(\d{{1,9}})\.(converting|previous)"
     for folder in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
         match = re.fullmatch(pattern, folder.name)
-        if not match or process_is_alive(int(match[1])):
+        if not match or process_alive(int(match[1])):
             continue
         if match[2] == "previous" and not out.exists() and not out.is_symlink():
             folder.rename(out)

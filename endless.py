@@ -18,6 +18,7 @@ import torch
 
 from pipeline import fsync, randn
 from text import PromptEmbeddings
+from video_io import process_alive
 from video_settings import Settings, check_settings, settings_from_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -176,16 +177,6 @@ def remove_stale_state_temporaries(path: Path) -> None:
         pid = stale.name[len(path.name) + 1 : -len(".tmp")]
         if pid.isdigit() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:

@@ -238,7 +238,8 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
                 raise ValueError(f"--resume continues {out} as its state file says; these options differ from it: "
                                  + "; ".join(conflicts))
             endless.finish_pending_output(pending, out)
-            check_settings(settings, load_checkpoint_config(settings.model))
+            model_config = load_checkpoint_config(settings.model)
+            check_settings(settings, model_config)
         else:
             if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
                 raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
         check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
         settings.device = device = endless.resolve_device(settings.device)  # stored as it is run
-        endless.check_memory(settings, load_checkpoint_config(settings.model), parameter_bytes, device)
+        endless.check_memory(settings, model_config, parameter_bytes, device)
         starting = state.chunk_index == 0  # a resumed run past its first chunk needs no starting point
         image = video = None
         if settings.image and starting:

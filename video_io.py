@@ -486,7 +486,7 @@ def _remove_stale_temporaries(path):
         pattern = re.compile(rf"\.{name}\.(?P<pid>\d+)\.partial")
         for entry in os.listdir(folder):
             match = pattern.fullmatch(entry)
-            if match and (int(match["pid"]) == os.getpid() or not _process_exists(int(match["pid"]))):
+            if match and (int(match["pid"]) == os.getpid() or not process_alive(int(match["pid"]))):
                 stale = os.path.join(folder, entry)
                 if os.path.isdir(stale):
                     _remove_temporary_folder(stale)
@@ -499,12 +499,13 @@ def _remove_stale_temporaries(path):
         remove(target, _FRAME_RE.pattern)
 
 
-def _process_exists(pid):
+def process_alive(pid):
+    """Whether process `pid` runs (signal 0 checks without sending anything; another user's runs too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
+    except PermissionError:
         return True
     return True
 
