@@ -124,6 +124,18 @@ def fail_at(monkeypatch, step, error):
     monkeypatch.setattr(video_io.os, "fsync", failing(fsync))
 
 
+def completes_despite_a_crash_at(monkeypatch, step, writer, frames):
+    """Write `frames` with a crash at the `step`-th write or flush; True if the chunk was complete
+    before that step came (there is no later step to crash at)."""
+    with monkeypatch.context() as patch:
+        fail_at(patch, step, Crash())
+        try:
+            writer.write_chunk(frames)
+            return True
+        except Crash:
+            return False
+
+
 OUTPUTS = ["out.mp4", "out.gif", "frames/"]
 
 
@@ -342,13 +354,8 @@ def test_crash_at_every_write_keeps_returned_chunks_and_resumes(tmp_path, monkey
     for step in itertools.count():
         path.write_bytes(two_chunks)
         writer = video_io.open_writer(str(path), FPS, resume_frames=8)
-        with monkeypatch.context() as patch:
-            fail_at(patch, step, Crash())
-            try:
-                writer.write_chunk(chunk(2))
-                break
-            except Crash:
-                pass
+        if completes_despite_a_crash_at(monkeypatch, step, writer, chunk(2)):
+            break
         writer.close()
         frames = frames_of(path)
         shown.append(len(frames))
@@ -435,13 +442,8 @@ def test_new_output_replaces_the_old_one_only_once_its_first_chunk_is_complete(t
         assert not writer.in_place
         assert [os.path.basename(t) for t in temporaries(tmp_path)] == (
             [f".{name.strip('/')}.{os.getpid()}.partial"] if name != "frames/" else [])
-        with monkeypatch.context() as patch:
-            fail_at(patch, step, Crash())
-            try:
-                writer.write_chunk(chunk(4))
-                break
-            except Crash:
-                pass
+        if completes_despite_a_crash_at(monkeypatch, step, writer, chunk(4)):
+            break
         assert not writer.in_place
         writer.close()
         assert not temporaries(tmp_path)
