@@ -3,6 +3,14 @@
     python bench.py                         # CPU, one thread, under 5 minutes
     python bench.py --threads 2 --rows unet_vs_diffusers,temporal_overhead
     python bench.py --device cuda           # full SDXL sizes in bf16 (written for an H100, untested)
+    python bench.py --device cuda --quick --json quick.json   # the prepared GPU check, under 8 minutes
+
+`--quick` is one run on a GPU that checks what the CPU cannot: our UNet against diffusers' in bf16
+at 768x768, the video UNet in bf16 against fp32, the whole path (a random full-size diffusers
+folder, convert_weights.py, sample.py for 2 chunks, a playable MP4), the memory modes (offload
+outputs and peaks against memory.py's estimate, tiled decoding) and the speed of the denoising loop
+(seconds per frame, MFU, peak memory); it prints a table last. `--device cpu --quick` runs the same
+code on tiny models (tests/test_bench.py).
 
 Rows (`--rows` picks some):
 - full_size_flops: parameters and model FLOPs per frame of SDXL and of the original video
@@ -29,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,14 +56,14 @@ from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
-from vae import AutoencoderKL, VAEConfig
+from vae import TILE, TILE_OVERLAP, AutoencoderKL, VAEConfig
 
 try:  # the reference, a test-only dependency, and its builder in tests/: needed only by unet_vs_diffusers
     from diffusers import UNet2DConditionModel
 
-    from tests.diffusers_oracle import diffusers_unet
+    from tests.diffusers_oracle import diffusers_unet, diffusers_vae
 except ImportError:
-    UNet2DConditionModel = diffusers_unet = None
+    UNet2DConditionModel = diffusers_unet = diffusers_vae = None
 
 REPOSITORY = Path(__file__).resolve().parent
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
@@ -76,6 +85,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk-steps", type=int, help="denoising steps in the chunk row (default 2 on CPU, 25 on GPU)")
     parser.add_argument("--endless-steps", type=int, help="steps per chunk in endless/peak_memory (default 25 on CPU, 2 on GPU)")
     parser.add_argument("--endless-chunks", default="5,50", help="chunk counts of the peak_memory runs; the last is the endless row")
+    parser.add_argument("--quick", action="store_true",
+                        help="the prepared GPU check (correctness, the whole path, memory modes, speed; a table last, "
+                             "under 8 minutes on an H100/H200); with --device cpu a smoke run of tiny models")
+    parser.add_argument("--json", help="with --quick: also write the table as JSON to this file")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one endless run in this process
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -638,6 +651,311 @@ def endless(args) -> list[dict]:
     ]
 
 
+# The prepared GPU check (--quick) ---------------------------------------------------------------
+#
+# One run on a GPU, sized to finish in under 8 minutes on an H100/H200 with random full-size SDXL
+# weights (configs/sdxl-base-1.0), with time to run it again after a fix; every part in its own
+# try block, so a failure is a row of the table and the other parts still run. With --device cpu
+# the same code runs on tiny models in seconds (tests/test_bench.py).
+
+
+def quick_shapes(cuda: bool) -> dict:
+    """The check's chunk: 768x768, 8 frames, 4 context frames, 25 steps with guidance (tiny on a CPU)."""
+    if cuda:
+        return dict(height=768, width=768, frames=8, context_frames=4, steps=25, guidance=9.0)
+    return dict(height=64, width=64, frames=2, context_frames=1, steps=2, guidance=9.0)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """||value - reference|| / ||reference||, in float32."""
+    value, reference = value.float(), reference.float()
+    return float((value - reference).norm() / reference.norm())
+
+
+def free_accelerator() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if str(device).startswith("cuda") else None
+
+
+def diffusers_sdxl_unet(args, config: UNetConfig):
+    """diffusers' UNet: SDXL's from configs/ on a GPU, the tiny one of `config` on a CPU, random weights."""
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        if args.device.startswith("cuda"):
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL / "unet")).eval()
+        return diffusers_unet(config).eval()
+
+
+@torch.no_grad()
+def quick_correctness(args) -> dict:
+    """Our UNet and diffusers' on the same random weights at 768x768: fp32 against fp32, and each
+    in bf16 against the fp32 reference; the video UNet with a context in bf16 against fp32."""
+    cuda = args.device.startswith("cuda")
+    shapes = quick_shapes(cuda)
+    config = UNetConfig.sdxl(temporal_layers=0) if cuda else UNetConfig.tiny(temporal_layers=0)
+    reference = diffusers_sdxl_unet(args, config)
+    with torch.device(args.device):
+        ours = UNet(config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    latent = (shapes["height"] // 8, shapes["width"] // 8)
+    inputs = unet_inputs(config, 2, 2, *latent, 0, args.device, torch.float32)
+    images = as_images(inputs)
+    expected = reference(*images[:3], added_cond_kwargs=images[3]).sample  # (b*f, c, h, w)
+    as_frames = lambda video: video.transpose(1, 2).flatten(0, 1)  # (b, c, f, h, w) -> (b*f, c, h, w)
+    row = {"shapes": {"batch": 2, "frames": 2, "latent": list(latent)},
+           "ours_fp32_vs_diffusers_fp32": relative_error(as_frames(ours(**inputs)), expected)}
+    half = {name: value.to(torch.bfloat16) if value is not None and value.is_floating_point() else value
+            for name, value in inputs.items()}
+    reference.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    half_images = as_images(half)
+    row["diffusers_bf16_vs_fp32"] = relative_error(reference(*half_images[:3], added_cond_kwargs=half_images[3]).sample, expected)
+    row["ours_bf16_vs_fp32"] = relative_error(as_frames(ours(**half)), expected)
+    del reference, ours, expected
+    free_accelerator()
+    video_config = UNetConfig.sdxl() if cuda else UNetConfig.tiny()
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        video = randomise_temporal(UNet(video_config)).eval()
+    inputs = unet_inputs(video_config, 2, shapes["frames"], *latent, shapes["context_frames"], args.device, torch.float32)
+    expected = video(**inputs)
+    video.to(torch.bfloat16)
+    half = {name: value.to(torch.bfloat16) if value is not None and value.is_floating_point() else value
+            for name, value in inputs.items()}
+    row["video_unet_with_context_bf16_vs_fp32"] = relative_error(video(**half), expected)
+    row["video_shapes"] = {"batch": 2, "frames": shapes["frames"], "context_frames": shapes["context_frames"]}
+    row["ok"] = (row["ours_fp32_vs_diffusers_fp32"] < 1e-4
+                 and row["ours_bf16_vs_fp32"] <= 1.5 * row["diffusers_bf16_vs_fp32"] + 1e-3)
+    return row
+
+
+def random_diffusers_folder(args, folder: Path) -> Path:
+    """A diffusers SDXL folder with random weights: SDXL's components from configs/ (fp16) on a
+    GPU, tiny ones on a CPU; a tokenizer of the world's words (no download)."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    from train import baby_text_encoder
+
+    cuda = args.device.startswith("cuda")
+    encoder = sdxl_text_encoder(folder / "tokenizer-files") if cuda else baby_text_encoder(folder / "tokenizer-files", 0)
+    unet_config = UNetConfig.tiny(cross_attention_dim=64, pooled_text_dim=32, temporal_layers=0)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        unet = diffusers_sdxl_unet(args, unet_config)
+        vae = (DiffusersAutoencoderKL.from_config(DiffusersAutoencoderKL.load_config(SDXL / "vae")) if cuda
+               else diffusers_vae(VAEConfig.tiny()))
+    scheduler = DPMSolverMultistepScheduler.from_config(DPMSolverMultistepScheduler.load_config(SDXL / "scheduler"))
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=encoder.text_encoder, text_encoder_2=encoder.text_encoder_2,
+                                         tokenizer=encoder.tokenizer, tokenizer_2=encoder.tokenizer_2, unet=unet,
+                                         scheduler=scheduler)
+    if cuda:
+        pipeline.to(torch.float16)
+    pipeline.save_pretrained(folder / "sdxl-diffusers")
+    return folder / "sdxl-diffusers"
+
+
+def run_script(command: list[str], seconds: dict, name: str) -> None:
+    """Run one of the repository's command lines; RuntimeError with the end of its output if it fails."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *command], cwd=REPOSITORY, capture_output=True, text=True)
+    seconds[name] = round(time.perf_counter() - start, 1)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command[:1])} failed ({result.returncode}): {(result.stderr or result.stdout)[-600:]}")
+
+
+def quick_whole_path(args, folder: Path) -> dict:
+    """A random diffusers SDXL folder -> convert_weights.py -> sample.py, 2 chunks at 768x768 in bf16
+    (tiny and fp32 on a CPU), written as an MP4 that PyAV decodes to every frame."""
+    cuda = args.device.startswith("cuda")
+    shapes, seconds = quick_shapes(cuda), {}
+    start = time.perf_counter()
+    source = random_diffusers_folder(args, folder)
+    seconds["build_diffusers_folder"] = round(time.perf_counter() - start, 1)
+    dtype = "bf16" if cuda else "fp32"
+    checkpoint, video = folder / "checkpoint", folder / "video.mp4"
+    run_script(["convert_weights.py", str(source), str(checkpoint), "--dtype", dtype], seconds, "convert_weights")
+    shutil.rmtree(source)  # the disk holds one full-size copy at a time
+    sample_options = ["--steps", "2", "--frames", "2", "--context-frames", "1"] if not cuda else []
+    run_script(["sample.py", "--model", str(checkpoint), "--prompt", PROMPT, "--chunks", "2", "--height",
+                str(shapes["height"]), "--width", str(shapes["width"]), "--dtype", dtype, "--device", args.device,
+                "--threads", str(args.threads), "--out", str(video), *sample_options], seconds, "sample")
+    import av  # test-only dependency: the check that the file plays
+
+    with av.open(str(video)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    frames_per_chunk = json.loads((checkpoint / "config.json").read_text())["sample_defaults"].get("frames", 4)
+    expected = 2 * (2 if not cuda else frames_per_chunk)
+    return {"seconds": seconds, "frames_decoded": len(frames), "frames_expected": expected,
+            "frame_shape": list(frames[0].shape) if frames else None, "video_bytes": video.stat().st_size,
+            "ok": len(frames) == expected and frames[0].shape == (shapes["height"], shapes["width"], 3)}
+
+
+@torch.no_grad()
+def quick_memory_modes(args, checkpoint: Path) -> dict:
+    """One chunk (2 steps) of the converted checkpoint with each offload mode: the decoded frames
+    against no offload, peak memory against memory.py's estimate; then tiled against untiled
+    decoding of a frame twice the chunk's side."""
+    import memory
+
+    cuda = args.device.startswith("cuda")
+    shapes = quick_shapes(cuda)
+    dtype = "bf16" if cuda else "fp32"
+    config = json.loads((checkpoint / "config.json").read_text())
+    row, reference = {}, None
+    for mode in ("none", "model", "sequential"):
+        free_accelerator()
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(checkpoint, "cpu", DTYPES[dtype])
+        if mode == "none":
+            pipeline.to(args.device)
+        else:
+            pipeline.enable_offload(mode, args.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        embeddings = pipeline.encode_prompts([PROMPT], "", True)[0]
+        context = torch.randn(1, 4, shapes["context_frames"], shapes["height"] // 8, shapes["width"] // 8,
+                              generator=torch.Generator().manual_seed(0)).to(args.device, DTYPES[dtype])
+        latents = pipeline(prompt_embeds=embeddings, height=shapes["height"], width=shapes["width"],
+                           num_frames=shapes["frames"], num_inference_steps=2, guidance_scale=shapes["guidance"],
+                           generator=torch.Generator().manual_seed(0), previous_latents=context, output_type="latent")
+        decoded = pipeline.decode_video(latents, frames_per_batch=2).float().cpu()
+        synchronize(args.device)
+        estimate = memory.estimate(config, checkpoint, shapes["height"], shapes["width"], shapes["frames"],
+                                   shapes["context_frames"], shapes["guidance"], 2, dtype, dtype, mode)
+        reference = decoded if reference is None else reference
+        row[mode] = {"seconds": round(time.perf_counter() - start, 2), "peak_gib": peak_gib(args.device),
+                     "estimate_gib": round(estimate.peak() / 2**30, 2),
+                     "max_abs_difference_to_none": float((decoded - reference).abs().max())}
+        if cuda:
+            row[mode]["measured_over_estimate"] = round(torch.cuda.max_memory_allocated() / estimate.peak(), 3)
+        del pipeline
+    vae = StableDiffusionXLVideoPipeline.from_pretrained(checkpoint, args.device, DTYPES[dtype]).vae
+    side, tile, overlap = (2 * shapes["height"] // 8, TILE, TILE_OVERLAP) if cuda else (16, 8, 2)
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)).to(args.device, DTYPES[dtype])
+    decoded = {}
+    for tiles in (False, True):
+        free_accelerator()
+        counted = memory.LiveBytes()
+        with counted:
+            decoded[tiles] = (vae.decode_tiled(latents, tile, overlap) if tiles else vae.decode(latents)).float()
+        row[f"decode_{'tiled' if tiles else 'untiled'}"] = {"counted_gib": round(counted.peak / 2**30, 3),
+                                                            "peak_gib": peak_gib(args.device)}
+    difference = (decoded[True] - decoded[False]).abs()
+    row["tiled_vs_untiled"] = {"pixels": [8 * side, 8 * side], "tile": tile, "overlap": overlap,
+                               "max_abs_difference": float(difference.max()),
+                               "mean_abs_difference": float(difference.mean()), "range": "[-1, 1]"}
+    row["ok"] = all(row[mode]["max_abs_difference_to_none"] == 0 for mode in ("model", "sequential"))
+    return row
+
+
+@torch.no_grad()
+def quick_speed(args) -> dict:
+    """The denoising loop of a chunk (25 steps, guidance, 8 frames, 4 context frames, 768x768, bf16):
+    seconds per frame and MFU of our video UNet, and of our spatial UNet and diffusers' on the
+    same work (the 25 guidance-doubled UNet calls on the chunk's frames); peak memory."""
+    cuda = args.device.startswith("cuda")
+    shapes = quick_shapes(cuda)
+    dtype = DTYPES["bf16"] if cuda else torch.float32
+    steps, frames, context_frames = shapes["steps"], shapes["frames"], shapes["context_frames"]
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline = build_pipeline(argparse.Namespace(device=args.device, dtype=dtype), Path(folder),
+                                  "sdxl" if cuda else "baby")
+    latent = (shapes["height"] // pipeline.vae_scale_factor, shapes["width"] // pipeline.vae_scale_factor)
+    embeddings = pipeline.encode_prompt(PROMPT, "")
+    context = torch.randn(1, 4, context_frames, *latent).to(args.device, dtype)
+    run = lambda count: pipeline(prompt_embeds=embeddings, height=shapes["height"], width=shapes["width"],
+                                 num_frames=frames, num_inference_steps=count, guidance_scale=shapes["guidance"],
+                                 generator=torch.Generator().manual_seed(0), previous_latents=context, output_type="latent")
+    run(2)  # warm-up
+    free_accelerator()
+    _, seconds = timed(lambda: run(steps), args.device)
+    row = {"shapes": shapes, "video_seconds_per_frame": round(seconds / frames, 4), "video_peak_gib": peak_gib(args.device)}
+    config = pipeline.unet.config
+    sizes = (2, frames, *latent, context_frames)
+    flops = meta_flops(config, *sizes) + (steps - 1) * meta_flops(config, *sizes, cached=True)
+    row["video_tflop"] = round(flops / 1e12, 1)
+    del pipeline
+    free_accelerator()
+    spatial = replace(config, temporal_layers=0) if not cuda else UNetConfig.sdxl(temporal_layers=0)
+    reference = diffusers_sdxl_unet(args, spatial).to(dtype)
+    with torch.device(args.device):
+        ours = UNet(spatial).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours.to(dtype)
+    inputs = unet_inputs(spatial, 2, frames, *latent, 0, args.device, dtype)
+    images = as_images(inputs)
+    loop = in_the_loop(ours, inputs)
+    functions = {"ours": lambda: [loop() for _ in range(steps)],
+                 "diffusers": lambda: [reference(*images[:3], added_cond_kwargs=images[3]) for _ in range(steps)]}
+    times = interleaved(functions, 1, 1, args.device)
+    spatial_flops = {"ours": steps * meta_flops(spatial, 2, frames, *latent, 0, cached=True)}
+    with torch.device("meta"):
+        meta_reference = UNet2DConditionModel.from_config(reference.config)
+    meta_images = as_images(unet_inputs(spatial, 2, frames, *latent, 0, "meta", torch.float32))
+    spatial_flops["diffusers"] = steps * count_flops(lambda: meta_reference(*meta_images[:3], added_cond_kwargs=meta_images[3]))
+    for name in functions:
+        row[f"{name}_spatial_seconds_per_frame"] = round(median(times[name]) / frames, 4)
+    if cuda:
+        row["video_mfu"] = round(flops / seconds / 1e12 / args.peak_tflops, 3)
+        for name in functions:
+            row[f"{name}_spatial_mfu"] = round(spatial_flops[name] / median(times[name]) / 1e12 / args.peak_tflops, 3)
+        row["peak_tflops"] = args.peak_tflops
+    row["spatial_peak_gib"] = peak_gib(args.device)
+    return row
+
+
+def quick(args) -> None:
+    """Run every part of the check, each on its own (an error becomes its row), and print the table
+    last; `args.json`: the table as JSON too."""
+    table = {"device": describe_device(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "parts": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
+        parts = {"correctness": lambda: quick_correctness(args),
+                 "whole_path": lambda: quick_whole_path(args, Path(folder)),
+                 "memory_modes": lambda: quick_memory_modes(args, Path(folder) / "checkpoint"),
+                 "speed": lambda: quick_speed(args)}
+        for name, part in parts.items():
+            start = time.perf_counter()
+            try:
+                table["parts"][name] = part()
+            except Exception as error:  # the table keeps the error and the other parts still run
+                table["parts"][name] = {"ok": False, "error": f"{type(error).__name__}: {str(error)[-800:]}"}
+            table["parts"][name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+            free_accelerator()
+            print(json.dumps({"name": f"quick.{name}", **table["parts"][name]}), flush=True)
+    table["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+    print(format_table(table), flush=True)
+
+
+def format_table(table: dict) -> str:
+    """The check as lines of `part  metric  value`, the errors in full."""
+    lines = [f"bench.py --quick on {table['device']['device_name']} ({table['device']['device']}), "
+             f"{table['date']}, {table['seconds']} s"]
+    for part, values in table["parts"].items():
+        for key, value in flatten(values):
+            lines.append(f"{part:<14} {key:<44} {value}")
+    return "\n".join(lines)
+
+
+def flatten(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", round(value, 6) if isinstance(value, float) else value
+
+
 ROWS = {"full_size_flops": full_size_flops, "unet_vs_diffusers": unet_vs_diffusers,
         "temporal_overhead": temporal_overhead, "sdpa_backends": sdpa_backends, "chunk": chunk, "vae_decode": vae_decode, "endless": endless}
 
@@ -650,6 +968,9 @@ def main(argv=None) -> None:
         return
     if args.child:
         print(json.dumps(endless_child(args)), flush=True)
+        return
+    if args.quick:
+        quick(args)
         return
     started = time.perf_counter()
     for name in args.rows:

@@ -1,7 +1,7 @@
 """Import SDXL and original video-model weights into this codebase's checkpoint folder.
 
     python convert_weights.py SRC OUT [--video-unet DIR] [--tokenizers DIR] [--configs DIR]
-                                      [--dtype fp32|fp16|bf16] [--overwrite]
+                                      [--dtype fp32|fp16|bf16] [--lora FILE[:STRENGTH]]... [--overwrite]
 
 SRC is one of:
 - an SDXL folder in diffusers' layout (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
@@ -21,6 +21,10 @@ provenance of every part.
 A UNet without temporal weights gets fresh ones with zero output projections and per-frame
 GroupNorm, so it makes images frame by frame exactly as SDXL does; an imported video UNet gets
 GroupNorm across the chunk's frames, as it was trained.
+`--lora FILE[:STRENGTH]` (repeatable, strength 1 by default) merges a LoRA (kohya-ss or diffusers/PEFT,
+lora_files.py) into the UNet and text encoders of OUT, in the stored dtype; config.json's provenance
+records each file, its strength and SHA-256. Each file is checked against the models before any
+weight is read.
 
 Every key and shape is checked before anything is written, and a source file that cannot be read
 (truncated, not JSON) is named; pickled .bin files are read with `torch.load(weights_only=True)`
@@ -47,12 +51,16 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from endless import DTYPES
+from lora import MergedLoras, check_loras
+from lora_files import LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
+from sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 from video_io import process_alive
+from video_settings import parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -62,6 +70,7 @@ FRESH_SEED = 0
 # sample.py's defaults for a converted model: the original inference loop's chunk, context and steps.
 SAMPLE_DEFAULTS = {"frames": 4, "context_frames": 4, "steps": 50, "guidance": 9.0}
 SHOWN = 5  # names listed per problem
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class ConversionError(ValueError):
@@ -302,12 +311,7 @@ def vae_and_text_models(configs: Path) -> dict[str, nn.Module]:
     return {name: meta_model(name, config, paths[name]) for name, config in built.items()}
 
 
-def text_prefix(model: nn.Module) -> str:
-    """Where transformers keeps the text transformer: CLIPTextModel is flat since transformers 5.6."""
-    return "text_model." if hasattr(model, "text_model") else ""
-
-
-# 3. Key mapping: one table-driven function, with the tables for each layout below it.
+# 3. Key mapping: one table-driven function; the tables for each layout are in sdxl_layout.py.
 
 TRANSFORMS = {
     "copy": lambda t: t,
@@ -318,16 +322,6 @@ TRANSFORMS = {
     "v": lambda t: t.chunk(3)[2].clone(),
 }
 COPY = (("", "copy"),)
-
-
-class Rule(NamedTuple):
-    """Source keys starting with `source` go to `component` (None: dropped) with `source` replaced by
-    `target`; `inner` renames the start of the rest: fragment -> ((new fragment, transform), ...)."""
-
-    source: str
-    component: str | None
-    target: str = ""
-    inner: dict = {}
 
 
 class Mapped(NamedTuple):
@@ -360,104 +354,6 @@ def map_weights(weights: dict[str, LazyTensor], rules: list[Rule]) -> Mapped:
             else:
                 mapped.parts[rule.component][name] = transformed(tensor, transform)
     return mapped
-
-
-def renames(table: dict[str, str], transform: str = "copy") -> dict:
-    return {old: ((new, transform),) for old, new in table.items()}
-
-
-UNET_RESNET = renames({"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
-                       "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."})
-VAE_RESNET = renames({"nin_shortcut.": "conv_shortcut."})
-VAE_ATTENTION = renames(
-    {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}, "linear"
-)
-OPENCLIP_LAYER = {
-    **renames({"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.",
-               "attn.out_proj.": "self_attn.out_proj."}),
-    **{f"attn.in_proj_{kind}": tuple((f"self_attn.{p}_proj.{kind}", p) for p in "qkv")
-       for kind in ("weight", "bias")},
-}
-
-
-def unet_rules(config: UNetConfig, prefix: str = "model.diffusion_model.") -> list[Rule]:
-    """The original UNet's names (STYLE.md's table, for any number of levels and resnets per level)."""
-    per_level, levels = config.layers_per_block + 1, len(config.block_out_channels)
-    pairs = [("time_embed.0.", "time_embedding.linear_1.", {}), ("time_embed.2.", "time_embedding.linear_2.", {}),
-             ("label_emb.0.0.", "add_embedding.linear_1.", {}), ("label_emb.0.2.", "add_embedding.linear_2.", {}),
-             ("input_blocks.0.0.", "conv_in.", {}), ("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET),
-             ("middle_block.1.", "mid_block.attentions.0.", {}),
-             ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET),
-             ("out.0.", "conv_norm_out.", {}), ("out.2.", "conv_out.", {})]
-    for level, depth in enumerate(config.transformer_layers_per_block):
-        first = 1 + per_level * level
-        for i in range(config.layers_per_block):
-            block = f"input_blocks.{first + i}."
-            pairs.append((f"{block}0.", f"down_blocks.{level}.resnets.{i}.", UNET_RESNET))
-            pairs += [(f"{block}1.", f"down_blocks.{level}.attentions.{i}.", {})] if depth else []
-        if level < levels - 1:
-            downsampler = f"input_blocks.{first + config.layers_per_block}.0.op."
-            pairs.append((downsampler, f"down_blocks.{level}.downsamplers.0.conv.", {}))
-    for up, depth in enumerate(reversed(config.transformer_layers_per_block)):
-        for i in range(per_level):
-            block = f"output_blocks.{per_level * up + i}."
-            pairs.append((f"{block}0.", f"up_blocks.{up}.resnets.{i}.", UNET_RESNET))
-            pairs += [(f"{block}1.", f"up_blocks.{up}.attentions.{i}.", {})] if depth else []
-        if up < levels - 1:
-            upsampler = f"output_blocks.{per_level * up + per_level - 1}.{2 if depth else 1}.conv."
-            pairs.append((upsampler, f"up_blocks.{up}.upsamplers.0.conv.", {}))
-    return [Rule(prefix + source, "unet", target, inner) for source, target, inner in pairs]
-
-
-def vae_rules(config: VAEConfig, prefix: str = "first_stage_model.") -> list[Rule]:
-    """The original VAE's names; its decoder numbers levels from the lowest resolution up."""
-    levels = len(config.block_out_channels)
-    pairs = [("", "", {}), ("encoder.norm_out.", "encoder.conv_norm_out.", {}),
-             ("decoder.norm_out.", "decoder.conv_norm_out.", {})]
-    for coder in ("encoder", "decoder"):
-        pairs += [(f"{coder}.mid.block_1.", f"{coder}.mid_block.resnets.0.", VAE_RESNET),
-                  (f"{coder}.mid.block_2.", f"{coder}.mid_block.resnets.1.", VAE_RESNET),
-                  (f"{coder}.mid.attn_1.", f"{coder}.mid_block.attentions.0.", VAE_ATTENTION)]
-    for level in range(levels):
-        down, up = f"encoder.down.{level}.", f"decoder.up.{levels - 1 - level}."
-        pairs += [(f"{down}block.{i}.", f"encoder.down_blocks.{level}.resnets.{i}.", VAE_RESNET)
-                  for i in range(config.layers_per_block)]
-        pairs += [(f"{up}block.{i}.", f"decoder.up_blocks.{level}.resnets.{i}.", VAE_RESNET)
-                  for i in range(config.layers_per_block + 1)]
-        if level < levels - 1:
-            pairs += [(f"{down}downsample.conv.", f"encoder.down_blocks.{level}.downsamplers.0.conv.", {}),
-                      (f"{up}upsample.conv.", f"decoder.up_blocks.{level}.upsamplers.0.conv.", {})]
-    return [Rule(prefix + source, "vae", target, inner) for source, target, inner in pairs]
-
-
-def clip_rules(component: str, model: nn.Module, prefix: str) -> list[Rule]:
-    """CLIP ViT-L in transformers' names, with or without the `text_model.` level."""
-    return [Rule(prefix, component, ""), Rule(prefix + "text_model.", component, text_prefix(model)),
-            Rule(prefix + "embeddings.position_ids", None),
-            Rule(prefix + "text_model.embeddings.position_ids", None)]
-
-
-def open_clip_rules(model: nn.Module, prefix: str = "conditioner.embedders.1.model.") -> list[Rule]:
-    """OpenCLIP ViT-bigG: fused attention projections, a transposed text projection."""
-    text = text_prefix(model)
-    rules = [Rule(prefix + "token_embedding.", "text_encoder_2", text + "embeddings.token_embedding."),
-             Rule(prefix + "positional_embedding", "text_encoder_2", text + "embeddings.position_embedding.weight"),
-             Rule(prefix + "ln_final.", "text_encoder_2", text + "final_layer_norm."),
-             Rule(prefix + "text_projection", "text_encoder_2", "text_projection.weight", {"": (("", "transpose"),)}),
-             Rule(prefix + "logit_scale", None)]
-    return rules + [
-        Rule(f"{prefix}transformer.resblocks.{i}.", "text_encoder_2", f"{text}encoder.layers.{i}.", OPENCLIP_LAYER)
-        for i in range(model.config.num_hidden_layers)
-    ]
-
-
-def single_file_rules(models: dict[str, nn.Module]) -> list[Rule]:
-    """Every rule of an original single-file SDXL checkpoint, for models of these configs; without a
-    UNet model (the UNet comes from --video-unet) the file's UNet is left out."""
-    unet = unet_rules(models["unet"].config) if "unet" in models else [Rule("model.diffusion_model.", None)]
-    return [*unet, *vae_rules(models["vae"].config),
-            *clip_rules("text_encoder", models["text_encoder"], "conditioner.embedders.0.transformer."),
-            *open_clip_rules(models["text_encoder_2"]), Rule("denoiser.sigmas", None)]
 
 
 # 4. Reading a source: each component as a model on the meta device, weights under our names, origin.
@@ -704,7 +600,8 @@ def nesting_problems(out: Path, inputs: dict[str, str | Path | None]) -> list[st
     return problems
 
 
-def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dtype: str, overwrite: bool) -> None:
+def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dtype: str, overwrite: bool,
+                    loras: list[tuple[str, float]] = ()) -> None:
     """ConversionError for bad input, before any weights are read."""
     single_file = source.is_file()
     folders = (*MODEL_CLASSES, *TOKENIZERS)
@@ -724,20 +621,22 @@ def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dt
     }
     inputs = {"SRC": source, "--video-unet": video_unet, "--tokenizers": tokenizers, "--configs": configs}
     failed = [message for message, fails in problems.items() if fails]
+    failed += [problem for path, _ in loras for problem in nesting_problems(out, {"--lora": path})]
     failed += nesting_problems(out, inputs) or out_problems(out, overwrite)
     if failed:
         raise ConversionError("; ".join(failed))
 
 
 def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: str = "fp32",
-            overwrite: bool = False) -> dict:
-    """Convert SRC (and a video UNet) into a checkpoint folder OUT; return its provenance."""
+            overwrite: bool = False, loras: list[tuple[str, float]] = ()) -> dict:
+    """Convert SRC (and a video UNet) into a checkpoint folder OUT, with `loras` [(file, strength)]
+    merged; return its provenance."""
     started = time.perf_counter()
     source, out = Path(source), Path(out)
 
     # 1. Read names, shapes and configs, and check them all: nothing is written unless this passes.
     clean_up_killed_conversions(out)
-    check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite)
+    check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite, loras)
     print(f"reading {source}" + (f" and {video_unet}" if video_unet else ""))
     unet = read_video_unet(Path(video_unet)) if video_unet else None
     if source.is_file():
@@ -748,25 +647,33 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
         parts, mapped = read_diffusers_folder(source, unet)
         tokenizer_paths = [source / name for name in TOKENIZERS]
     check(parts, mapped.unknown)
+    try:
+        check_loras([path for path, _ in loras], {name: parts[name].model for name in LORA_COMPONENTS})
+    except LoraError as error:
+        raise ConversionError(f"--lora: {error}; nothing was written") from None
 
-    # 2. Read the tensors into the models, in the stored dtype.
+    # 2. Read the tensors into the models, in the stored dtype; merge the LoRAs.
     print(f"building the models in {DTYPES[dtype]}")
     models = {name: build(part, DTYPES[dtype]) for name, part in parts.items()}
     clip_tokenizers = [CLIPTokenizer.from_pretrained(path, local_files_only=True) for path in tokenizer_paths]
     text_encoder = TextEncoder(*clip_tokenizers, models["text_encoder"], models["text_encoder_2"])
     scheduler = SchedulerConfig.video_model()
     pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler)
+    if loras:
+        print(f"merging {len(loras)} LoRA(s)")
+        MergedLoras.load(pipeline, [path for path, _ in loras], [strength for _, strength in loras], keep_originals=False)
 
     # 3. Write a complete folder next to OUT, then move it into place.
-    provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype)
+    provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype, loras)
     print(f"writing {out}")
     write_checkpoint(pipeline, out, provenance, overwrite)
     print(summary(models, provenance, mapped.dropped, time.perf_counter() - started))
     return provenance
 
 
-def make_provenance(source: Path, parts: dict[str, Part], tokenizer_paths, configs, dtype: str) -> dict:
-    """Which part came from where, which is fresh; stored in config.json."""
+def make_provenance(source: Path, parts: dict[str, Part], tokenizer_paths, configs, dtype: str,
+                    loras: list[tuple[str, float]] = ()) -> dict:
+    """Which part came from where, which is fresh, which LoRAs are merged; stored in config.json."""
     unet = parts["unet"]
     temporal = (f"fresh: initialised with seed {FRESH_SEED}, zero output projections" if unet.fresh_temporal
                 else f"imported with the spatial weights from {unet.origin}")
@@ -777,6 +684,8 @@ def make_provenance(source: Path, parts: dict[str, Part], tokenizer_paths, confi
         **{name: str(path) for name, path in zip(TOKENIZERS, tokenizer_paths)},
         **({"configs": str(configs)} if configs else {}),
         "scheduler": "SchedulerConfig.video_model(): the original video model's inference setup",
+        **({"loras": [{"path": str(path), "strength": strength, "sha256": file_sha256(path)}
+                      for path, strength in loras]} if loras else {}),
     }
 
 
@@ -798,8 +707,22 @@ def summary(models: dict[str, nn.Module], provenance: dict, dropped: list[str], 
           for name in ("vae", "text_encoder", "text_encoder_2")),
         f"  {'tokenizers':<16}{'':>15}  from {provenance['tokenizer']}, {provenance['tokenizer_2']}",
         f"  {'scheduler':<16}{'':>15}  {provenance['scheduler']}",
+        *(f"  {'lora':<16}{'':>15}  {lora['path']} merged at strength {lora['strength']:g}"
+          for lora in provenance.get("loras", [])),
     ]
     return "\n".join(lines + ([f"  {listing('source keys not used', dropped)}"] if dropped else []))
+
+
+def lora_option(value: str) -> tuple[str, float]:
+    """--lora FILE or FILE:STRENGTH -> (FILE, STRENGTH): one strength (timelines are sample.py's)."""
+    def no_position(text: str) -> int:
+        raise ValueError
+
+    try:
+        setting = parse_lora(value, no_position)
+    except ValueError as error:
+        raise ConversionError(f"{error} (a conversion merges one strength: FILE or FILE:S)") from None
+    return setting.path, setting.strengths[0][1]
 
 
 def main(argv=None) -> None:
@@ -814,11 +737,16 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", metavar="DIR",
                         help=f"component configs for a single-file SRC (default {SDXL_CONFIGS})")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored precision (default fp32)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="merge a LoRA (kohya-ss or diffusers/PEFT .safetensors) into the UNet and text encoders "
+                             "at STRENGTH (default 1); repeat for more")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT, a checkpoint folder or an empty one, once the new folder is complete")
     args = parser.parse_args(argv)
     try:
-        convert(args.source, args.out, args.video_unet, args.tokenizers, args.configs, args.dtype, args.overwrite)
+        loras = [lora_option(value) for value in args.lora]
+        convert(args.source, args.out, args.video_unet, args.tokenizers, args.configs, args.dtype, args.overwrite,
+                loras)
     except ConversionError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import fsync, randn
+from lora import TEXT_COMPONENTS
+from pipeline import DTYPES, fsync, randn  # noqa: F401 (DTYPES: endless.DTYPES for its users)
 from text import PromptEmbeddings
 from video_io import process_alive
 from video_settings import Settings, check_settings, settings_from_dict
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STATE_VERSION = 3  # 3: the drift controls nested in settings["drift"]; reference_statistics
+STATE_VERSION = 4  # 4: settings["loras"]; 3: the drift controls nested in settings["drift"]; reference_statistics
 
 
 @dataclass
@@ -65,17 +65,46 @@ def mix_embeddings(weighted: list[tuple[PromptEmbeddings, float]]) -> PromptEmbe
     )
 
 
+def lora_strengths(settings: Settings, chunk: int) -> list[float]:
+    """Each of `settings.loras`' strength at `chunk`: its placed strengths blended over the
+    `transition` chunks before each place, as `prompt_weights` blends prompts (pure at their places)."""
+    return [sum(lora.strengths[entry][1] * weight for entry, weight in prompt_weights(lora.strengths, chunk, settings.transition))
+            for lora in settings.loras]
+
+
+def load_loras(pipeline, settings: Settings, chunk: int = 0) -> None:
+    """Merge `settings.loras` into the pipeline at their strengths at `chunk` (where a run starts or
+    resumes). The original weights are kept (on the CPU) only if the timeline changes a strength."""
+    if settings.loras:
+        changing = any(len({strength for _, strength in lora.strengths}) > 1 for lora in settings.loras)
+        pipeline.load_loras([lora.path for lora in settings.loras], lora_strengths(settings, chunk), changing)
+
+
+def encode_timeline(pipeline, settings: Settings) -> list[PromptEmbeddings]:
+    """The embeddings of every prompt of the timeline, in its order."""
+    return pipeline.encode_prompts([text for _, text in settings.timeline], settings.negative_prompt,
+                                   settings.guidance > 1)
+
+
 def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
                      generator, latent_image=None, callback=None, on_chunk=None):
     """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each.
 
     The drift controls (`settings.drift`) make each chunk's context and post-process each finished
-    chunk, in the order DriftControls' docstring lists. callback(step, steps): after every denoising
-    step. on_chunk(index, context, embeddings): before every chunk, with what the chunk is made from
-    (its context, None for the first, and its prompt embeddings).
+    chunk, in the order DriftControls' docstring lists. Each chunk's LoRA strengths
+    (`lora_strengths`) are merged before it (`load_loras` merged the settings' LoRAs); when they
+    change a text encoder, the prompts are encoded again. callback(step, steps): after every
+    denoising step. on_chunk(index, context, embeddings): before every chunk, with what the chunk is
+    made from (its context, None for the first, and its prompt embeddings).
     """
     noise = lambda shape: randn(shape, generator, state.context.device, state.context.dtype)
+    if settings.loras and (pipeline.loras is None or pipeline.loras.paths != [lora.path for lora in settings.loras]):
+        raise ValueError("the pipeline does not hold settings.loras: merge them first with endless.load_loras")
     while True:
+        if settings.loras:
+            changed = pipeline.loras.set_strengths(lora_strengths(settings, state.chunk_index))
+            if changed & TEXT_COMPONENTS:
+                embeddings = encode_timeline(pipeline, settings)
         weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
         first = state.chunk_index == 0
         chunk_embeddings = mix_embeddings([(embeddings[entry], weight) for entry, weight in weights])
@@ -281,7 +310,7 @@ class OutputLock:
         os.close(self.descriptor)
 
 
-# The device and the memory a chunk needs, before a model is loaded.
+# The device, before a model is loaded (memory.py estimates the memory a chunk needs).
 
 
 def resolve_device(name: str | None) -> str:
@@ -296,52 +325,6 @@ def resolve_device(name: str | None) -> str:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     return name
-
-
-def chunk_memory(settings: Settings, model_config: dict, parameter_bytes: int) -> tuple[int, int]:
-    """A rough estimate, in bytes, of (weights, activations) for making one chunk.
-
-    Activations count the feature maps alive at once: in the UNet the skip connections of every
-    level and a few working copies, for the guidance-doubled batch of frames; in the VAE decoder,
-    a few maps of each level for the frames decoded at a time. Attention runs in blocks (SDPA), so
-    it adds no quadratic term. Good to a factor of about two; meant to refuse what cannot fit.
-    """
-    element = 2 if settings.dtype in ("fp16", "bf16") else 4
-    unet, vae = model_config["unet"], model_config["vae"]
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    batch = (2 if settings.guidance > 1 else 1) * (settings.frames + settings.context_frames)
-    latent_pixels = (settings.height // factor) * (settings.width // factor)
-    unet_elements = sum(width * latent_pixels // 4**level * (2 * unet["layers_per_block"] + 4)
-                        for level, width in enumerate(unet["block_out_channels"])) * batch
-    vae_elements = sum(width * settings.height * settings.width // 4**level * 4
-                       for level, width in enumerate(vae["block_out_channels"])) * settings.decode_frames
-    return parameter_bytes * element // 4, (unet_elements + vae_elements) * element
-
-
-def available_memory(device: str) -> int:
-    """Bytes free for this run on `device` (on a CPU: MemAvailable from /proc/meminfo, else all memory)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_memory(settings: Settings, model_config: dict, parameter_bytes: int, device: str) -> None:
-    """ValueError, with the estimate and what would make it fit, if a chunk cannot fit in memory."""
-    weights, activations = chunk_memory(settings, model_config, parameter_bytes)
-    free = available_memory(device)
-    if weights + activations > free:
-        gib = lambda count: f"{count / 2**30:.1f} GiB"
-        raise ValueError(
-            f"--height {settings.height} --width {settings.width}: a chunk needs about {gib(weights + activations)} "
-            f"(weights {gib(weights)}, activations {gib(activations)}) and {device} has {gib(free)} free; "
-            f"use a smaller --height/--width, fewer --frames, --decode-frames 1, or --dtype bf16")
 
 
 # Running: threads and progress (sample.py and evaluate.py).

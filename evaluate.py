@@ -8,14 +8,25 @@ Each (prompt, seed) video is made as `python sample.py --prompt PROMPT --seed SE
 same `Settings`, `generate_latents` and decoding), chunk after chunk. Each chunk's frames go
 through a detector and only running tallies survive, so memory does not grow with --chunks.
 Prints a markdown table (a row per prompt, the mean over its seeds; a last row, the mean over all
-videos) and one JSON line with every number.
+videos), the survival table (survival.py: the fraction of videos still right at chunks 1, 10, 25,
+.., and colour and size drift against chunk 1) and one JSON line with every number. --scores
+streams a row per video per chunk (found, colour, shape, direction, right, alive, drift), --curves
+and --plot write the curves against chunk index, --compare puts several settings' curves in one
+table and plot. --batch N makes N videos at once (each from its own generator; equal to float
+rounding, 2.4x faster on a CPU at 10).
+
+    python evaluate.py --chunks 1000 --batch 10 --scores s.csv --curves anchor.csv --plot anchor.png
+    python evaluate.py --compare "anchor=anchor.csv" "none=none.csv" --plot both.png
 
 The detector (`detect`): pixels farther from BACKGROUND than half the distance to the nearest
 palette colour are the shape (specks removed). Its colour is the majority vote of the pixels'
 nearest palette colours; its centroid and bounding box are taken after cutting the toroidal frame
 along the widest empty band of columns and of rows, so a shape split by the edges is whole again;
-its class comes from two ratios in that box (`shape_class`): an upright triangle has 1/4 of its
-area in the top half (circles and squares 1/2), a square fills the box (a circle pi/4).
+its class (`shape_class`): an upright triangle's rows are skewed toward its base (a circle's and a
+square's are symmetric); a square fills its box (a circle pi/4) and its corners reach farther from
+its centroid (`squareness`). Both rules are exact on clean renders and hold for the softened shapes
+the baby's VAE decodes (the old rules, 3/8 of the area in the box's top half for a triangle and 0.95
+of the box filled for a square, took most of the baby's squares for circles).
 
 The numbers of one video (`VideoScore`):
     found         fraction of frames where a shape is found
@@ -28,17 +39,20 @@ The numbers of one video (`VideoScore`):
     colour_drift  distance in RGB (0..255) between the mean shape colour of the last chunk and of
                   the first chunk; 0 is none
     size_drift    mean shape area in the last chunk / in the first chunk; 1 is none
+    survival      1 if the video was never lost (`window` wrong chunks in a row, survival.py), else 0
 Jumps and displacements count only pairs of frames that both have a shape; a number with nothing to
 count (no pair, no shape in the first or last chunk, no motion inside chunks for continuity) is NaN
 (null in JSON) and skipped by the means.
 """
 
 import argparse
+import csv
 import json
 import math
 import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,15 +60,21 @@ import torch
 from endless import DTYPES, Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
 from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
 from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings
+from survival import Curves, Survival, checkpoints, plot, read_curves, summary_table, write_curves
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
 BACKGROUND_RGB = np.array(BACKGROUND, dtype=np.float32)  # (3,)
 THRESHOLD = 0.5 * float(np.linalg.norm(PALETTE - BACKGROUND_RGB, axis=1).min())  # RGB distance from the background
-SQUARE_FILL = 0.95  # a square fills its bounding box (1), a disc pi/4 (up to 0.94 when it is a few pixels wide)
+# The mean distance from the centroid of the outermost 5% of a shape's area, over the radius of a disc of
+# the same area (numerical integration of the continuous shapes).
+DISC_REACH = 0.987
+TRIANGLE_SKEWNESS = -0.28  # half an upright triangle's (-2 sqrt(2) / 5); a single stray pixel moves it by about 0.05
+SQUARE_REACH = 1.124
 MIN_AREA = 0.005  # fraction of the frame; a smaller shape is not found
 MIN_SPEED = 0.01  # fraction of the frame's smaller side per frame; slower is not moving
-METRICS = ("found", "colour", "shape", "direction", "continuity", "colour_drift", "size_drift")
+METRICS = ("found", "colour", "shape", "direction", "continuity", "colour_drift", "size_drift", "survival")
+SCORE_COLUMNS = ("chunk", "found", "colour", "shape", "direction", "right", "alive", "colour_drift", "size_ratio")
 
 
 @dataclass
@@ -104,15 +124,26 @@ def detect(frame) -> Detection:
 
 
 def shape_class(x: np.ndarray, y: np.ndarray) -> str:
-    """x, y: (area,) the unwrapped coordinates of a shape's pixels -> "triangle" if less than 3/8 of
-    its area lies in the top half of its bounding box (an upright triangle has 1/4 there, a circle or
-    a square 1/2), else "square" if it fills SQUARE_FILL of the box or more, else "circle"."""
-    width, height = np.ptp(x) + 1, np.ptp(y) + 1
-    row = y - y.min() + 0.5  # (area,) pixel centres from the top of the box
-    top = ((row < height / 2).sum() + 0.5 * (row == height / 2).sum()) / len(y)
-    if top < 3 / 8:
+    """x, y: (area,) the unwrapped coordinates of a shape's pixels -> "triangle" if the skewness of its
+    rows is below TRIANGLE_SKEWNESS (an upright triangle's area grows linearly toward its base: -0.566;
+    a circle's or a square's is 0), else "square" if its `squareness` is 1/2 or more, else "circle"."""
+    rows = y - y.mean()  # (area,)
+    if (rows**3).mean() < TRIANGLE_SKEWNESS * (rows**2).mean() ** 1.5:
         return "triangle"
-    return "square" if len(x) >= SQUARE_FILL * width * height else "circle"
+    return "square" if squareness(x, y) >= 0.5 else "circle"
+
+
+def squareness(x: np.ndarray, y: np.ndarray) -> float:
+    """x, y: (area,) a shape's pixel coordinates -> 0 for a disc, 1 for a square: the mean of two
+    measures, each scaled from a disc's value (0) to a square's (1): how much of its bounding box it
+    fills (a disc pi/4) and how far its outermost 5% of pixels reach from the centroid, over the radius
+    of a disc of its area (DISC_REACH, SQUARE_REACH). A square with softened corners, as a VAE
+    decodes one, loses some fill but keeps its reach toward the corners."""
+    fill = len(x) / ((np.ptp(x) + 1) * (np.ptp(y) + 1))
+    distances = np.hypot(x - x.mean(), y - y.mean())  # (area,)
+    outermost = np.sort(distances)[-max(1, len(x) // 20):]
+    reach = outermost.mean() / math.sqrt(len(x) / math.pi)
+    return 0.5 * (fill - math.pi / 4) / (1 - math.pi / 4) + 0.5 * (reach - DISC_REACH) / (SQUARE_REACH - DISC_REACH)
 
 
 def displacement(start, end, size) -> tuple[float, float]:
@@ -153,9 +184,11 @@ def add_jumps(tally: list, steps: list[tuple[float, float]]) -> list:
 
 class VideoScore:
     """Running tallies over one video that should show a `colour` `shape` moving `direction`, fed
-    chunk by chunk; it keeps a fixed handful of numbers, whatever the number of chunks."""
+    chunk by chunk; it keeps a fixed handful of numbers, whatever the number of chunks, and says
+    for each chunk what it was (`add_chunk`'s record) and whether the video survives
+    (survival.Survival with `window`)."""
 
-    def __init__(self, colour: str, shape: str, direction: str):
+    def __init__(self, colour: str, shape: str, direction: str, window: int = 3):
         self.expected = (colour, shape, direction)
         self.frames = self.found = self.right_colour = self.right_shape = 0
         self.chunks = self.right_direction = 0
@@ -163,17 +196,24 @@ class VideoScore:
         self.boundary = [0.0, 0]  # [sum, count] of centroid jumps from a chunk's last frame to the next one's first
         self.previous: Detection | None = None  # the last frame of the previous chunk
         self.first = self.last = None  # appearance() of the first and of the latest chunk
+        self.survival = Survival(window)
 
-    def add_chunk(self, frames: np.ndarray) -> None:
-        """frames: (frames, H, W, 3) RGB in 0..255, the next chunk of the video."""
+    def add_chunk(self, frames: np.ndarray) -> dict:
+        """frames: (frames, H, W, 3) RGB in 0..255, the next chunk of the video. Returns its record:
+        chunk (1-based); found, colour, shape (fractions of its frames); direction (1 if it moves the
+        prompt's way); right (1 if more than half of its frames show the prompt's colour and shape and
+        it moves the prompt's way); alive (survival); colour_drift and size_ratio against chunk 1."""
         detections = [detect(frame) for frame in frames]
         size = (frames.shape[2], frames.shape[1])  # (W, H)
         colour, shape, way = self.expected
+        counts = [sum(d.found for d in detections), sum(d.colour == colour for d in detections),
+                  sum(d.shape == shape for d in detections)]
+        both = sum(d.colour == colour and d.shape == shape for d in detections)
+        moves = direction(detections, size) == way
         self.frames += len(detections)
-        self.found += sum(d.found for d in detections)
-        self.right_colour += sum(d.colour == colour for d in detections)
-        self.right_shape += sum(d.shape == shape for d in detections)
-        self.right_direction += direction(detections, size) == way
+        self.found, self.right_colour, self.right_shape = (a + b for a, b in zip(
+            (self.found, self.right_colour, self.right_shape), counts))
+        self.right_direction += moves
         self.inside = add_jumps(self.inside, steps_between(detections, size))
         if self.previous is not None:
             self.boundary = add_jumps(self.boundary, steps_between([self.previous, detections[0]], size))
@@ -181,21 +221,33 @@ class VideoScore:
         self.last = appearance(detections)
         self.first = self.last if self.chunks == 0 else self.first
         self.chunks += 1
+        right = 2 * both > len(detections) and moves
+        colour_drift, size_ratio = self.drift()
+        return {"chunk": self.chunks, "found": counts[0] / len(detections), "colour": counts[1] / len(detections),
+                "shape": counts[2] / len(detections), "direction": int(moves), "right": int(right),
+                "alive": int(self.survival.add(right)), "colour_drift": colour_drift, "size_ratio": size_ratio}
+
+    def drift(self) -> tuple[float, float]:
+        """(colour drift, size ratio) of the latest chunk against the first; NaN where either shows no shape."""
+        if self.first is None or self.last is None:
+            return math.nan, math.nan
+        return float(np.linalg.norm(self.last[0] - self.first[0])), self.last[1] / self.first[1]
 
     def result(self) -> dict[str, float]:
         """The numbers of the module docstring, NaN where there is nothing to count."""
         def mean(tally):
             return tally[0] / tally[1] if tally[1] else math.nan
 
-        drift = self.first is not None and self.last is not None
+        colour_drift, size_drift = self.drift()
         return {
             "found": self.found / self.frames,
             "colour": self.right_colour / self.frames,
             "shape": self.right_shape / self.frames,
             "direction": self.right_direction / self.chunks,
             "continuity": mean(self.boundary) / mean(self.inside) if mean(self.inside) else math.nan,
-            "colour_drift": float(np.linalg.norm(self.last[0] - self.first[0])) if drift else math.nan,
-            "size_drift": self.last[1] / self.first[1] if drift else math.nan,
+            "colour_drift": colour_drift,
+            "size_drift": size_drift,
+            "survival": float(self.survival.lost_at is None),
         }
 
 
@@ -221,19 +273,28 @@ def caption(combination: tuple[str, str, str]) -> str:
 
 
 @torch.no_grad()
-def score_video(pipeline, settings: Settings, chunks: int) -> dict[str, float]:
-    """Make the video of `settings` (one prompt, its seed) for `chunks` chunks and score it."""
-    text = settings.timeline[0][1]
-    embeddings = [pipeline.encode_prompt(text, settings.negative_prompt, settings.guidance > 1)]
-    generator = torch.Generator().manual_seed(settings.seed)
-    score, progress = VideoScore(*parse_caption(text)), Progress(chunks, 0)
-    stream = generate_latents(pipeline, settings, embeddings, VideoState(), generator, callback=progress.step)
+def score_videos(pipeline, videos: list[Settings], chunks: int, window: int, on_record=None) -> list[dict[str, float]]:
+    """Make the videos of `videos` (one prompt and seed each, every other setting the same) for
+    `chunks` chunks, as one batch, and score them; on_record(settings, record) after each chunk of
+    each video (VideoScore.add_chunk's record). Item i of the batch draws its numbers from its own
+    generator (seed i), as a run of it alone does."""
+    texts = [settings.timeline[0][1] for settings in videos]
+    parts = [pipeline.encode_prompt(text, videos[0].negative_prompt, videos[0].guidance > 1) for text in texts]
+    embeddings = type(parts[0])(*(None if part[0] is None else torch.cat(part) for part in zip(*parts)))  # (n, ...)
+    generators = [torch.Generator().manual_seed(settings.seed) for settings in videos]
+    generator = generators[0] if len(videos) == 1 else generators
+    scores = [VideoScore(*parse_caption(text), window) for text in texts]
+    progress = Progress(chunks, 0)
+    stream = generate_latents(pipeline, videos[0], [embeddings], VideoState(), generator, callback=progress.step)
     for index in range(chunks):
-        video = pipeline.vae.decode_video(next(stream), frames_per_batch=settings.decode_frames)  # (1, 3, f, H, W)
-        score.add_chunk(to_uint8_frames(video[0]))
+        video = pipeline.vae.decode_video(next(stream), frames_per_batch=videos[0].decode_frames)  # (n, 3, f, H, W)
+        for settings, score, frames in zip(videos, scores, video):
+            record = score.add_chunk(to_uint8_frames(frames))
+            if on_record is not None:
+                on_record(settings, record)
         progress.chunk = index + 1
     print(file=sys.stderr)
-    return score.result()
+    return [score.result() for score in scores]
 
 
 def mean_over(results: list[dict[str, float]]) -> dict[str, float]:
@@ -265,8 +326,53 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left"')
     parser.add_argument("--seeds", type=int, default=2, help="videos per prompt, with seeds 0 .. SEEDS - 1")
     parser.add_argument("--chunks", type=int, default=100, help="chunks per video")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="videos made at once (the same numbers per video, up to float rounding; faster on a CPU)")
+    parser.add_argument("--survival-window", type=int, default=3,
+                        help="a video is lost at the end of this many consecutive wrong chunks (survival.py)")
+    parser.add_argument("--scores", help="CSV: a row per video per chunk, written as the chunks are made")
+    parser.add_argument("--curves", help="CSV: survival and drift per chunk index over the videos")
+    parser.add_argument("--plot", help="PNG: survival and drift against chunk index (of --compare's curves, if given)")
+    parser.add_argument("--name", help="the setting's name in the survival table and the plot (default: its drift controls)")
+    parser.add_argument("--compare", nargs="+", metavar="NAME=CURVES",
+                        help="make no video: the survival table (and --plot) of curves files written by --curves")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --scores, --curves, --plot files")
     add_chunk_options(parser)
     return parser.parse_args(argv)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """ValueError naming the option, before any work, for an output that would replace a file
+    (without --overwrite), lies in a missing folder, is a folder, is given twice or is an input."""
+    outputs = {name: getattr(args, name) for name in ("scores", "curves", "plot") if getattr(args, name)}
+    inputs = {str(Path(value.split("=", 1)[-1]).resolve()) for value in args.compare or []}
+    seen = {}
+    for name, value in outputs.items():
+        path = Path(value)
+        if name == "plot" and path.suffix.lower() != ".png":
+            raise ValueError(f"--plot {value}: give a .png file")
+        if path.is_dir() or not path.parent.is_dir():
+            raise ValueError(f"--{name} {value}: give a file in an existing folder")
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"--{name} {value} exists; give --overwrite to replace it")
+        resolved = str(path.resolve())
+        if resolved in seen or resolved in inputs:
+            raise ValueError(f"--{name} {value} is also {'--' + seen[resolved] if resolved in seen else 'a --compare input'}")
+        seen[resolved] = name
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """--compare: the survival table of curves files (and their plot); returns {name: rows}."""
+    settings = {}
+    for value in args.compare:
+        name, separator, path = value.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"--compare {value!r}: give NAME=CURVES.csv")
+        settings[name] = read_curves(path)
+    print(summary_table(settings))
+    if args.plot:
+        plot(settings, args.plot)
+    return settings
 
 
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
@@ -280,31 +386,70 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     return settings
 
 
+def setting_name(settings: Settings) -> str:
+    """The drift controls that are on, as their options say ("anchor frame, context noise 0.1"), or "no drift control"."""
+    on = [f"{name.replace('_', ' ')}" + ("" if value is True else f" {value:g}")
+          for name, value in asdict(settings.drift).items() if value]
+    return ", ".join(on) or "no drift control"
+
+
 def main(argv=None) -> dict:
-    """Score every (prompt, seed) video; print the table and the JSON line; return what the JSON says."""
+    """Score every (prompt, seed) video; print the tables and the JSON line; return what the JSON says."""
     args = parse_arguments(argv)
+    check_outputs(args)
+    if args.compare:
+        return compare(args)
     combinations = resolve_prompts(args.prompts)
-    if args.seeds < 1 or args.chunks < 1:
-        raise ValueError(f"--seeds and --chunks must be at least 1, got {args.seeds} and {args.chunks}")
+    for name in ("seeds", "chunks", "batch", "survival_window"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads or default_threads())
     settings = [[settings_for(args, caption(c), seed) for seed in range(args.seeds)] for c in combinations]
     first = settings[0][0]
+    if args.batch > 1 and (first.drift.renormalize or first.drift.statistics_lock):
+        raise ValueError("--batch must be 1 with --renormalize or --statistics-lock, whose statistics span the batch")
+    torch.set_num_threads(args.threads or default_threads())
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
-    per_prompt, videos_scored = {}, []
-    for index, videos in enumerate(settings):
-        text = videos[0].timeline[0][1]
-        print(f"[{index + 1}/{len(settings)}] {text}, seeds 0..{args.seeds - 1}", file=sys.stderr)
-        results = [score_video(pipeline, s, args.chunks) for s in videos]
-        per_prompt[text] = mean_over(results)
-        videos_scored += results
-    overall = mean_over(videos_scored)
+    videos = [video for prompt_videos in settings for video in prompt_videos]
+    curves, results = Curves(), []
+    scores_file = open(args.scores, "w", newline="") if args.scores else None
+    writer = csv.DictWriter(scores_file, ["prompt", "seed", *SCORE_COLUMNS]) if scores_file else None
+    if writer:
+        writer.writeheader()
+
+    def on_record(video: Settings, record: dict) -> None:
+        curves.add(record["chunk"], record["alive"], record["right"], record["colour_drift"], record["size_ratio"])
+        if writer:
+            writer.writerow({"prompt": video.timeline[0][1], "seed": video.seed, **record})
+            scores_file.flush()
+
+    try:
+        for start in range(0, len(videos), args.batch):
+            batch = videos[start:start + args.batch]
+            names = ", ".join(f"{v.timeline[0][1]} (seed {v.seed})" for v in batch)
+            print(f"[videos {start + 1}..{start + len(batch)} of {len(videos)}] {names}", file=sys.stderr)
+            results += score_videos(pipeline, batch, args.chunks, args.survival_window, on_record)
+    finally:
+        if scores_file:
+            scores_file.close()
+    per_prompt = {prompt_videos[0].timeline[0][1]: mean_over(results[i * args.seeds:(i + 1) * args.seeds])
+                  for i, prompt_videos in enumerate(settings)}
+    overall = mean_over(results)
+    name = args.name or setting_name(first)
+    rows = curves.rows()
     print(markdown_table({**per_prompt, "all": overall}))
+    print(summary_table({name: rows}))
+    if args.curves:
+        write_curves(args.curves, rows)
+    if args.plot:
+        plot({name: rows}, args.plot)
+    marks = checkpoints(args.chunks)
     report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
-              "height": first.height, "width": first.width, **asdict(first.drift),
-              "all": overall, "prompts": per_prompt}
+              "height": first.height, "width": first.width, **asdict(first.drift), "name": name,
+              "survival_window": args.survival_window, "all": overall, "prompts": per_prompt,
+              "curves": {str(row["chunk"]): row for row in rows if row["chunk"] in marks}}
     print(json.dumps(without_nan(report)))
     return report
 

@@ -31,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import UNet, UNetConfig
+from lora import MergedLoras
+from offload import Offload
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
 from text import SUBFOLDERS, PromptEmbeddings, TextEncoder
 from vae import AutoencoderKL, VAEConfig
@@ -45,6 +47,7 @@ TEXT_FILES = {"text_encoder": (("config.json", "model.safetensors"),),
               "tokenizer": (("tokenizer_config.json", "tokenizer.json"),
                             ("tokenizer_config.json", "vocab.json", "merges.txt"))}
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the names of --dtype
 SHOWN = 3  # keys listed per problem
 
 
@@ -59,6 +62,15 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
             raise ValueError(f"generator must be one torch.Generator or a list of {shape[0]}, got {len(generator)}")
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
+
+
+def vae_dtype_name(dtype: str, requested: str | None, force_upcast: bool) -> str:
+    """The dtype the VAE runs in: `requested`, else the model's `dtype`, but float32 for float16
+    when the VAE's config says it overflows in float16 (`force_upcast`, SDXL's): bfloat16 has
+    float32's range, float16 does not."""
+    if requested is not None:
+        return requested
+    return "fp32" if dtype == "fp16" and force_upcast else dtype
 
 
 def micro_conditioning(batch_size: int, height: int, width: int, original_size: tuple[int, int] | None = None,
@@ -229,6 +241,10 @@ class StableDiffusionXLVideoPipeline:
         self.text_encoder = text_encoder
         self.scheduler_config = scheduler_config
         self.vae_scale_factor = vae.config.downsample_factor
+        self.offload: Offload | None = None  # see `enable_offload`
+        self.vae_tiles: bool | None = None  # decode in tiles: None, above vae.TILES_ABOVE latent pixels
+        self.vae_upcast: bool | None = None  # float16 VAE weights run in float32: None, as config.force_upcast
+        self.loras: MergedLoras | None = None  # see `load_loras`
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None) -> "StableDiffusionXLVideoPipeline":
@@ -278,14 +294,36 @@ class StableDiffusionXLVideoPipeline:
             fsync(path)
             fsync(folder)
 
+    def load_loras(self, paths: list[str], strengths: list[float] | None = None,
+                   keep_originals: bool = True) -> MergedLoras:
+        """Merge LoRA files into the UNet and text encoders at `strengths` (default 1 each), after
+        checking them all; `self.loras.set_strengths(...)` changes them and `self.loras.remove()`
+        restores the weights exactly (lora.py)."""
+        self.loras = MergedLoras.load(self, paths, strengths, keep_originals)
+        return self.loras
+
     def to(self, device=None, dtype=None) -> "StableDiffusionXLVideoPipeline":
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
 
+    def set_vae_dtype(self, name: str | None, dtype: str) -> str:
+        """Cast the VAE to `vae_dtype_name(dtype, name, ...)` (names of DTYPE_NAMES) and return it.
+        An explicit "fp16" runs in float16 (no upcast: a VAE fixed for float16)."""
+        chosen = vae_dtype_name(dtype, name, self.vae.config.force_upcast)
+        self.vae.to(dtype=DTYPES[chosen])
+        self.vae_upcast = False if name == "fp16" else None
+        return chosen
+
+    def enable_offload(self, mode: str, device) -> None:
+        """Keep the models on the CPU and move each to `device` only while it runs (offload.py:
+        "model" or "sequential"); `self.device` is then `device`."""
+        self.offload = Offload(self, mode, device)
+
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        """Where the models run: the UNet's device, or the offload's accelerator."""
+        return self.offload.device if self.offload is not None else self.unet.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,6 +333,20 @@ class StableDiffusionXLVideoPipeline:
         """See `TextEncoder.encode_prompt`; the result is on the UNet's device and dtype."""
         embeddings = self.text_encoder.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance)
         return PromptEmbeddings(*(None if e is None else e.to(self.device, self.dtype) for e in embeddings))
+
+    def encode_prompts(self, prompts: list[str], negative_prompt=None, do_classifier_free_guidance=True
+                       ) -> list[PromptEmbeddings]:
+        """`encode_prompt` of each of `prompts` (a timeline's, all of them first), then the text
+        encoders leave the accelerator (to the CPU): the loop and the decode get their memory. With
+        an offload, its hooks move them."""
+        embeddings = [self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance) for prompt in prompts]
+        if self.offload is None:
+            self.text_encoder.to("cpu")
+        return embeddings
+
+    def decode_video(self, latents: torch.Tensor, frames_per_batch: int = 8) -> torch.Tensor:
+        """`vae.decode_video` with the pipeline's tiling and upcast settings."""
+        return self.vae.decode_video(latents, frames_per_batch, upcast=self.vae_upcast, tiles=self.vae_tiles)
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError unless the VAE and the UNet can take frames of height x width pixels."""
@@ -443,7 +495,7 @@ class StableDiffusionXLVideoPipeline:
         """`__call__`'s phase 4: the latents as `output_type` says (see `__call__`)."""
         if output_type == "latent":
             return latents
-        video = (self.vae.decode_video(latents) / 2 + 0.5).clamp(0, 1).float()  # (b, 3, f, H, W)
+        video = (self.decode_video(latents) / 2 + 0.5).clamp(0, 1).float()  # (b, 3, f, H, W)
         if output_type == "pt":
             return video
         frames = video.permute(0, 2, 3, 4, 1).cpu().numpy()  # (b, f, H, W, 3)

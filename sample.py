@@ -22,10 +22,12 @@ import time
 import warnings
 from pathlib import Path
 
-from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings, option_name
+from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings, add_chunk_options, check_settings,
+                            option_name, parse_lora)
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are.
-RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads"}
+RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload", "vae_tiles", "vae_dtype"}
+OFFLOAD_MODES = ("none", "model", "sequential")  # offload.py's modes, and none
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
@@ -118,7 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
     parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
     parser.add_argument("--transition", type=int, help=f"chunks over which timeline prompts blend (default {Settings.transition})")
+    parser.add_argument("--lora", action="append", metavar="FILE[:STRENGTHS]",
+                        help=f"a LoRA (kohya-ss or diffusers/PEFT .safetensors) merged into the UNet and both text "
+                             f"encoders; repeat for more: {LORA_SYNTAX}; strengths blend over --transition chunks "
+                             f"like prompts, e.g. style.safetensors:0@0,1@10,0.3@20s")
     parser.add_argument("--drop-first-chunk", action="store_true", default=None, help="drop the first chunk (made without context), as the original did")
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                        help="model: each of text encoders, UNet, VAE on the device only while it runs; sequential: "
+                             "also the UNet's levels one at a time (smallest cards, slowest); default none")
+    parser.add_argument("--vae-tiles", choices=("auto", "on", "off"), default="auto",
+                        help="decode frames in overlapping 512-pixel tiles (less memory); auto: above 1024x1024")
+    parser.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"),
+                        help="the VAE's dtype (default: --dtype's, but fp32 for fp16, where SDXL's VAE overflows)")
     return parser
 
 
@@ -146,7 +159,8 @@ def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | Non
     for option, value in (("--fps", fps), ("--frames", frames)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{option} must be a positive number, got {value}")
-    settings = Settings.from_options(timeline=parse_timeline(prompts, fps, frames), **values)
+    loras = [parse_lora(value, lambda text: parse_position(text, fps, frames)) for value in args.lora or []]
+    settings = Settings.from_options(timeline=parse_timeline(prompts, fps, frames), loras=loras, **values)
     check_settings(settings)
     return settings
 
@@ -176,8 +190,9 @@ def check_device_name(device: str | None) -> None:
 def check_not_an_input(out: str, settings: Settings) -> None:
     """ValueError if --out is (or holds, or lies inside) a file this run reads, links resolved."""
     target = os.path.realpath(out)
-    inputs = {"--extend": settings.extend, "--image": settings.image, "--model": settings.model}
-    for option, path in inputs.items():
+    inputs = [("--extend", settings.extend), ("--image", settings.image), ("--model", settings.model),
+              *(("--lora", lora.path) for lora in settings.loras)]
+    for option, path in inputs:
         if path is None:
             continue
         source = os.path.realpath(path)
@@ -196,6 +211,11 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
             prompts = (args.prompt or []) + (read_timeline_file(args.timeline) if args.timeline else [])
             if parse_timeline(prompts, stored.fps, stored.frames) != stored.timeline:
                 conflicts.append(f"{option} (the state file has {stored.timeline})")
+        elif name == "lora":
+            fps, frames = stored.fps, stored.frames
+            given = [parse_lora(value, lambda text: parse_position(text, fps, frames)) for value in args.lora]
+            if [(lora.path, lora.strengths) for lora in given] != [(lora.path, lora.strengths) for lora in stored.loras]:
+                conflicts.append(f"{option} (the state file has {[(lora.path, lora.strengths) for lora in stored.loras]})")
         elif name == "model":
             if os.path.realpath(args.model) != os.path.realpath(stored.model):
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
@@ -220,7 +240,8 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
     import torch
 
     import endless
-    from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config
+    import memory
+    from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config, vae_dtype_name
     from video_io import check_output_path, open_writer, read_image, read_video
 
     torch.set_num_threads(args.threads or endless.default_threads())
@@ -249,11 +270,16 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
                 raise ValueError(f"--out {out} exists: give --overwrite to replace it, or --resume to continue it")
             state = endless.VideoState()
         check_not_an_input(out, settings)
-        parameter_bytes = check_checkpoint_files(settings.model)
+        check_checkpoint_files(settings.model)
         check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
         settings.device = device = endless.resolve_device(settings.device)  # stored as it is run
-        endless.check_memory(settings, model_config, parameter_bytes, device)
+        vae_dtype = vae_dtype_name(settings.dtype, args.vae_dtype, model_config["vae"].get("force_upcast", True))
+        vae_tiles = {"auto": None, "on": True, "off": False}[args.vae_tiles]
+        memory.check_memory(model_config, settings.model, device, height=settings.height, width=settings.width,
+                            frames=settings.frames, context_frames=settings.context_frames, guidance=settings.guidance,
+                            decode_frames=settings.decode_frames, dtype=settings.dtype, vae_dtype=vae_dtype,
+                            offload=args.offload, vae_tiles=vae_tiles)
         starting = state.chunk_index == 0  # a resumed run past its first chunk needs no starting point
         image = video = None
         if settings.image and starting:
@@ -266,13 +292,19 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
 
         # 3. Load the model and encode the prompts, once.
         started = time.time()
-        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, device, endless.DTYPES[settings.dtype])
+        load_on = device if args.offload == "none" else "cpu"  # offloaded models wait on the CPU
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, load_on, endless.DTYPES[settings.dtype])
+        pipeline.set_vae_dtype(args.vae_dtype, settings.dtype)
+        pipeline.vae_tiles = vae_tiles
+        if args.offload != "none":
+            pipeline.enable_offload(args.offload, device)
         if settings.scheduler:
             pipeline.scheduler_config = type(pipeline.scheduler_config)(
                 **{**pipeline.scheduler_config.to_dict(), "algorithm_type": settings.scheduler}
             )
-        embeddings = [pipeline.encode_prompt(text, settings.negative_prompt, settings.guidance > 1)
-                      for _, text in settings.timeline]
+        endless.load_loras(pipeline, settings, state.chunk_index)  # before the prompts: the text encoders have LoRAs too
+        embeddings = pipeline.encode_prompts([text for _, text in settings.timeline], settings.negative_prompt,
+                                             settings.guidance > 1)  # then the text encoders leave the device
         generator = torch.Generator().manual_seed(settings.seed)
         if state.generator_state is not None:
             generator.set_state(state.generator_state)
@@ -309,7 +341,7 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
                 latents = next(chunks)
                 state.generator_state = generator.get_state()
                 if not (dropping_first_chunk and state.chunk_index == 1):
-                    frames = pipeline.vae.decode_video(latents, frames_per_batch=settings.decode_frames)
+                    frames = pipeline.decode_video(latents, frames_per_batch=settings.decode_frames)
                     state.frames_written += settings.frames
                     writer.write_chunk(endless.to_uint8_frames(frames[0]))  # a new output's first: `placing`
                     written_chunks += 1
@@ -355,6 +387,9 @@ def print_timeline(settings: Settings, chunks_to_write: int | None) -> None:
         late = chunks_to_write is not None and chunk >= chunks_to_write
         note = f"  (warning: after the video's last chunk {chunks_to_write - 1}, never shown)" if late else ""
         print(f"chunk {chunk} ({chunk * seconds_per_chunk:g} s): {text!r}{note}", file=sys.stderr)
+    for lora in settings.loras:
+        placed = ", ".join(f"{strength:g} at chunk {chunk}" for chunk, strength in lora.strengths)
+        print(f"LoRA {lora.path}: {placed}", file=sys.stderr)
 
 
 def with_model_defaults(args: argparse.Namespace, model_config: dict) -> Settings:

@@ -11,9 +11,14 @@ probability noised, with a probability dropped so that the first chunk is in dis
 probability cut to its last frames) and chunk frames, which are noised; the loss is on the chunk's
 prediction of the noise or of v. The defaults are the recipe of the shipped baby (models/baby).
 
-One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...` (DDP; gloo on
-CPU, nccl on GPU). Checkpoints resume exactly: model, optimiser, schedule, data position and
-random state. The same command (or only --out) resumes a run: options not given take the values
+One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...` (DDP, or with
+--fsdp the UNet sharded by FSDP2; gloo on CPU, nccl on GPU). Every random draw of the loss is a
+function of the seed and the step, the same on any number of processes (self_context.py's are per
+process). Checkpoints resume exactly: model,
+optimiser, schedule, weight average and data position (training.py). --plan prints the memory a
+run needs per process, before any work (training_plan.py). Every --validate-every steps a
+validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
+and OUT/curves.png (validation.py). The same command (or only --out) resumes a run: options not given take the values
 stored in OUT/train_config.json, and a changed option that would change the result is refused.
 Ctrl-C (one process) stops after the step in progress, with a checkpoint.
 """
@@ -23,14 +28,9 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import signal
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -43,6 +43,9 @@ BABY_VAE_CHANNELS = (16, 32, 32)  # baby_configs' VAE: three levels, so it downs
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
+# Settings per process: a run resumed on another number of processes keeps their product with it (the
+# global batch), which train_config.json's "world_size" (the processes that started the run) gives.
+PER_PROCESS = ("batch_size", "vae_batch_size")
 
 
 def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None, aliases=()):
@@ -62,7 +65,8 @@ class TrainConfig:
     mode: Literal["baby", "temporal"] = setting(
         "baby", "baby: everything from scratch; temporal: only the temporal modules of --model", FIXED)
     model: str = setting("", "mode temporal: the checkpoint folder to start from (convert_weights.py)", FIXED)
-    data: str = setting("shapes", '"shapes" (the shapes world) or a folder of videos with captions', FIXED)
+    data: str = setting("shapes", '"shapes" (the shapes world), a folder of videos with captions, or one of shards '
+                                  "(prepare_data.py; mode temporal)", FIXED)
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
     out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
                        FREE)
@@ -78,6 +82,15 @@ class TrainConfig:
     context_noise: float = setting(0.1, "std of the noise added to the context when it is noised", FIXED, minimum=0)
     context_noise_probability: float = setting(0.3, "probability that a batch's context is noised", FIXED,
                                                minimum=0, maximum=1)
+    self_context: Literal["off", "sampled", "one-step"] = setting(
+        "off", "the context made by the model itself for some samples (self_context.py): sampled (the chunk "
+               "before, in --self-context-steps) or one-step (the context noised and denoised once)", FIXED)
+    self_context_probability: float = setting(0.5, "probability that a sample's context is the model's", FIXED,
+                                              minimum=0, maximum=1)
+    self_context_steps: int = setting(4, "sampler steps of a sampled self-context", FIXED, minimum=1)
+    self_context_level: float = setting(
+        0.5, "one-step self-context: the noise level is a timestep below this fraction of the training ones",
+        FIXED, above=0, maximum=1)
     text_drop: float = setting(0.1, "probability that a sample's text is zeroed (trains the unconditional)", FIXED,
                                minimum=0, maximum=1)
     prediction_type: Literal["epsilon", "v_prediction"] = setting(
@@ -95,6 +108,26 @@ class TrainConfig:
     autocast: Literal["none", "bf16", "fp16"] = setting("none", "mixed precision of the forward pass", FIXED)
     gradient_checkpointing: bool = setting(
         False, "recompute activations in the backward pass: less memory, the same numbers", FREE)
+    fsdp: bool = setting(
+        False, "under torchrun: shard the UNet over the processes with FSDP2 (each level and the mid block, then "
+               "the whole UNet; weights gathered in --autocast's dtype, gradients reduced in float32) and "
+               "checkpoint it sharded (OUT/unet.dcp); off: DDP, a whole copy on every process", FIXED)
+    ema_decay: float = setting(
+        0.0, "keep an exponential moving average of the trained UNet weights with this decay per step, in the "
+             "checkpoint, and write it as the model; 0: none", FIXED, minimum=0)
+    validate_every: int = setting(
+        500, "every n UNet steps: the validation loss (and on the shapes world evaluate.py's metrics) in "
+             "OUT/log.jsonl and OUT/curves.png; 0: never", FREE, minimum=0)
+    validation_clips: int = setting(8, "held-out clips of the validation loss", FREE, minimum=1)
+    validation_data: str = setting(
+        "", "held-out clips for the validation loss: a folder of videos or prepared shards; the shapes world "
+            "holds out its own", FREE)
+    plan: bool = setting(
+        False, "print the memory each process needs (weights, gradients, optimizer state, activations) under DDP "
+               "and FSDP, counted without weights on the meta device, and exit", FREE)
+    processes: int = setting(0, "--plan: the number of processes (0: WORLD_SIZE, or 1)", FREE, minimum=0)
+    peak_tflops: float = setting(989.0, "the GPU's dense peak TFLOP/s in --autocast's dtype, for the model FLOPs "
+                                        "utilisation (H100 and H200 SXM, bf16: 989)", FREE, above=0)
     vae_steps: int = setting(1500, "mode baby: steps of the VAE stage, before the UNet stage", EXTEND, minimum=1)
     vae_batch_size: int = setting(32, "mode baby: images per VAE step and process", FIXED, minimum=1)
     vae_learning_rate: float = setting(2e-3, "mode baby: peak learning rate of the VAE stage", FIXED, above=0)
@@ -106,6 +139,8 @@ class TrainConfig:
     threads: int = setting(0, "CPU threads for torch (0: torch's default); 1 is fastest on a busy machine", FREE,
                            minimum=0)
     device: str = setting("auto", "auto (cuda if there is one, else cpu), cpu, cuda, cuda:N or mps", FREE)
+    workers: int = setting(0, "DataLoader processes that read and decode the batches ahead (0: the main process)",
+                           FREE, minimum=0)
     sample_steps: int = setting(25, "denoising steps of the samples; sample.py's default for the trained model",
                                 FREE, minimum=1)
     sample_guidance: float = setting(2.0, "guidance scale of the samples; sample.py's default for the trained model",
@@ -136,6 +171,14 @@ class TrainConfig:
             raise ValueError(f"--out {self.out} is a file; give a folder (new or a run's)")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        if self.ema_decay >= 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.validation_data and not Path(self.validation_data).is_dir():
+            raise ValueError(f"--validation-data must be a folder of videos or prepared shards, got "
+                             f"{self.validation_data!r}")
+        if self.fsdp and self.self_context != "off":
+            raise ValueError("--fsdp with --self-context: the self-made contexts call the UNet a number of times "
+                             "that differs between processes, which FSDP cannot gather for; use DDP")
         factor = vae_downsampling(self)
         if self.size % factor:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
@@ -249,11 +292,26 @@ def resume_changes(config: TrainConfig) -> list[str]:
     """The settings of `config` that differ from those of the run already in its --out, as
     "--unet-steps 9000 -> 12000", when all of them only extend the run (EXTEND and FREE fields); a
     ValueError naming every one that would change its result. Fields the stored run lacks (added
-    since) are not compared. --vae-steps may grow only until the UNet stage has begun."""
+    since) are not compared. --vae-steps may grow only until the UNet stage has begun. The batch
+    sizes are per process: on another number of processes (WORLD_SIZE) their global batch must stay."""
     out = Path(config.out)
     stored = stored_settings(out) or {}
+    stored_processes = read_json_object(out / "train_config.json").get("world_size", 1) if stored else 1
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     accepted, refused = [], []
     for field in dataclasses.fields(TrainConfig):
+        if field.name in PER_PROCESS and field.name in stored and processes != stored_processes:
+            if field.name == "vae_batch_size" and config.mode == "temporal":
+                continue  # mode temporal has no VAE stage
+            old, new = stored[field.name], getattr(config, field.name)
+            change = (f"{option_name(field.name)} {old} x {stored_processes} processes -> {new} x {processes} "
+                      f"processes")
+            if old * stored_processes == new * processes:
+                accepted.append(change + " (the same global batch)")
+            else:
+                refused.append(change + f" (give {option_name(field.name)} {old * stored_processes / processes:g}: "
+                                        f"the global batch is {old * stored_processes})")
+            continue
         if field.name not in stored or stored[field.name] == getattr(config, field.name):
             continue
         old, new, rule = stored[field.name], getattr(config, field.name), field.metadata["resume"]
@@ -289,101 +347,26 @@ if __name__ == "__main__":
     # modules), so that --help and a bad option answer at once, not after seconds of imports.
     CONFIG = checked_config()
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import world
 from endless import VideoState, generate_latents, to_uint8_frames
 from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline, fsync, fsync_tree, micro_conditioning, writing
+from pipeline import StableDiffusionXLVideoPipeline, fsync_tree, micro_conditioning, model_configs, writing
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
+from self_context import SelfContext
 from text import TextEncoder, clip_tokenizers
 from vae import AutoencoderKL, VAEConfig
-from video_io import open_writer, read_video
+from video_data import Batches, ShapesData, batch_of, encoded_batch, make_data
+from video_io import open_writer
+from training import (AUTOCAST_DTYPES, Stage, Stopped, append_log, atomic_file, gathered, read_checkpoint,
+                      replace_folder, shard)
+from training_plan import Sample, plan_table, training_flops, unet_units
+from validation import HeldOutShapes, plot_curves, shapes_metrics, validation_loss
 from video_settings import Settings
-
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.autocast's choices
-VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
-CHECKPOINT_KEYS = {"step", "module", "optimizer", "schedule", "generators"}
-
-
-# Data ------------------------------------------------------------------------------------------
-
-
-class ShapesData:
-    """Clips of the shapes world; sample `index` is always the same clip. With `num_clips` > 0
-    the samples cycle over that many clips."""
-
-    def __init__(self, size: int, num_frames: int, seed: int, num_clips: int = 0):
-        self.size, self.num_frames, self.seed, self.num_clips = size, num_frames, seed, num_clips
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        """(3, frames, size, size) in [-1, 1] and its caption."""
-        index = index % self.num_clips if self.num_clips else index
-        clip = world.random_clip(self.seed * 1_000_003 + index, self.size)
-        start = (index * 7919) % 64  # any stretch of the endless clip
-        return world.render(clip, self.num_frames, self.size, first_frame=start), clip.caption
-
-
-class VideoFolder:
-    """Videos with captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` with
-    `file_name` and `text` columns. Sample `index` is a window of `num_frames` frames (every
-    `frame_stride`-th), resized to cover and centre-cropped."""
-
-    def __init__(self, folder: str, size: int, num_frames: int, frame_stride: int, seed: int):
-        self.size, self.num_frames, self.stride, self.seed = size, num_frames, frame_stride, seed
-        self.items = sorted(read_captions(Path(folder)).items())
-        if not self.items:
-            raise ValueError(f"--data {folder}: no videos with captions found")
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        path, caption = self.items[index % len(self.items)]
-        video, _ = read_video(str(path), self.size, self.size)  # (3, frames, size, size)
-        video = video[:, :: self.stride]
-        span = self.num_frames
-        if video.shape[1] < span:
-            raise ValueError(f"{path} has {video.shape[1]} frames after stride {self.stride}; need {span}")
-        start = int(np.random.default_rng((self.seed, index)).integers(0, video.shape[1] - span + 1))
-        return video[:, start : start + span], caption
-
-
-def read_captions(folder: Path) -> dict[Path, str]:
-    captions = {}
-    if (folder / "metadata.jsonl").is_file():
-        for line in (folder / "metadata.jsonl").read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                captions[folder / row["file_name"]] = row["text"]
-    if (folder / "metadata.csv").is_file():
-        import csv
-
-        with open(folder / "metadata.csv", newline="") as file:
-            for row in csv.DictReader(file):
-                captions[folder / row["file_name"]] = row["text"]
-    for video in folder.iterdir():
-        if video.suffix.lower() in VIDEO_EXTENSIONS and video.with_suffix(".txt").is_file():
-            captions[video] = video.with_suffix(".txt").read_text().strip()
-    return captions
-
-
-def make_data(config: TrainConfig):
-    """The run's clips: the shapes world or a folder of videos (ValueError if it holds none)."""
-    clip_frames = config.context_frames + config.frames
-    if config.data == "shapes":
-        return ShapesData(config.size, clip_frames, config.seed, config.clips)
-    return VideoFolder(config.data, config.size, clip_frames, config.frame_stride, config.seed)
-
-
-def batch_of(data, step: int, batch_size: int, rank: int, world_size: int):
-    """The samples of this process at `step`: a fixed slice of the global batch, so that the data
-    position is the step alone. Returns (batch, 3, frames, H, W) and a list of captions."""
-    first = (step * world_size + rank) * batch_size
-    samples = [data[first + i] for i in range(batch_size)]
-    return torch.stack([video for video, _ in samples]), [caption for _, caption in samples]
 
 
 # The baby model ---------------------------------------------------------------------------------
@@ -413,212 +396,7 @@ def baby_configs(size: int, conditioner: str = "transformer") -> tuple[UNetConfi
     return unet, vae
 
 
-# Files ------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_file(path: Path):
-    """Open NAME.tmp next to `path` for writing; once the body is done, fsync it and rename it to
-    `path`, so that a kill leaves the old file or the new one, never part of one. An error is an
-    OSError naming `path`, and the temporary file is removed."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with writing(path), open(temporary, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-            os.replace(temporary, path)
-            fsync(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def replace_folder(temporary: Path, folder: Path) -> None:
-    """Put the complete folder `temporary` (fsynced) at `folder`. A folder cannot be replaced in one
-    rename: the old one goes to NAME.old first, so that a kill between the two leaves it there,
-    never a half-written NAME."""
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(temporary, folder)
-    fsync(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_checkpoint(path: Path, mmap: bool = False) -> dict | None:
-    """A stage's checkpoint, or None when there is none; ValueError naming a file that is not a
-    whole checkpoint (truncated, or something else). With `mmap` the tensors stay on disk: a cheap
-    check of the file before any work."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
-    except PermissionError:
-        raise
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):  # what torch.load raises for a broken file
-        state = None
-    if not (isinstance(state, dict) and CHECKPOINT_KEYS <= state.keys()):
-        raise ValueError(f"{path} is not a complete checkpoint (truncated or corrupted); move it away to train "
-                         f"its stage from the start")
-    return state
-
-
-# Training ---------------------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    """A stage stopped on Ctrl-C after checkpointing; the message says where and how to resume."""
-
-
-def learning_rate_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then a cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def duration(seconds: float) -> str:
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-class Progress:
-    """A stage's progress: step, loss, learning rate, time spent and left. In a terminal a live line,
-    rewritten every step and kept every `every` steps; otherwise a line every `every` steps."""
-
-    def __init__(self, name: str, first_step: int, steps: int, every: int, stream=None):
-        self.name, self.first, self.steps, self.every = name, first_step, steps, every
-        self.stream = stream or sys.stdout
-        self.live, self.open_line, self.width = self.stream.isatty(), False, 0
-        self.started = time.time()
-
-    def update(self, step: int, loss: float, learning_rate: float) -> None:
-        spent = time.time() - self.started
-        left = spent / (step - self.first) * (self.steps - step)
-        line = (f"{self.name} step {step}/{self.steps} loss {loss:.4f} lr {learning_rate:.2e} | "
-                f"{duration(spent)} spent, {duration(left)} left")
-        keep = step % self.every == 0 or step == self.steps
-        if self.live:
-            self.width = max(self.width, len(line))
-            print("\r" + line.ljust(self.width), end="\n" if keep else "", file=self.stream, flush=True)
-            self.open_line = not keep
-        elif keep:
-            print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """End a live line left open (the stage stopped between two kept lines)."""
-        if self.open_line:
-            print(file=self.stream, flush=True)
-
-
-@contextmanager
-def stop_requests(enabled: bool):
-    """While a stage trains, the first Ctrl-C only asks it to stop after the step in progress (the
-    yielded list gets an entry); a second one interrupts at once. Off under torchrun, whose
-    processes would each stop at another step."""
-    requests = []
-    enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def request(signum, frame):
-        requests.append(signum)
-        signal.signal(signal.SIGINT, previous)
-        print("\nstopping after this step, with a checkpoint (Ctrl-C again: at once, without)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, request) if enabled else None
-    try:
-        yield requests
-    finally:
-        if enabled:
-            signal.signal(signal.SIGINT, previous)
-
-
-class Stage:
-    """One training loop: a module, the parameters it trains, a loss; checkpoints `out/NAME.pt`."""
-
-    def __init__(self, name, module, parameters, loss, steps, learning_rate, config: TrainConfig, distributed):
-        self.name, self.module, self.loss, self.steps, self.config = name, module, loss, steps, config
-        self.parameters = list(parameters)
-        self.path = Path(config.out) / f"{name}.pt"
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=config.weight_decay)
-        factor = lambda step: learning_rate_factor(step, config.warmup_steps, steps)  # noqa: E731
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.distributed = distributed
-        self.rank = dist.get_rank() if distributed else 0
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
-        self.step = 0
-        self.wrapped = module
-        if distributed:
-            self.wrapped = DistributedDataParallel(module, find_unused_parameters=True)
-
-    def save(self) -> None:
-        """Every process calls it; rank 0 writes every process's random state with the rest,
-        atomically (`atomic_file`)."""
-        generators = [self.generator.get_state()]
-        if dist.is_initialized():
-            generators = [None] * dist.get_world_size()
-            dist.all_gather_object(generators, self.generator.get_state())
-        if self.rank != 0:
-            return
-        state = {"step": self.step, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict(), "generators": generators}
-        with atomic_file(self.path) as file:
-            torch.save(state, file)
-
-    def load(self) -> None:
-        """Continue from the checkpoint, if there is one (each process reads the same file)."""
-        state = read_checkpoint(self.path)
-        if state is None:
-            return
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.generator.set_state(state["generators"][self.rank])
-        self.step = state["step"]
-
-    def run(self, on_step=None) -> None:
-        """Train from the current step to the last, logging, sampling and checkpointing. Ctrl-C (one
-        process) stops it after the step in progress, with a checkpoint: Stopped."""
-        config = self.config
-        autocast = AUTOCAST_DTYPES[config.autocast]
-        device_type = self.parameters[0].device.type
-        progress = Progress(self.name, self.step, self.steps, config.log_every)
-        with stop_requests(enabled=not self.distributed) as stop:
-            try:
-                while self.step < self.steps:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    total = 0.0
-                    for micro in range(config.gradient_accumulation):
-                        with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-                            loss = self.loss(self.wrapped, self.step * config.gradient_accumulation + micro,
-                                             self.generator)
-                        (loss / config.gradient_accumulation).backward()
-                        total += loss.item() / config.gradient_accumulation
-                    torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
-                    self.optimizer.step()
-                    self.schedule.step()
-                    self.step += 1
-                    if self.rank == 0:
-                        progress.update(self.step, total, log_step(self, total))
-                    if on_step is not None:
-                        on_step(self)
-                    if stop or self.step % config.checkpoint_every == 0 or self.step == self.steps:
-                        self.save()
-                    if stop:
-                        raise Stopped(f"stopped at {self.name} step {self.step}/{self.steps}, saved in {self.path}; "
-                                      f"run the same command to resume")
-            finally:
-                progress.close()
-
-
-def log_step(stage: Stage, loss: float) -> float:
-    """Append the step's loss and learning rate to out/log.jsonl; returns the learning rate."""
-    record = {"stage": stage.name, "step": stage.step, "loss": loss, "lr": stage.schedule.get_last_lr()[0]}
-    path = Path(stage.config.out) / "log.jsonl"
-    with writing(path), open(path, "a") as log:
-        log.write(json.dumps(record) + "\n")
-    return record["lr"]
+# Losses ----------------------------------------------------------------------------------------
 
 
 class VAEObjective(torch.nn.Module):
@@ -637,10 +415,13 @@ class VAEObjective(torch.nn.Module):
 
 
 def vae_loss(data, config: TrainConfig, rank: int, world_size: int, latent_shape):
+    batches = Batches(data, config.vae_batch_size, rank, world_size, config.workers)
+
     def loss(objective, index, generator):
-        videos, _ = batch_of(data, index, config.vae_batch_size, rank, world_size)
+        videos, _ = batches[index]
         images = videos[:, :, 0].to(next(objective.parameters()).device)  # (b, 3, H, W): one frame per clip
-        noise = torch.randn((images.shape[0], *latent_shape), generator=generator).to(images)
+        mine = slice(rank * config.vae_batch_size, (rank + 1) * config.vae_batch_size)  # of the global batch
+        noise = torch.randn((config.vae_batch_size * world_size, *latent_shape), generator=generator)[mine].to(images)
         return objective(images, noise)
 
     return loss
@@ -649,21 +430,28 @@ def vae_loss(data, config: TrainConfig, rank: int, world_size: int, latent_shape
 def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, rank: int, world_size: int):
     """The denoising loss on the chunk frames, conditioned on the clean (or noised, or no) context: the
     model predicts the noise, or v = alpha * noise - sigma * latents, as its scheduler's prediction_type says
-    (`DPMSolverMultistepScheduler.add_noise` and `.training_target`, in float32)."""
+    (`DPMSolverMultistepScheduler.add_noise` and `.training_target`, in float32). Every draw is made
+    for the global batch (`generator` is the same in every process) and each process takes its slice,
+    so that a run gives the same numbers on any number of processes with the same global batch."""
     device = pipeline.device
     scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
     train_steps = pipeline.scheduler_config.num_train_timesteps
     k = config.context_frames
+    mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)  # this process's samples of a global batch
+    self_context = SelfContext(config.self_context, config.self_context_probability, config.self_context_steps,
+                               config.self_context_level, k, config.frames, config.size, config.seed, rank)
+    if self_context.extra_frames:  # longer clips: the chunk the context is made as, and the frames before it
+        data = make_data(dataclasses.replace(config, context_frames=k + self_context.extra_frames))
+
+    batches = Batches(data, config.batch_size, rank, world_size, config.workers)
 
     def loss(unet, index, generator):
-        videos, captions = batch_of(data, index, config.batch_size, rank, world_size)
-        with torch.no_grad():
-            latents = pipeline.vae.encode_video(videos.to(device))  # (b, 4, k + f, h, w)
-            text, _, pooled, _ = pipeline.text_encoder.encode_prompt(captions, do_classifier_free_guidance=False)
+        latents, text, pooled = encoded_batch(pipeline, batches[index])  # (b, 4, k + f, h, w), (b, tokens, dim), (b, p)
         batch = latents.shape[0]
-        keep_text = (torch.rand(batch, generator=generator) >= config.text_drop).to(text)  # (b,)
+        every = batch * world_size  # the global batch, whose samples [mine] are this process's
+        keep_text = (torch.rand(every, generator=generator)[mine] >= config.text_drop).to(text)  # (b,)
         text, pooled = text * keep_text[:, None, None], pooled * keep_text[:, None]
-        context, chunk = latents[:, :, :k], latents[:, :, k:]  # (b, 4, k, h, w), (b, 4, f, h, w)
+        context, chunk = self_context.split(pipeline, latents, text, pooled, index)  # (b, 4, k, h, w), (b, 4, f, h, w)
         draws = torch.rand(3, generator=generator)
         if draws[0] < config.context_drop:
             context = None
@@ -671,9 +459,10 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
             if draws[2] < config.context_shorten and k > 1:
                 context = context[:, :, -int(torch.randint(1, k, (), generator=generator)):]  # (b, 4, 1 .. k-1, h, w)
             if draws[1] < config.context_noise_probability:
-                context = context + config.context_noise * torch.randn(context.shape, generator=generator).to(context)
-        timesteps = torch.randint(0, train_steps, (batch,), generator=generator)
-        noise = torch.randn(chunk.shape, generator=generator).to(chunk)
+                context_noise = torch.randn((every, *context.shape[1:]), generator=generator)[mine]
+                context = context + config.context_noise * context_noise.to(context)
+        timesteps = torch.randint(0, train_steps, (every,), generator=generator)[mine]
+        noise = torch.randn((every, *chunk.shape[1:]), generator=generator)[mine].to(chunk)
         chunk, noise = chunk.float(), noise.float()  # (b, 4, f, h, w), the noising and target in float32
         noisy = scheduler.add_noise(chunk, noise, timesteps)
         target = scheduler.training_target(chunk, noise, timesteps)
@@ -684,6 +473,9 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
     return loss
 
 
+# Samples, validation, the model ----------------------------------------------------------------
+
+
 def sample_defaults(config: TrainConfig) -> dict:
     """How sample.py makes videos with the trained model (its config.json's `sample_defaults`), and
     how write_samples makes the training samples."""
@@ -692,10 +484,13 @@ def sample_defaults(config: TrainConfig) -> dict:
             "guidance": config.sample_guidance, "anchor_frame": config.sample_anchor_frame}
 
 
-def write_samples(pipeline, config: TrainConfig, step: int, prompts=("a red circle moving left", "a blue square moving up")):
-    """A 4-chunk GIF per prompt in out/samples/, made as sample.py makes videos."""
+def write_samples(pipeline, config: TrainConfig, step: int, write: bool = True,
+                  prompts=("a red circle moving left", "a blue square moving up")):
+    """A 4-chunk GIF per prompt in out/samples/, made as sample.py makes videos. Under FSDP every
+    process makes them (the UNet is sharded) and only one writes (`write`)."""
     folder = Path(config.out) / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     with torch.no_grad():
@@ -703,10 +498,12 @@ def write_samples(pipeline, config: TrainConfig, step: int, prompts=("a red circ
             settings = Settings.from_options(timeline=[(0, prompt)], **sample_defaults(config))
             chunks = generate_latents(pipeline, settings, [pipeline.encode_prompt(prompt)], VideoState(),
                                       torch.Generator().manual_seed(index))
-            path = folder / f"step{step:06d}_{index}.gif"
-            with writing(path), open_writer(str(path), fps=6) as writer:
-                for _ in range(4):
-                    writer.write_chunk(to_uint8_frames(pipeline.vae.decode_video(next(chunks))[0]))
+            frames = [to_uint8_frames(pipeline.vae.decode_video(next(chunks))[0]) for _ in range(4)]
+            if write:
+                path = folder / f"step{step:06d}_{index}.gif"
+                with writing(path), open_writer(str(path), fps=6) as writer:
+                    for chunk in frames:
+                        writer.write_chunk(chunk)
     pipeline.unet.train(was_training)
 
 
@@ -734,20 +531,64 @@ def scaling_factor(vae: AutoencoderKL, data, config: TrainConfig) -> float:
         return 1.0 / vae.encode(videos.to(next(vae.parameters()).device)).mean.std().item()
 
 
+def write_curves(config: TrainConfig) -> None:
+    """OUT/curves.png: the training and validation curves of OUT/log.jsonl (validation.plot_curves)."""
+    out = Path(config.out)
+    image = plot_curves(out / "log.jsonl") if (out / "log.jsonl").exists() else None
+    if image is not None:
+        with atomic_file(out / "curves.png") as file:
+            image.save(file, format="PNG")
+
+
+def validation_clips(config: TrainConfig):
+    """The held-out clips of the validation loss: --validation-data, or the shapes world's own
+    (`HeldOutShapes`); None for a run on videos without --validation-data."""
+    if config.validation_data:
+        return make_data(dataclasses.replace(config, data=config.validation_data))
+    if config.data == "shapes":
+        return HeldOutShapes(ShapesData(config.size, config.context_frames + config.frames, config.seed))
+    return None
+
+
+def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfig, step: int, rank: int,
+             world_size: int) -> None:
+    """Every process calls it: the validation loss on `clips` (each process its share), and on the
+    shapes world evaluate.py's metrics (by rank 0, or by every process when the UNet is sharded);
+    rank 0 appends them to OUT/log.jsonl and redraws OUT/curves.png."""
+    record = {"stage": "validation", "step": step}
+    if clips is not None:
+        record["loss"] = validation_loss(pipeline.unet, pipeline, clips, config.validation_clips, config, rank,
+                                         world_size)
+    if config.data == "shapes" and (rank == 0 or config.fsdp):
+        with gathered(pipeline.unet):
+            record["shapes"] = shapes_metrics(pipeline, sample_defaults(config))
+    if rank == 0:
+        append_log(config.out, record)
+        write_curves(config)
+
+
 def resolve_device(name: str) -> str:
-    """--device, with auto the GPU when there is one; ValueError for a device this machine lacks."""
+    """--device, with auto the GPU when there is one, and under torchrun "cuda" the process's own
+    (cuda:LOCAL_RANK); ValueError for a device this machine lacks."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA device (give --device auto or cpu)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return name
 
 
 def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
+    """The run's pipeline, its UNet in float32 (the trained weights' master copy). Under --fsdp the
+    UNet stays on the CPU: `fully_shard` moves each process's shards to the device."""
     device = resolve_device(config.device)
+    unet_device = "cpu" if config.fsdp else device
     if config.mode == "temporal":
-        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, device)
-        pipeline.unet.requires_grad_(False)
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, unet_device)
+        pipeline.vae.to(device)
+        pipeline.text_encoder.to(device)
+        pipeline.unet.float().requires_grad_(False)
         for parameter in pipeline.unet.temporal_parameters():
             parameter.requires_grad_(True)
         pipeline.vae.requires_grad_(False)
@@ -758,23 +599,43 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
     scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
     pipeline = StableDiffusionXLVideoPipeline(UNet(unet_config), AutoencoderKL(vae_config), text_encoder,
                                               scheduler_config)
-    return pipeline.to(device)
+    pipeline.to(device)
+    pipeline.unet.to(unet_device)
+    return pipeline
 
 
-def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
-    """Run every stage of `config` (resuming any that has a checkpoint) and write the model to out/model.
-    Before any work: the settings are compared with those of a run already in out (`resume_changes`),
-    its checkpoints are read, and the data and the device are checked (ValueError)."""
+def unet_flops(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) -> int:
+    """Model FLOPs of one training sample's forward and backward through the UNet (on meta)."""
+    sample = Sample(config.frames, config.context_frames, config.size // pipeline.vae_scale_factor,
+                    pipeline.text_encoder.tokenizer.model_max_length)
+    return training_flops(pipeline.unet.config, config.mode == "temporal", sample)
+
+
+def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline | None:
+    """Run every stage of `config` (resuming any that has a checkpoint) and write the model to out/model
+    (the weights' average with --ema-decay). Before any work: the settings are compared with those of
+    a run already in out (`resume_changes`), its checkpoints are read, and the data and the device are
+    checked (ValueError). Returns the pipeline as written (under --fsdp on rank 0; None elsewhere)."""
     out = Path(config.out)
     changes = resume_changes(config)
-    checkpoints = {name: read_checkpoint(out / f"{name}.pt", mmap=True) for name in STAGES}
+    distributed = "WORLD_SIZE" in os.environ
+    if config.fsdp and not distributed:
+        raise ValueError("--fsdp shards the UNet over processes: run it under torchrun "
+                         "(torchrun --nproc_per_node N train.py ... --fsdp)")
+    paths = {"vae": out / "vae.pt", "unet": out / ("unet.dcp" if config.fsdp else "unet.pt")}
+    other = out / ("unet.pt" if config.fsdp else "unet.dcp")
+    if other.exists():
+        raise ValueError(f"{other} is the checkpoint of a run {'without' if config.fsdp else 'with'} --fsdp: "
+                         f"resume it {'without' if config.fsdp else 'with'} --fsdp, or use a new --out")
+    checkpoints = {name: read_checkpoint(path, mmap=True) for name, path in paths.items()}
     steps = {name: state["step"] for name, state in checkpoints.items() if state is not None}
     del checkpoints
     if config.mode == "baby" and "unet" in steps and "vae" not in steps:
-        raise ValueError(f"{out / 'unet.pt'} was trained on the latents of the VAE of {out / 'vae.pt'}, which is "
-                         f"missing: move unet.pt away too, or use a new --out")
+        raise ValueError(f"{paths['unet']} was trained on the latents of the VAE of {out / 'vae.pt'}, which is "
+                         f"missing: move {paths['unet'].name} away too, or use a new --out")
     data = make_data(config)
-    resolve_device(config.device)
+    clips = validation_clips(config)
+    device = resolve_device(config.device)
     if config.mode == "baby":
         try:
             baby_configs(config.size, config.conditioner)
@@ -782,18 +643,19 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
             raise ValueError(f"--conditioner {config.conditioner}: {error}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
-    distributed = "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if rank == 0:
         if (out / "train_config.json").exists():
-            found = ", ".join(f"{name}.pt at step {step}" for name, step in steps.items()) or "no checkpoint yet"
+            found = ", ".join(f"{paths[name].name} at step {step}" for name, step in steps.items()) or "no checkpoint yet"
             print(f"resuming {out} ({found})" + (f"; accepted {', '.join(changes)}" if changes else ""), flush=True)
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out / "train_config.json") as file:
-            file.write((json.dumps(asdict(config), indent=2) + "\n").encode())
+        with atomic_file(out / "train_config.json") as file:  # and the processes that train it
+            file.write((json.dumps({**asdict(config), "world_size": world_size}, indent=2) + "\n").encode())
     pipeline = build_pipeline(config)
     pipeline.unet.gradient_checkpointing = config.gradient_checkpointing
 
@@ -801,38 +663,86 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline:
         vae = pipeline.vae.train()
         factor = vae.config.downsample_factor
         latent_shape = (vae.config.latent_channels, config.size // factor, config.size // factor)
-        stage = Stage("vae", VAEObjective(vae), vae.parameters(), vae_loss(data, config, rank, world_size, latent_shape),
-                      config.vae_steps, config.vae_learning_rate, config, distributed)
+        stage = Stage("vae", VAEObjective(vae), vae_loss(data, config, rank, world_size, latent_shape),
+                      config.vae_steps, config.vae_learning_rate, config, batch_size=config.vae_batch_size)
         stage.load()
         stage.run(on_step)
         vae.config.scaling_factor = scaling_factor(vae, data, config)
         vae.requires_grad_(False).eval()
 
     unet = pipeline.unet.train()
-    trained = [p for p in unet.parameters() if p.requires_grad]
-    stage = Stage("unet", unet, trained, unet_loss(pipeline, data, config, rank, world_size), config.unet_steps,
-                  config.learning_rate, config, distributed)
+    if config.fsdp:
+        shard(unet, unet_units(unet), AUTOCAST_DTYPES[config.autocast], device)
+    flops = unet_flops(pipeline, config) if device.startswith("cuda") else None
+    stage = Stage("unet", unet, unet_loss(pipeline, data, config, rank, world_size), config.unet_steps,
+                  config.learning_rate, config, batch_size=config.batch_size, frames_per_sample=config.frames,
+                  sharded=config.fsdp, ema_decay=config.ema_decay, flops_per_sample=flops)
     stage.load()
 
     def every_step(stage):
-        if rank == 0 and stage.step % config.sample_every == 0:
-            write_samples(pipeline, config, stage.step)
+        if stage.step % config.sample_every == 0 and (rank == 0 or config.fsdp):
+            with gathered(pipeline.unet):
+                write_samples(pipeline, config, stage.step, rank == 0)
+        if config.validate_every and stage.step % config.validate_every == 0:
+            validate(pipeline, clips, config, stage.step, rank, world_size)
         if on_step is not None:
             on_step(stage)
 
     stage.run(every_step)
-    unet.eval()
+    if stage.ema is not None:
+        stage.ema.copy_to(stage.trained)
+    weights = stage.full_state_dict() if config.fsdp else None  # every process takes part; rank 0 gets them
     if rank == 0:
+        if config.fsdp:
+            with torch.device("meta"):
+                pipeline.unet = UNet(unet.config)
+            pipeline.unet.load_state_dict(weights, assign=True)
+        pipeline.unet.eval()
         save_model(pipeline, config)
+        write_curves(config)
     if distributed:
         dist.barrier()
-    return pipeline
+    return pipeline if rank == 0 or not config.fsdp else None
+
+
+def text_encoder_parameters(folder: Path) -> int:
+    """Parameters of the two text encoders of a checkpoint folder, from their config.json files
+    (0 for one the folder lacks)."""
+    count = 0
+    for name, model_class in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        if (folder / name / "config.json").is_file():
+            with torch.device("meta"):
+                model = model_class(CLIPTextConfig.from_pretrained(folder / name, local_files_only=True))
+            count += sum(p.numel() for p in model.parameters())
+    return count
+
+
+def plan(config: TrainConfig) -> str:
+    """The --plan table (training_plan.plan_table) for the run's UNet: --model's (mode temporal: from
+    its config.json alone, no weights are read) or the baby's, over --processes (or WORLD_SIZE)."""
+    processes = config.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    if config.mode == "temporal":
+        configs = model_configs(config.model)
+        unet_config, vae_config, tokens = configs["unet"], configs["vae"], 77
+        text_parameters = text_encoder_parameters(Path(config.model))
+    else:
+        (unet_config, vae_config), tokens, text_parameters = baby_configs(config.size, config.conditioner), 16, 0
+    with torch.device("meta"):
+        vae_parameters = sum(p.numel() for p in AutoencoderKL(vae_config).parameters())
+    sample = Sample(config.frames, config.context_frames, config.size // vae_config.downsample_factor, tokens)
+    return plan_table(unet_config, config.mode == "temporal", sample, processes, config.batch_size,
+                      AUTOCAST_DTYPES[config.autocast], config.gradient_checkpointing,
+                      4 * (vae_parameters + text_parameters))
 
 
 def main(config: TrainConfig) -> None:
-    """`train` for the command line: an error (a broken checkpoint, a full disk) is one line on
-    stderr (exit status 1); Ctrl-C stops with a checkpoint and says how to resume (exit status 130)."""
+    """`train` (or with --plan, `plan`) for the command line: an error (a broken checkpoint, a full
+    disk) is one line on stderr (exit status 1); Ctrl-C stops with a checkpoint and says how to
+    resume (exit status 130)."""
     try:
+        if config.plan:
+            print(plan(config))
+            return
         train(config)
     except Stopped as stopped:
         print(stopped, file=sys.stderr)

@@ -17,6 +17,8 @@ from torch import nn
 from layers import Attention, Downsample, ResnetBlock, Upsample, fold_frames, unfold_frames
 
 EPS = 1e-6  # of every GroupNorm in the VAE
+TILE, TILE_OVERLAP = 64, 16  # latent pixels of a tile of `decode_tiled` (512 image pixels) and their overlap
+TILES_ABOVE = 128 * 128  # latent pixels of a frame above which `decode_video` tiles by default (1024 x 1024 images)
 
 
 @dataclass
@@ -240,18 +242,81 @@ class AutoencoderKL(nn.Module):
         return latents.to(video.dtype)
 
     def decode_video(self, latents: torch.Tensor, frames_per_batch: int = 8,
-                     upcast: bool | None = None) -> torch.Tensor:
+                     upcast: bool | None = None, tiles: bool | None = None) -> torch.Tensor:
         """latents: scaled (batch, latent_channels, frames, h, w) -> video (batch, out_channels,
         frames, h * factor, w * factor) in the latents' dtype. Decodes `frames_per_batch` frames at a
-        time, which equals decoding all at once; `upcast` as in `AutoencoderKL.upcast`."""
+        time, which equals decoding all at once; `upcast` as in `AutoencoderKL.upcast`. tiles: decode
+        each frame in overlapping tiles (`decode_tiled`); None: when a frame has more than
+        TILES_ABOVE latent pixels."""
         check_shape(latents, "latents", "batch latent_channels frames h w", self.config.latent_channels)
         check_frames_per_batch(frames_per_batch)
         with self.upcast(self.post_quant_conv, self.decoder, enabled=upcast) as dtype:
-            frames = fold_frames(latents).to(dtype) / self.config.scaling_factor  # (b*f, c, h, w)
-            images = [self.decoder(self.post_quant_conv(z)) for z in frames.split(frames_per_batch)]
-        return unfold_frames(torch.cat(images), latents.shape[2]).to(latents.dtype)  # (b, c, f, H, W)
+            return self.decode_frames(latents, frames_per_batch, tiles, dtype)
+
+    def decode_frames(self, latents: torch.Tensor, frames_per_batch: int, tiles: bool | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The work of `decode_video` (without its checks and upcast), the decoder running in `dtype`."""
+        tiles = latents.shape[-2] * latents.shape[-1] > TILES_ABOVE if tiles is None else tiles
+        decode = self.decode_tiled if tiles else self.decode
+        frames = fold_frames(latents).to(dtype) / self.config.scaling_factor  # (b*f, c, h, w)
+        images = [decode(z).to(latents.dtype) for z in frames.split(frames_per_batch)]
+        return unfold_frames(torch.cat(images), latents.shape[2])  # (b, c, f, H, W)
+
+    def decode_tiled(self, latents: torch.Tensor, tile: int = TILE, overlap: int = TILE_OVERLAP) -> torch.Tensor:
+        """`decode` in tiles of tile x tile latent pixels that overlap by `overlap`: memory for one
+        tile's activations and the output instead of the whole frame's. See `blend_tiles`."""
+        return blend_tiles(self.decode, latents, self.config.downsample_factor, tile, overlap)
 
 
 def check_frames_per_batch(frames_per_batch: int) -> None:
     if frames_per_batch < 1:
         raise ValueError(f"frames_per_batch must be at least 1, got {frames_per_batch}")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where the tiles along one side of `length` latent pixels start: every tile - overlap, the
+    last moved back to end at the border (so it may overlap its neighbour by more)."""
+    if length <= tile:
+        return [0]
+    return sorted(set(range(0, length - tile, tile - overlap)) | {length - tile})
+
+
+def ramp(size: int, start: int, length: int, overlap: int, factor: int) -> torch.Tensor:
+    """Blending weights (size,) over the image pixels of a tile starting at latent `start` along a
+    side of `length`: rising linearly in (0, 1) over the first `overlap * factor` pixels unless the
+    tile starts at the border, falling over the last ones unless it ends there, 1 elsewhere."""
+    weights = torch.ones(size)
+    edge = min(overlap * factor, size // 2)
+    rise = (torch.arange(edge) + 0.5) / edge
+    if start > 0:
+        weights[:edge] = rise
+    if start * factor + size < length * factor:
+        weights[size - edge:] = rise.flip(0)
+    return weights
+
+
+def blend_tiles(decode, latents: torch.Tensor, factor: int, tile: int, overlap: int) -> torch.Tensor:
+    """decode(latents) computed tile by tile: latents (n, c, h, w) -> images (n, C, h * factor,
+    w * factor). Each tile of tile x tile latents (fewer at a small side) is decoded alone; where
+    tiles overlap, their images are averaged with weights that ramp linearly across the overlap
+    (`ramp`, separable), so no seam shows. A decoder that sees only each pixel's own latent gives
+    exactly its untiled result; SDXL's (GroupNorm statistics and attention over the whole frame)
+    gives a small difference, measured by bench.py and tests/test_memory_modes.py."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"tiles need tile >= 1 and 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
+    height, width = latents.shape[-2:]
+    image, total = None, None
+    for top in tile_starts(height, tile, overlap):
+        for left in tile_starts(width, tile, overlap):
+            part = decode(latents[..., top:top + tile, left:left + tile])  # (n, C, th * factor, tw * factor)
+            rows, columns = part.shape[-2:]
+            weight = (ramp(rows, top, height, overlap, factor)[:, None]
+                      * ramp(columns, left, width, overlap, factor)[None, :]).to(part.device)  # (th*f, tw*f)
+            if image is None:
+                image = part.new_zeros((*part.shape[:2], height * factor, width * factor), dtype=torch.float32)
+                total = part.new_zeros((height * factor, width * factor), dtype=torch.float32)
+            where = (..., slice(top * factor, top * factor + rows), slice(left * factor, left * factor + columns))
+            image[where] += part.float() * weight
+            total[where[1:]] += weight
+            del part
+    return image.div_(total).to(latents.dtype)

@@ -2,15 +2,19 @@
 
 Only the standard library, so that sample.py can check its options and answer `--help` before
 torch is imported (the drift controls' methods work on the tensors they are given, with tensor
-methods alone). The chunk loop that uses these settings is in endless.py.
+methods alone). The chunk loop that uses these settings is in endless.py. LoRA files are read
+and checked against the model here too, from their headers (lora_files.py, standard library).
 """
 
 import argparse
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import lora_files
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -105,6 +109,44 @@ def lock_statistics(latents, state, strength: float):
 
 
 DRIFT_NAMES = tuple(f.name for f in fields(DriftControls))
+LORA_SYNTAX = ("FILE, FILE:S (strength S throughout; default 1) or FILE:S@T,S@T,... (strength S from "
+               "position T, a chunk index or seconds like 12s; 0 before the first T)")
+
+
+@dataclass
+class LoraSetting:
+    """One LoRA of a video (`--lora FILE[:STRENGTHS]`): its file, its strengths on the timeline, and
+    the file's SHA-256 (filled in when a run starts, so that --resume refuses a changed file)."""
+
+    path: str
+    strengths: list[tuple[int, float]]  # (first chunk index, strength), sorted, the first at chunk 0
+    sha256: str = ""
+
+
+def parse_lora(value: str, position) -> LoraSetting:
+    """`--lora` FILE, FILE:S or FILE:S@T,S@T,... -> LoraSetting; `position(T)` gives T's chunk index
+    (ValueError if T is none). A FILE that exists is taken whole, ':' and all. Strengths are placed
+    like the prompts: pure at their chunks, blended over --transition chunks before each (endless.
+    lora_strengths); a LoRA placed first after chunk 0 is off (0) until then."""
+    path, spec = value, "1"
+    if ":" in value and not Path(value).is_file():
+        path, _, spec = value.rpartition(":")
+    if not path:
+        raise ValueError(f"--lora {value!r}: give {LORA_SYNTAX}")
+    placed = {}
+    for item in spec.split(","):
+        text, at, where = item.partition("@")
+        try:
+            chunk, strength = position(where.strip()) if at else 0, float(text)
+        except ValueError:
+            raise ValueError(f"--lora {value!r}: {item.strip()!r} is no strength; give {LORA_SYNTAX}") from None
+        if not math.isfinite(strength):
+            raise ValueError(f"--lora {value!r}: strengths must be finite numbers, got {text.strip()}")
+        if chunk in placed:
+            raise ValueError(f"--lora {value!r}: two strengths at chunk {chunk}")
+        placed[chunk] = strength
+    strengths = sorted(placed.items())
+    return LoraSetting(path, strengths if strengths[0][0] == 0 else [(0, 0.0), *strengths])
 
 
 @dataclass
@@ -125,6 +167,7 @@ class Settings:
     crf: int = 18
     transition: int = 0
     drift: DriftControls = field(default_factory=DriftControls)
+    loras: list[LoraSetting] = field(default_factory=list)  # merged in this order; strengths per chunk
     drop_first_chunk: bool = False
     image: str | None = None
     image_strength: float = 0.5
@@ -147,8 +190,9 @@ class Settings:
         return {**values, **asdict(self.drift)}
 
 
-# Every setting's flat name but the timeline: what the command line and `sample_defaults` may give.
-SETTING_NAMES = tuple(name for name in Settings.from_options(timeline=[]).options() if name != "timeline")
+# Every setting's flat name but the timeline's and the LoRAs' (sample.py parses those from --prompt,
+# --timeline and --lora): what the command line and `sample_defaults` may give.
+SETTING_NAMES = tuple(name for name in Settings.from_options(timeline=[]).options() if name not in ("timeline", "loras"))
 
 
 def option_name(name: str) -> str:
@@ -221,6 +265,7 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
         raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {settings.dtype!r}")
     if settings.image and settings.extend:
         raise ValueError("give --image or --extend, not both")
+    check_lora_values(settings.loras)
     if model_config is None:
         return
     factor = 2 ** (len(model_config["vae"]["block_out_channels"]) - 1)
@@ -230,6 +275,38 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
     for option, value in (("--height", settings.height), ("--width", settings.width)):
         if value < factor or value % factor:
             raise ValueError(f"{option} must be a positive multiple of {factor} (the VAE's downsampling), got {value}")
+    check_lora_files(settings)
+
+
+def check_lora_values(loras: list[LoraSetting]) -> None:
+    """ValueError unless each LoRA's strengths are finite, at sorted unique chunks from 0, and no
+    file is given twice."""
+    for lora in loras:
+        chunks = [chunk for chunk, _ in lora.strengths]
+        if not (chunks and chunks[0] == 0 and chunks == sorted(set(chunks))
+                and all(math.isfinite(strength) for _, strength in lora.strengths)):
+            raise ValueError(f"--lora {lora.path}: strengths must be finite numbers at sorted, unique chunks "
+                             f"starting at 0, got {lora.strengths}")
+    files = [os.path.realpath(lora.path) for lora in loras]
+    if twice := sorted({lora.path for lora, file in zip(loras, files) if files.count(file) > 1}):
+        raise ValueError(f"--lora {twice[0]} is given twice: give each file once, with its strengths as S@T,S@T")
+
+
+def check_lora_files(settings: Settings) -> None:
+    """ValueError naming the file for a LoRA that is missing, not safetensors, not a LoRA, of another
+    kind (LoHa, LoKr, DoRA, ...), with keys matching no module of `settings.model` (listed) or shapes
+    that do not fit; from the headers alone. Fills in each file's SHA-256, or, for settings from a
+    state file, refuses a file that has changed since."""
+    if not settings.loras:
+        return
+    targets, unet_config = lora_files.checkpoint_targets(settings.model)
+    for lora in settings.loras:
+        lora_files.read_lora_file(lora.path, targets, unet_config)
+        sha256 = lora_files.file_sha256(lora.path)
+        if lora.sha256 and lora.sha256 != sha256:
+            raise ValueError(f"--lora {lora.path} has changed since this video was started (its SHA-256 is not "
+                             f"the state file's): --resume needs the same file")
+        lora.sha256 = sha256
 
 
 def settings_from_dict(values: dict) -> Settings:
@@ -237,24 +314,34 @@ def settings_from_dict(values: dict) -> Settings:
     too (TypeError otherwise)."""
     check_fields(Settings, values)
     check_fields(DriftControls, values["drift"], "drift.")
+    loras = values["loras"]
+    if not isinstance(loras, list):
+        raise TypeError("loras")
+    for index, lora in enumerate(loras):
+        check_fields(LoraSetting, lora, f"loras[{index}].")
+        if not (isinstance(lora["strengths"], list) and all(
+                isinstance(entry, tuple | list) and len(entry) == 2 and of_type(entry[0], int)
+                and of_type(entry[1], float) for entry in lora["strengths"])):
+            raise TypeError(f"loras[{index}].strengths")
     timeline = values["timeline"]
     if not (isinstance(timeline, list) and timeline and all(
             len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str) for entry in timeline)):
         raise TypeError("timeline")
     if [entry[0] for entry in timeline] != sorted({entry[0] for entry in timeline}) or timeline[0][0] != 0:
         raise ValueError("timeline: its chunks must be sorted, unique and start at 0")
-    settings = Settings(**{**values, "drift": DriftControls(**values["drift"])})
+    loras = [LoraSetting(lora["path"], [tuple(entry) for entry in lora["strengths"]], lora["sha256"]) for lora in loras]
+    settings = Settings(**{**values, "drift": DriftControls(**values["drift"]), "loras": loras})
     settings.timeline = [tuple(entry) for entry in settings.timeline]
     return settings
 
 
 def check_fields(cls, values: dict, prefix: str = "") -> None:
     """TypeError unless `values` has exactly the fields of the dataclass `cls`, each of its type
-    (the timeline and the nested drift controls are checked by the caller)."""
+    (the timeline, the nested drift controls and LoRAs and their strengths are checked by the caller)."""
     if not isinstance(values, dict) or sorted(values) != sorted(f.name for f in fields(cls)):
         raise TypeError(f"its settings do not have the fields of {prefix}{cls.__name__}")
     for f in fields(cls):
-        if f.name not in ("timeline", "drift") and not of_type(values[f.name], f.type):
+        if f.name not in ("timeline", "drift", "loras", "strengths") and not of_type(values[f.name], f.type):
             raise TypeError(prefix + f.name)
 
 

@@ -775,3 +775,41 @@ def test_unreadable_source_file_is_named_and_nothing_is_written(sdxl_folders, tm
         convert(source, tmp_path / "out")
     assert "\n" not in str(error.value)
     assert [p.name for p in tmp_path.iterdir()] == ["sdxl"]
+
+
+# LoRAs merged at conversion (tests/test_lora.py holds the LoRA formats themselves).
+
+
+def test_lora_merged_at_conversion_equals_diffusers_fused_and_is_recorded(sdxl_folders, tmp_path):
+    from lora_files import file_sha256
+    from test_lora import fuse, kohya_state
+
+    folder, _ = sdxl_folders["safetensors"]
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+    lora = tmp_path / "style.safetensors"
+    save_file(kohya_state(reference, "sgm", 5, "folded"), lora)  # alphas folded in: diffusers drops kohya's
+    main([str(folder), str(tmp_path / "out"), "--lora", f"{lora}:0.6"])
+    fuse(reference, lora, 0.6)
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    for theirs, mine in [(reference.unet, ours.unet), (reference.text_encoder, ours.text_encoder.text_encoder),
+                         (reference.text_encoder_2, ours.text_encoder.text_encoder_2)]:
+        mine_state = mine.state_dict()
+        assert max(max_difference(mine_state[key], value) for key, value in theirs.state_dict().items()) <= 1e-5
+    assert ours.provenance["loras"] == [{"path": str(lora), "strength": 0.6, "sha256": file_sha256(lora)}]
+
+
+def test_a_bad_lora_is_refused_before_anything_is_written(sdxl_folders, tmp_path, capsys):
+    folder, _ = sdxl_folders["safetensors"]
+    lora = tmp_path / "other.safetensors"
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.ones(2, 3), "lora_unet_nowhere.lora_up.weight": torch.ones(3, 2)},
+              lora)
+    refused = [([f"{lora}:0.5"], "2 keys match no module of the model .*lora_unet_nowhere.lora_down.weight"),
+               ([f"{lora}:1@3"], "a conversion merges one strength"),
+               ([str(tmp_path / "missing.safetensors")], "missing.safetensors: no such file"),
+               ([str(tmp_path / "out" / "inside.safetensors")], "--lora .* is inside OUT")]
+    for values, message in refused:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(folder), str(tmp_path / "out"), *(f"--lora={value}" for value in values)])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 1 and re.search(message, error) and error.count("\n") == 1, error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]

@@ -67,7 +67,14 @@ def test_checkpoint_folder_round_trip(pipelines, tmp_path):
                      output_type="latent", previous_latents=torch.randn(1, 4, 2, 8, 6))
     first = ours(**arguments, generator=torch.Generator().manual_seed(1))
     second = loaded(**arguments, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(ours.encode_prompt(PROMPT)[:2], loaded.encode_prompt(PROMPT)[:2])), "text"
+    for name in ("unet", "vae"):
+        saved, read = getattr(ours, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == read.keys() and all(torch.equal(saved[key], read[key]) for key in saved)
+    # The weights are bit-equal; the outputs agree to float rounding, not bit for bit: on some CPUs
+    # the BLAS kernel chosen depends on where a weight lies in memory (mmapped safetensors here).
+    # 1e-5 of the latents' scale (about 90 here) after four SDE steps.
+    torch.testing.assert_close(second, first, rtol=0, atol=1e-5 * first.abs().max().item())
 
 
 def test_prompt_embeddings_given_equal_text(pipelines):

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import train
+import training
+import video_data
 from pipeline import StableDiffusionXLVideoPipeline
 from tiny_pipeline import tiny_video_pipeline
 from train import TrainConfig
@@ -60,7 +62,7 @@ class Interrupted(Exception):
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
-    settings = dict(vae_steps=4, unet_steps=6, checkpoint_every=3, **SMALL)
+    settings = dict(vae_steps=4, unet_steps=6, checkpoint_every=3, ema_decay=0.9, **SMALL)  # the model: the average
     train.train(TrainConfig(out=str(tmp_path / "straight"), **settings))
 
     def interrupt(stage):
@@ -93,7 +95,7 @@ def test_two_processes_under_torchrun_end_identical(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
-    # Each process trained on its own clips (train.batch_of); DDP's averaged gradients kept them equal.
+    # Each process trained on its own clips (video_data.batch_of); DDP's averaged gradients kept them equal.
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
@@ -117,7 +119,12 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
                                                 (dict(grad_clip=0.0), "--grad-clip"), (dict(size=18), "--size"),
                                                 (dict(learning_rate=float("nan")), "--learning-rate"),
                                                 (dict(unet_steps=2.5), "--unet-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
-                                                (dict(out=__file__), "--out")])
+                                                (dict(out=__file__), "--out"), (dict(ema_decay=1.0), "--ema-decay"),
+                                                (dict(ema_decay=-0.5), "--ema-decay"),
+                                                (dict(validation_data="missing-folder"), "--validation-data"),
+                                                (dict(fsdp=True, self_context="one-step"), "--fsdp"),
+                                                (dict(processes=-1), "--processes"), (dict(peak_tflops=0.0), "--peak-tflops"),
+                                                (dict(validate_every=-1), "--validate-every")])
 def test_bad_settings_name_the_option(overrides, option):
     with pytest.raises(ValueError, match=option):
         TrainConfig(**overrides)
@@ -154,8 +161,8 @@ def test_the_training_target_is_what_diffusers_predicts(tmp_path, prediction_typ
     pipeline = train.build_pipeline(config)
     scheduler = diffusers.DDPMScheduler.from_config(pipeline.scheduler_config.to_dict())
     assert scheduler.config.prediction_type == prediction_type
-    data = train.ShapesData(config.size, config.context_frames + config.frames, config.seed)
-    videos, _ = train.batch_of(data, 0, config.batch_size, 0, 1)
+    data = video_data.ShapesData(config.size, config.context_frames + config.frames, config.seed)
+    videos, _ = video_data.batch_of(data, 0, config.batch_size, 0, 1)
     with torch.no_grad():
         clean = pipeline.vae.encode_video(videos)[:, :, config.context_frames:]  # (b, 4, chunk frames, h, w)
         loss = train.unet_loss(pipeline, data, config, 0, 1)(Oracle(clean, scheduler, prediction_type), 0,
@@ -180,13 +187,13 @@ def test_context_shorten_keeps_the_last_context_frames(tmp_path, context_frames,
     config = TrainConfig(out=str(tmp_path), context_frames=context_frames, context_drop=0.0, context_shorten=shorten,
                          context_noise_probability=0.0, **SMALL)
     pipeline = train.build_pipeline(config)
-    data = train.ShapesData(config.size, context_frames + config.frames, config.seed)
+    data = video_data.ShapesData(config.size, context_frames + config.frames, config.seed)
     recorder, generator = ContextRecorder(), torch.Generator().manual_seed(0)
     loss = train.unet_loss(pipeline, data, config, 0, 1)
     with torch.no_grad():
         for index in range(12):
             loss(recorder, index, generator)
-        latents = pipeline.vae.encode_video(train.batch_of(data, 11, config.batch_size, 0, 1)[0])
+        latents = pipeline.vae.encode_video(video_data.batch_of(data, 11, config.batch_size, 0, 1)[0])
     assert {context.shape[2] for context in recorder.contexts} == expected
     last = recorder.contexts[-1]  # the context of batch 11: its last frames before the chunk
     assert torch.equal(last, latents[:, :, context_frames - last.shape[2] : context_frames])
@@ -346,10 +353,58 @@ class Terminal(io.StringIO):
 
 def test_progress_is_a_live_line_in_a_terminal_and_a_line_per_interval_otherwise():
     for stream in (io.StringIO(), Terminal()):
-        progress = train.Progress("unet", 0, 5, 2, stream)
+        progress = training.Progress("unet", 0, 5, 2, stream)
         for step in range(1, 6):
-            progress.update(step, 0.5, 1e-3)
+            progress.update(step, 0.5, 1e-3, {"samples_per_second": 12.5, "frames_per_second": 50.0, "mfu": 0.41})
         kept = [line.split("\r")[-1].strip() for line in stream.getvalue().split("\n") if line]  # as a terminal shows
         assert [line.split(" loss")[0] for line in kept] == [f"unet step {step}/5" for step in (2, 4, 5)]
         assert all(line.endswith(" left") and " spent, " in line for line in kept)
+        assert all(" | 12.5 samples/s, 50 frames/s, MFU 41.0% | " in line for line in kept)
         assert stream.getvalue().count("\r") == (5 if stream.isatty() else 0)
+
+
+# Throughput, the weights' average ----------------------------------------------------------------
+
+
+def test_every_step_logs_its_throughput(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["stage"] in ("vae", "unet")]
+    assert len(steps) == 4 and all(r["samples_per_second"] > 0 for r in steps)
+    frames = {"vae": 1, "unet": TrainConfig().frames}  # the VAE stage trains on one frame per clip
+    for record in steps:
+        assert record["frames_per_second"] == pytest.approx(record["samples_per_second"] * frames[record["stage"]])
+        assert "mfu" not in record  # a CPU has no peak to compare with
+
+
+def test_the_average_follows_its_formula():
+    # After weights w1 .. wn, the average of w0 is d^n w0 + sum_i (1 - d) d^(n - i) wi.
+    decay, start = 0.8, torch.tensor([1.0, -2.0])
+    weights = {"w": start.clone()}
+    average, sequence = training.EMA(weights, decay), [torch.tensor([0.5, 0.0]), torch.tensor([3.0, 1.0]),
+                                                      torch.tensor([-1.0, 4.0])]
+    for value in sequence:
+        weights["w"].copy_(value)
+        average.update(weights)
+    n = len(sequence)
+    expected = decay**n * start + sum((1 - decay) * decay ** (n - i) * w for i, w in enumerate(sequence, start=1))
+    assert torch.allclose(average.averages["w"], expected, atol=1e-7)
+    average.copy_to(weights)
+    assert torch.equal(weights["w"], average.averages["w"])
+
+
+def test_the_model_is_the_average_of_the_trained_weights(tmp_path):
+    tiny_video_pipeline(tmp_path / "tokenizer").save_pretrained(tmp_path / "checkpoint")
+    start = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "checkpoint").unet.state_dict()
+    decay, seen = 0.7, []
+    config = TrainConfig(mode="temporal", model=str(tmp_path / "checkpoint"), out=str(tmp_path / "out"), unet_steps=3,
+                         ema_decay=decay, **{**SMALL, "size": 32})
+    train.train(config, on_step=lambda stage: seen.append({k: p.detach().clone() for k, p in stage.trained.items()}))
+    written = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out" / "model").unet.state_dict()
+    checkpoint = torch.load(tmp_path / "out" / "unet.pt", weights_only=True)
+    for name, value in written.items():
+        if name in seen[0]:
+            expected = decay**3 * start[name] + sum((1 - decay) * decay ** (3 - i) * w[name] for i, w in enumerate(seen, 1))
+            assert torch.allclose(value, expected, atol=1e-6), name
+            assert torch.equal(checkpoint["ema"][name], value) and torch.equal(checkpoint["module"][name], seen[-1][name])
+        else:
+            assert torch.equal(value, start[name]), name  # frozen

@@ -1,0 +1,156 @@
+"""LoRAs merged into the UNet's and the text encoders' weights, at strengths that can change.
+
+lora_files.py reads a file's header and checks it against the model (its format, which of our
+modules each of its modules updates, the shapes); here its tensors are read and merged:
+
+    weight = original + sum over LoRAs of strength * (up @ down) * alpha / rank
+
+computed in float32 (float64 for float64 weights) on the weight's device and cast to the weight's
+dtype once. Each weight a LoRA
+touches is recomputed from its kept original (a copy on the CPU) whenever a strength changes, so
+strength 0 and `remove()` give the original weights back bit for bit, whatever came before, and a
+strength reached twice gives the same weights twice. Without `keep_originals` (strengths fixed
+for the whole run, as sample.py loads them when no timeline changes them) no copy is kept and the
+strengths can be set once.
+
+Merged weights rather than low-rank adds at every step (a hook computing x @ down^T @ up^T on every
+call of every touched layer): a denoising step then costs exactly what it costs without a LoRA;
+the price is the copy of the touched weights on the CPU and a re-merge when a strength changes
+(at most once per chunk, and only while a timeline moves a strength). The measurements are in the
+README's LoRA section.
+
+    pipeline.load_loras(["style.safetensors"], [0.8])   # pipeline.py delegates to `MergedLoras.load`
+    pipeline.loras.set_strengths([0.3])
+    pipeline.loras.remove()
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from lora_files import LoraError, LoraFile, canonical_name, read_lora_file
+
+TEXT_COMPONENTS = {"text_encoder", "text_encoder_2"}
+
+
+class Update(NamedTuple):
+    """One LoRA module's low-rank update of one weight, float32 (or the file's float64) on the CPU."""
+
+    down: torch.Tensor  # (rank, in * kh * kw)
+    up: torch.Tensor  # (out, rank)
+    scale: float  # alpha / rank (alpha / sqrt(rank) with rsLoRA)
+
+
+def pipeline_models(pipeline) -> dict[str, nn.Module]:
+    return {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder.text_encoder,
+            "text_encoder_2": pipeline.text_encoder.text_encoder_2}
+
+
+def model_layers(models: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
+    """component -> module name (`lora_files.canonical_name`) -> the linear and convolution layers
+    that a LoRA may update, of the models "unet", "text_encoder" and "text_encoder_2"."""
+    return {component: {canonical_name(component, name): module for name, module in model.named_modules()
+                        if isinstance(module, (nn.Linear, nn.Conv2d))}
+            for component, model in models.items()}
+
+
+def check_loras(paths: list[str], models: dict[str, nn.Module]) -> list[LoraFile]:
+    """Each file read and checked against the models' layers (meta-device models will do), before
+    any tensor is read; LoraError naming the first bad one."""
+    targets = {component: {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+               for component, layers in model_layers(models).items()}
+    return [read_lora_file(path, targets, models["unet"].config) for path in paths]
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 and bfloat16 factors in float32 (exactly), float32 and float64 as they are."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def read_updates(file: LoraFile) -> dict[tuple[str, str], Update]:
+    """(component, module) -> Update of each module of a checked LoRA file; LoraError naming the
+    file for a tensor it cannot read or that holds a non-finite number."""
+    updates = {}
+    try:
+        with safe_open(file.path, framework="pt") as handle:
+            for module in file.modules:
+                down, up = (upcast(handle.get_tensor(key)) for key in (module.down, module.up))
+                rank = down.shape[0]
+                alpha = handle.get_tensor(module.alpha).item() if isinstance(module.alpha, str) else module.alpha
+                alpha = float(rank if alpha is None else alpha)
+                if not (math.isfinite(alpha) and down.isfinite().all() and up.isfinite().all()):
+                    raise LoraError(f"LoRA {file.path}: {module.down} / {module.up} / alpha hold non-finite numbers")
+                scale = alpha / (math.sqrt(rank) if module.rslora else rank)
+                updates[module.component, module.module] = Update(down.flatten(1), up.flatten(1), scale)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        raise LoraError(f"LoRA {file.path} cannot be read: {error}") from None
+    return updates
+
+
+class MergedLoras:
+    """LoRA files merged into a pipeline's layers; `strengths[i]` is file i's strength."""
+
+    def __init__(self, paths: list[str], layers: dict[tuple[str, str], nn.Module],
+                 updates: list[dict[tuple[str, str], Update]], keep_originals: bool = True):
+        self.paths = list(paths)
+        self.layers = layers  # (component, module) -> layer, for every module some LoRA updates
+        self.updates = updates  # per file: (component, module) -> Update
+        self.strengths = [0.0] * len(paths)  # what the weights hold now
+        self.keep_originals = keep_originals
+        self.originals = {key: layer.weight.detach().to("cpu", copy=True) for key, layer in layers.items()
+                          } if keep_originals else None
+        self.merged_once = False
+
+    @classmethod
+    def load(cls, pipeline, paths: list[str], strengths: list[float] | None = None,
+             keep_originals: bool = True) -> "MergedLoras":
+        """Read and check every file (LoraError naming the first bad one, before any weight changes),
+        then merge them at `strengths` (default 1 each)."""
+        models = pipeline_models(pipeline)
+        layers = model_layers(models)
+        updates = [read_updates(file) for file in check_loras(paths, models)]
+        touched = {key: layers[key[0]][key[1]] for file in updates for key in file}
+        merged = cls(paths, touched, updates, keep_originals)
+        merged.set_strengths([1.0] * len(paths) if strengths is None else strengths)
+        return merged
+
+    @torch.no_grad()
+    def set_strengths(self, strengths: list[float]) -> set[str]:
+        """Recompute every weight whose LoRAs' strengths change; returns the components changed
+        ("unet", "text_encoder", "text_encoder_2": prompts must then be encoded again)."""
+        strengths = [float(s) for s in strengths]
+        if len(strengths) != len(self.paths) or not all(math.isfinite(s) for s in strengths):
+            raise ValueError(f"strengths must be {len(self.paths)} finite numbers, one per LoRA, got {strengths}")
+        changed_files = [i for i, (old, new) in enumerate(zip(self.strengths, strengths)) if old != new]
+        if not changed_files:
+            return set()
+        if not self.keep_originals and self.merged_once:
+            raise ValueError("these LoRAs were merged without keep_originals: their strengths cannot change")
+        keys = {key for i in changed_files for key in self.updates[i]}
+        for key in keys:
+            self.merge(key, strengths)
+        self.strengths, self.merged_once = strengths, True
+        return {component for component, _ in keys}
+
+    def merge(self, key: tuple[str, str], strengths: list[float]) -> None:
+        """One layer's weight: its original plus each LoRA's update at its strength."""
+        weight = self.layers[key].weight
+        original = weight if self.originals is None else self.originals[key]
+        terms = [(s, file[key]) for s, file in zip(strengths, self.updates) if key in file and s != 0]
+        if not terms:
+            weight.copy_(original)
+            return
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
+        total = original.to(weight.device, dtype).flatten(1)  # (out, in * kh * kw)
+        for strength, update in terms:
+            up, down = update.up.to(weight.device, dtype), update.down.to(weight.device, dtype)
+            total = total.addmm(up, down, alpha=strength * update.scale)  # (out, rank) @ (rank, in * kh * kw)
+        weight.copy_(total.reshape(weight.shape))
+
+    def remove(self) -> None:
+        """Every weight back to its original, bit for bit."""
+        self.set_strengths([0.0] * len(self.paths))
+

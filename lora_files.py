@@ -1,0 +1,284 @@
+"""LoRA files, read without torch: their format, the modules of ours they change, and whether they fit.
+
+Two formats hold nearly every SDXL LoRA:
+- kohya-ss / sd-scripts: modules `lora_unet_*`, `lora_te1_*` (CLIP ViT-L) and `lora_te2_*` (OpenCLIP
+  ViT-bigG), each with `.lora_down.weight` (rank, in[, kh, kw]), `.lora_up.weight` (out, rank[, 1, 1])
+  and `.alpha`; the module's name is its dotted name with dots written as underscores, for the UNet
+  in the original SDXL layout (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what sd-scripts
+  trains) or in diffusers' (`down_blocks_1_attentions_0_...`). Linear layers, 1x1 convolutions and
+  3x3 convolutions (LoCon: the down projection is a convolution of the layer's kernel, the up 1x1).
+- diffusers / PEFT (`pytorch_lora_weights.safetensors`): `unet.<module>.lora_A.weight` (down) and
+  `.lora_B.weight` (up), `text_encoder.` and `text_encoder_2.` alike, or in the names diffusers'
+  training scripts write (`.lora.down.weight` / `.lora.up.weight`, the text encoders'
+  `.lora_linear_layer.down.weight` / `.up.weight`); alpha from a `<module>.alpha` key, else from the `lora_adapter_metadata` that diffusers writes into the header (PEFT's
+  `lora_alpha`, `alpha_pattern`, `use_rslora`), else the rank (a scale of 1, as diffusers loads it).
+
+A module's update is up @ down * alpha / rank (alpha / sqrt(rank) with rsLoRA), times the strength.
+Other kinds of adapter (LoHa, LoKr, DoRA, ...) are refused by name rather than loaded wrong.
+
+Standard library only: a safetensors header is JSON after an 8-byte length, and a checkpoint
+folder's headers give its modules' names and shapes, so sample.py checks every LoRA against the
+model before torch loads anything. lora.py reads the tensors and merges them.
+"""
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
+
+from sdxl_layout import source_name, unet_rules
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+KOHYA_KEY = re.compile(r"(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+PEFT_KEY = re.compile(r"(?P<module>.+\..+)\.(?P<part>lora_[AB]\.weight|(lora|lora_linear_layer)\.(down|up)\.weight|alpha)")
+PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
+         "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
+         "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
+# The ends of keys of other adapters and formats, which are refused by name.
+VARIANTS = (
+    (r"\.hada_(w[12]_[ab]|t[12])", "LoHa (LyCORIS)"),
+    (r"\.lokr_(w[12](_[ab])?|t[12])", "LoKr (LyCORIS)"),
+    (r"\.(dora_scale|lora_magnitude_vector(\.weight)?)", "DoRA"),
+    (r"\.lora_mid\.weight", "LoCon with a CP-decomposed convolution (LyCORIS lora_mid)"),
+    (r"\.(oft_blocks|oft_diag|oft_r|boft_R|boft_s)", "OFT / BOFT"),
+    (r"\.diff(_b)?", "full weight differences (LyCORIS full)"),
+    (r"\.[ab][12]\.weight", "GLoRA (LyCORIS)"),
+    (r"\.(on_input|ia3_l)", "(IA)^3"),
+    (r"\.[wb]_norm", "norm-layer tuning (LyCORIS)"),
+    (r"\.lora_B\.bias", "LoRA with a bias (PEFT lora_bias)"),
+    (r"\.lora_embedding_[AB]", "LoRA of an embedding layer"),
+    (r"\.to_(q|k|v|out)_lora\.(down|up)\.weight", "diffusers' old attention-processor LoRA (to_q_lora; "
+                                                     "diffusers' load_lora_weights and save_lora_weights convert it)"),
+)
+# nn.Embedding weights are 2-D too, but a linear LoRA does not apply to them.
+NOT_LINEAR = re.compile(r"(^|\.)(token|position)_embedding$")
+SHOWN = 8  # names listed per problem
+MAX_HEADER = 100 * 2**20
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used, in one line naming it."""
+
+
+class LoraModule(NamedTuple):
+    """One module of a LoRA file: where its update goes and the keys it is read from."""
+
+    component: str  # "unet", "text_encoder" or "text_encoder_2"
+    module: str  # our module's name (`canonical_name`: the text encoders' with `text_model.`)
+    down: str  # key of the down projection (rank, in[, kh, kw])
+    up: str  # key of the up projection (out, rank[, 1, 1])
+    alpha: str | float | None  # the key of a stored alpha, its value (from the header's metadata), or None: the rank
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+
+
+class LoraFile(NamedTuple):
+    """What a LoRA file holds, checked against a model: `modules` in file order."""
+
+    path: str
+    format: str  # "kohya" or "peft"
+    modules: list[LoraModule]
+    shapes: dict[str, tuple[int, ...]]  # key -> shape
+
+
+def listing(what: str, names: list[str]) -> str:
+    return f"{len(names)} {what}: " + ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
+
+# 1. The file: a safetensors header.
+
+
+def read_header(path, what: str = "LoRA") -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(key -> shape, metadata) of a .safetensors file, read without its data; LoraError naming the
+    file (as `what` PATH) if it is missing, not safetensors, or truncated."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{what} {path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or not 2 <= length <= min(size - 8, MAX_HEADER):
+            raise LoraError(f"{what} {path} is not a .safetensors file (or is truncated): its first 8 bytes "
+                            f"give no header length that fits its {size} bytes")
+        try:
+            header = json.loads(file.read(length))
+            metadata = header.pop("__metadata__", None) or {}
+            shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
+            end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+            if not (isinstance(metadata, dict) and all(isinstance(n, int) for s in shapes.values() for n in s)):
+                raise TypeError("metadata or shapes")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError):
+            raise LoraError(f"{what} {path} is not a .safetensors file: it has no valid safetensors header") from None
+    if end != size - 8 - length:
+        raise LoraError(f"{what} {path} is truncated or damaged: its header declares {end} bytes of tensors, "
+                        f"it holds {size - 8 - length}")
+    return shapes, metadata
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file, hex (what a resumed run checks its LoRA files against)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(2**22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# 2. Its modules: the format, the variants refused, the keys grouped by module.
+
+
+def variant_of(keys) -> tuple[str, str] | None:
+    """(the name of an adapter other than LoRA, a key of it) if the keys hold one."""
+    for pattern, name in VARIANTS:
+        if key := next((key for key in keys if re.search(pattern + "$", key)), None):
+            return name, key
+    return None
+
+
+def group_keys(path, shapes: dict) -> tuple[str, dict[str, dict[str, str]], list[str]]:
+    """(format, file module name -> {"down" | "up" | "alpha": key}, keys that are no LoRA part)."""
+    if variant := variant_of(shapes):
+        raise LoraError(f"LoRA {path} is a {variant[0]} file (key {variant[1]}), which is not supported: "
+                        f"only LoRA and LoCon (kohya-ss .lora_down/.lora_up, PEFT .lora_A/.lora_B) are read")
+    groups, others, formats = {}, [], set()
+    for key in shapes:
+        match = KOHYA_KEY.fullmatch(key) or PEFT_KEY.fullmatch(key)
+        if match is None:
+            others.append(key)
+            continue
+        formats.add("peft" if match.re is PEFT_KEY else "kohya")
+        groups.setdefault(match["module"], {})[PARTS[match["part"]]] = key
+    if not any("down" in parts or "up" in parts for parts in groups.values()):
+        raise LoraError(f"LoRA {path} is not a LoRA: none of its {len(shapes)} keys is a LoRA weight "
+                        f"(.lora_down/.lora_up or .lora_A/.lora_B), e.g. {', '.join(list(shapes)[:3])}")
+    if len(formats) > 1:
+        raise LoraError(f"LoRA {path} mixes kohya-ss keys (.lora_down/.lora_up) with PEFT keys (.lora_A/.lora_B)")
+    return formats.pop(), groups, others
+
+
+def peft_alphas(path, metadata: dict) -> dict[str, dict]:
+    """component -> PEFT's LoraConfig fields that set the scale (lora_alpha, alpha_pattern,
+    use_rslora), from the `lora_adapter_metadata` diffusers writes into a header."""
+    if "lora_adapter_metadata" not in metadata:
+        return {}
+    try:
+        values = json.loads(metadata["lora_adapter_metadata"])
+        configs = {c: {k.removeprefix(f"{c}."): v for k, v in values.items() if k.startswith(f"{c}.")}
+                   for c in COMPONENTS}
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        raise LoraError(f"LoRA {path}: its lora_adapter_metadata is not a JSON object") from None
+    for component, config in configs.items():
+        if config.get("use_dora"):
+            raise LoraError(f"LoRA {path} is a DoRA file ({component}.use_dora in its metadata), which is not supported")
+        if config.get("lora_bias"):
+            raise LoraError(f"LoRA {path} is a LoRA with a bias ({component}.lora_bias), which is not supported")
+    return configs
+
+
+def peft_alpha(config: dict, module: str) -> float | None:
+    """PEFT's alpha for `module` (its name inside the component): the first `alpha_pattern` whose
+    pattern ends the name at a dot, else `lora_alpha`; None without either."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+# 3. Our modules and every name a LoRA file may give them.
+
+
+def canonical_name(component: str, module: str) -> str:
+    """Our module's name as LoRA files spell it: a text encoder's with `text_model.` in front
+    (transformers keeps CLIPTextModel's modules flat since 5.6, files keep the old names)."""
+    if component == "unet" or module.startswith("text_model.") or module == "text_projection":
+        return module
+    return "text_model." + module
+
+
+def weight_targets(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape of the linear and convolution layers among a state dict's shapes."""
+    return {key.removesuffix(".weight"): shape for key, shape in shapes.items()
+            if key.endswith(".weight") and len(shape) in (2, 4) and not NOT_LINEAR.search(key.removesuffix(".weight"))}
+
+
+def lookup_names(targets: dict[str, dict[str, tuple]], unet_config) -> dict[str, tuple[str, str]]:
+    """Every name a LoRA file may give a module of `targets` (component -> module -> weight shape,
+    modules by `canonical_name`) -> (component, module). `unet_config` (UNetConfig or its dict)
+    gives the original SDXL layout's names."""
+    rules = unet_rules(SimpleNamespace(**unet_config) if isinstance(unet_config, dict) else unet_config, "")
+    names = {}
+    for component, modules in targets.items():
+        kohya = next(prefix for prefix, name in KOHYA_PREFIXES.items() if name == component)
+        for module in modules:
+            spellings = {f"{component}.{module}", kohya + module.replace(".", "_")}
+            if component == "unet" and (original := source_name(module, rules)):
+                spellings.add("lora_unet_" + original.replace(".", "_"))
+            if module.startswith("text_model.") and component == "text_encoder":
+                spellings.add(f"{component}.{module.removeprefix('text_model.')}")  # transformers' flat names
+            names.update((spelling, (component, module)) for spelling in spellings)
+    return names
+
+
+# 4. The check: every module matched, every shape fitting.
+
+
+def shape_problem(down: tuple, up: tuple, weight: tuple) -> str | None:
+    """Why a LoRA of `down` (rank, in[, kh, kw]) and `up` (out, rank[, 1, 1]) shapes cannot update a
+    weight of `weight` shape (out, in[, kh, kw]), or None."""
+    kernel = lambda shape: tuple(shape[2:]) if len(shape) == 4 else (1, 1)
+    fits = (len(down) in (2, 4) and len(up) in (2, 4) and up[0] == weight[0] and down[1] == weight[1]
+            and up[1] == down[0] and kernel(up) == (1, 1) and kernel(down) == kernel(weight))
+    return None if fits else f"down {down} and up {up} do not fit the weight {weight}"
+
+
+def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> LoraFile:
+    """A LoRA file's modules matched to `targets` (see `lookup_names`); one LoraError listing every
+    key that matches no module, every part missing and every shape that does not fit."""
+    shapes, metadata = read_header(path)
+    kind, groups, unmatched = group_keys(path, shapes)
+    names = lookup_names(targets, unet_config)
+    configs = peft_alphas(path, metadata) if kind == "peft" else {}
+    modules, problems, taken = [], [], {}
+    for name, parts in groups.items():
+        if name not in names:
+            unmatched += parts.values()
+            continue
+        component, module = names[name]
+        if missing := [part for part in ("down", "up") if part not in parts]:
+            problems.append(f"{name} has no {' or '.join(missing)} weight")
+            continue
+        if (component, module) in taken:
+            problems.append(f"{name} and {taken[component, module]} are the same module")
+            continue
+        taken[component, module] = name
+        if problem := shape_problem(shapes[parts["down"]], shapes[parts["up"]], targets[component][module]):
+            problems.append(f"{name}: {problem}")
+        alpha = parts.get("alpha")
+        if alpha is not None and math.prod(shapes[alpha]) != 1:
+            problems.append(f"{alpha} has shape {shapes[alpha]}, expected one number")
+        config = configs.get(component, {})
+        if alpha is None and config:
+            alpha = peft_alpha(config, name.removeprefix(f"{component}."))
+        modules.append(LoraModule(component, module, parts["down"], parts["up"], alpha, bool(config.get("use_rslora"))))
+    if unmatched:
+        problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched)))
+    if problems:
+        raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems))
+    return LoraFile(str(path), kind, modules, shapes)
+
+
+def checkpoint_targets(folder) -> tuple[dict[str, dict[str, tuple]], dict]:
+    """(component -> module -> weight shape, the UNet's config) of a checkpoint folder, from its
+    config.json and safetensors headers (pipeline.py's layout), without loading a weight."""
+    folder = Path(folder)
+    files = {"unet": folder / "unet.safetensors", "text_encoder": folder / "text_encoder" / "model.safetensors",
+             "text_encoder_2": folder / "text_encoder_2" / "model.safetensors"}
+    targets = {}
+    for component, path in files.items():
+        shapes, _ = read_header(path, "the model's weight file")
+        targets[component] = {canonical_name(component, module): shape
+                              for module, shape in weight_targets(shapes).items()}
+    return targets, json.loads((folder / "config.json").read_text())["unet"]

@@ -1,0 +1,304 @@
+"""Prepare a folder of captioned videos for training, once: VAE latents and text embeddings in shards.
+
+    python prepare_data.py --model CHECKPOINT --data VIDEOS --out SHARDS --size 512 --context-frames 2 --frames 8
+    torchrun --nproc_per_node 8 prepare_data.py ...          # each process makes its own shards
+    python train.py --mode temporal --model CHECKPOINT --data SHARDS ...
+
+Each video is decoded once, only where its clips are: up to --clips-per-video windows of
+--context-frames + --frames frames (every --frame-stride-th), evenly spaced from its start to its
+end, each reached by a seek, resized to cover --size and centre-cropped as train.py does. The clips
+are encoded with the checkpoint's VAE (the posterior mean, scaled: what train.py takes from the
+same frames) and the captions with its two text encoders, then written in shards of
+--videos-per-shard videos (video_data.py describes them), each to a temporary name and renamed
+when complete, and last the index (SHARDS/index.json), which train.py recognises them by and
+checks against the run: the same VAE and text encoders (their fingerprints), --size,
+--frame-stride and frames per clip.
+
+The same command resumes a preparation that stopped: shards on disk are kept and the others made,
+the same bytes an uninterrupted run writes. Under torchrun process r makes shards r, r + N, ...
+Videos too short for one window, or that cannot be decoded, are skipped and listed in the index.
+Every option is checked before torch is imported; SHARDS must be new, empty, or a preparation
+begun with the same settings, and nothing in it that this script did not write is ever removed.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
+PREPARE_FORMAT = "sdxl-video-prepare/1"
+DTYPES = ("float32", "bfloat16", "float16")
+POSITIVE = ("size", "frame_stride", "context_frames", "frames", "clips_per_video", "videos_per_shard")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`error: ...`, exit status 2), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder (convert_weights.py) whose VAE and text "
+                                                       "encoders encode the data")
+    parser.add_argument("--data", required=True, help="folder of videos with captions (NAME.txt, metadata.jsonl or "
+                                                      "metadata.csv), as train.py reads")
+    parser.add_argument("--out", required=True, help="folder of the shards: new, empty, or one to resume")
+    parser.add_argument("--size", type=int, default=32, help="frame height and width in pixels (train.py's --size; "
+                                                             "default: 32)")
+    parser.add_argument("--frame-stride", type=int, default=1, help="keep every n-th frame (default: 1)")
+    parser.add_argument("--context-frames", type=int, default=2, help="context frames of each clip (default: 2)")
+    parser.add_argument("--frames", type=int, default=4, help="chunk frames of each clip, after its context "
+                                                              "(default: 4)")
+    parser.add_argument("--clips-per-video", type=int, default=4, help="windows cut from each video, evenly "
+                                                                       "spaced (default: 4)")
+    parser.add_argument("--videos-per-shard", type=int, default=64, help="videos per shard file (default: 64)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="of the stored latents and embeddings; float32 trains exactly as the videos do "
+                             "(default: float32)")
+    parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, "
+                                                         "cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return parser
+
+
+def check_options(args) -> None:
+    """ValueError, one line naming the option, for a value the preparation cannot use; reads only
+    small files (the checkpoint's config.json, --out's prepare.json)."""
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be at least 0, got {args.threads}")
+    if args.device not in ("auto", "cpu", "cuda") and not (args.device.startswith("cuda:")
+                                                           and args.device[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {args.device!r}")
+    model, data, out = Path(args.model), Path(args.data), Path(args.out)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model {model}: not a checkpoint folder (it has no config.json; convert_weights.py "
+                         f"makes one)")
+    if not data.is_dir():
+        raise ValueError(f"--data {data}: not a folder of videos")
+    for option, source in (("--data", data), ("--model", model)):
+        if out.resolve() == source.resolve():
+            raise ValueError(f"--out {out} is {option}: give a new folder for the shards")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a new folder for the shards")
+    # Another process under torchrun may be writing prepare.json (under a temporary name) right now.
+    others = [path for path in out.iterdir() if not path.name.startswith(PREPARE_FILE + ".tmp-")] if out.is_dir() else []
+    if others and not (out / PREPARE_FILE).is_file():
+        raise ValueError(f"--out {out} holds other files (no {PREPARE_FILE}): give a new or empty folder, or the "
+                         f"folder of a preparation to resume")
+    try:
+        channels = json.loads((model / "config.json").read_text())["vae"]["block_out_channels"]
+        factor = 2 ** (len(channels) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--model {model}: its config.json has no vae.block_out_channels ({error!r})") from None
+    if args.size % factor:
+        raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {args.size}")
+
+
+def parse_arguments(argv=None):
+    """The checked options (ValueError for a bad one), before torch is imported."""
+    args = make_parser().parse_args(argv)
+    check_options(args)
+    return args
+
+
+def main(argv=None) -> None:
+    """Run the command line `argv`."""
+    args = parse_arguments(argv)
+    prepare(args)
+
+
+# Everything below runs once the options are checked.
+
+
+def settings_of(args) -> dict:
+    """The settings that decide what the shards hold (stored in prepare.json and the index)."""
+    return {"size": args.size, "frame_stride": args.frame_stride, "context_frames": args.context_frames,
+            "frames": args.frames, "clips_per_video": args.clips_per_video,
+            "videos_per_shard": args.videos_per_shard, "dtype": args.dtype}
+
+
+def atomic_write(path: Path, write, remove_stale: bool = False) -> None:
+    """write(temporary path), fsynced, then renamed to `path`: it is whole or absent, even after a
+    crash. The temporary name is this process's (two processes may write the same index); with
+    `remove_stale` (a shard, which one process writes), those of `path` left by a crash go first."""
+    from pipeline import fsync
+
+    for stale in path.parent.glob(path.name + ".tmp-*") if remove_stale else ():
+        stale.unlink(missing_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(temporary)
+    fsync(temporary)
+    os.replace(temporary, path)
+    fsync(path.parent)
+
+
+def write_json(path: Path, values: dict) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(values, indent=2) + "\n"))
+
+
+def check_resume(out: Path, plan: dict) -> bool:
+    """Whether --out holds a preparation in progress (or done); ValueError unless it was begun with
+    the same settings, checkpoint (fingerprints) and videos as `plan`."""
+    path = out / PREPARE_FILE
+    if not path.exists():
+        return False
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON ({error}); give a new --out") from None
+    if not isinstance(stored, dict) or stored.get("format") != PREPARE_FORMAT:
+        raise ValueError(f"{path} is not a preparation's ({PREPARE_FORMAT}); give a new --out")
+    changed = [f"--{name.replace('_', '-')} {stored['settings'].get(name)} -> {value}"
+               for name, value in plan["settings"].items() if stored["settings"].get(name) != value]
+    if stored["fingerprints"] != plan["fingerprints"]:
+        changed.append(f"--model (another VAE or text encoders than {stored['model']}'s)")
+    if stored["videos"] != plan["videos"]:
+        changed.append("--data (videos added, removed or renamed since)")
+    if changed:
+        raise ValueError(f"--out {out} holds a preparation with other settings: {', '.join(changed)}; resume with "
+                         f"the same ones or give a new --out")
+    return True
+
+
+def prepare_video(pipeline, args, path: Path, torch_dtype):
+    """The clips of one video encoded, (clips, c, frames, h, w) in `torch_dtype`; or a reason to skip it."""
+    import torch
+
+    from video_data import encode_videos, read_windows, video_length, window_starts
+
+    clip_frames = args.context_frames + args.frames
+    try:
+        length = video_length(path)
+        strided = math.ceil(length[0] / args.frame_stride)
+        starts = window_starts(strided, clip_frames, args.clips_per_video)
+        if not starts:
+            return f"{strided} frames after stride {args.frame_stride}; a clip needs {clip_frames}"
+        windows = read_windows(path, starts, clip_frames, args.frame_stride, args.size, length)
+    except ValueError as error:
+        return str(error)
+    return encode_videos(pipeline, torch.stack(windows)).to(torch_dtype)  # (clips, c, frames, h, w)
+
+
+def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) -> tuple[int, int]:
+    """Encode the videos `items` [(path, caption)] into the shard `path`; returns (clips, skipped)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from video_data import encode_captions
+
+    dtype = getattr(torch, args.dtype)
+    latents, used, skipped = [], [], []
+    for video, caption in items:
+        name = str(video.relative_to(folder))
+        clips = prepare_video(pipeline, args, video, dtype)
+        if isinstance(clips, str):
+            print(f"skipped {name}: {clips}", flush=True)
+            skipped.append([name, clips])
+            continue
+        latents.append(clips.cpu())
+        used.append((name, caption, clips.shape[0]))
+    if used:
+        text, pooled = encode_captions(pipeline, [caption for _, caption, _ in used])
+    else:
+        text, pooled = torch.zeros(0, *shapes["text_shape"]), torch.zeros(0, *shapes["pooled_shape"])
+    tensors = {"latents": torch.cat(latents) if latents else torch.zeros(0, *shapes["latent_shape"]),
+               "text": text, "pooled": pooled}  # (clips, c, f, h, w), (videos, tokens, dim), (videos, p)
+    tensors = {key: value.to("cpu", dtype).contiguous() for key, value in tensors.items()}
+    contents = {"videos": [[name, clips] for name, _, clips in used], "skipped": skipped}
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata={"contents": json.dumps(contents)}),
+                 remove_stale=True)
+    return tensors["latents"].shape[0], len(skipped)
+
+
+def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
+    """index.json, from the shards' own record of what they hold."""
+    from safetensors import safe_open
+
+    from video_data import INDEX_FILE, INDEX_FORMAT
+
+    shards, skipped = [], []
+    for name in names:
+        with safe_open(out / name, "pt") as file:
+            contents = json.loads(file.metadata()["contents"])
+        shards.append({"file": name, "videos": contents["videos"]})
+        skipped += contents["skipped"]
+    clips = sum(count for shard in shards for _, count in shard["videos"])
+    index = {"format": INDEX_FORMAT, "clips": clips, "videos": sum(len(s["videos"]) for s in shards),
+             "skipped": skipped, **shapes, "dtype": plan["settings"]["dtype"], "model": plan["model"],
+             "fingerprints": plan["fingerprints"], "settings": plan["settings"], "shards": shards}
+    write_json(out / INDEX_FILE, index)
+
+
+def prepare(args) -> None:
+    """Make the shards of this process (all, or its slice under torchrun) that are not on disk yet,
+    then the index once every shard is."""
+    import torch
+
+    from pipeline import StableDiffusionXLVideoPipeline
+    from video_data import captioned_videos, checkpoint_fingerprints, encode_captions
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out, folder = Path(args.out), Path(args.data)
+    items = captioned_videos(args.data)
+    plan = {"format": PREPARE_FORMAT, "model": str(Path(args.model).resolve()),
+            "fingerprints": checkpoint_fingerprints(args.model), "settings": settings_of(args),
+            "videos": [str(path.relative_to(folder)) for path, _ in items]}
+    device = args.device
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (give --device auto or cpu)")
+    resuming = check_resume(out, plan)
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(args.model, device)
+    if not resuming:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PREPARE_FILE, plan)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    factor = pipeline.vae_scale_factor
+    text, pooled = encode_captions(pipeline, [""])
+    shapes = {"latent_shape": [pipeline.vae.config.latent_channels, args.context_frames + args.frames,
+                               args.size // factor, args.size // factor],
+              "text_shape": list(text.shape[1:]), "pooled_shape": list(pooled.shape[1:])}
+    count = math.ceil(len(items) / args.videos_per_shard)
+    names = [f"shard-{number:05d}.safetensors" for number in range(count)]
+    mine = [number for number in range(rank, count, world_size) if not (out / names[number]).exists()]
+    who = f"process {rank}/{world_size}: " if world_size > 1 else ""
+    print(f"{who}{len(items)} videos in {count} shards; {len(mine)} to make in {out}", flush=True)
+    began = time.monotonic()
+    for done, number in enumerate(mine, start=1):
+        videos = items[number * args.videos_per_shard:(number + 1) * args.videos_per_shard]
+        clips, skipped = make_shard(pipeline, args, videos, out / names[number], folder, shapes)
+        left = (time.monotonic() - began) / done * (len(mine) - done)
+        print(f"{who}{names[number]}: {len(videos) - skipped} videos, {clips} clips ({skipped} skipped); "
+              f"{done}/{len(mine)}, {left:.0f} s left", flush=True)
+    if all((out / name).exists() for name in names):
+        write_index(out, plan, names, shapes)
+        print(f"{who}wrote {out / 'index.json'}: train with --data {out}", flush=True)
+    else:
+        print(f"{who}done; the index is written by the process that finishes last", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        ARGUMENTS = parse_arguments()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        prepare(ARGUMENTS)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:
+        print(f"error: {error.strerror or error} ({error.filename})", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,116 @@
+"""Self-generated context for training: the chunk is learnt from a context the current model made.
+
+At sampling time every chunk after the first continues frames the model made itself, with its own
+errors; a model trained only on clean ground-truth contexts has never seen such errors and lets
+them grow (exposure bias). With `SelfContext`, a fraction of the samples of each batch get, in
+place of the clip's clean context, what the model makes of it, without gradient:
+
+    "sampled"   the clip is longer by one chunk: the model makes that chunk (`frames` frames) from
+                the `context_frames` clean frames before it, as sample.py makes the next chunk
+                (DPM-Solver++ of the model's scheduler, `steps` steps, the sample's text, no
+                guidance); its last `context_frames` frames are the context
+    "one-step"  the clean context is noised to a random training timestep in [0, level * T) and
+                denoised by the model in one call (as a first chunk: no context of its own)
+
+The loss target is unchanged: the ground-truth chunk after the context. Every draw comes from a
+generator seeded by (seed, rank, index), so a sample's context is a function of the step alone and
+a resumed run makes the same contexts.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import micro_conditioning, randn
+from scheduler import DPMSolverMultistepScheduler
+
+MODES = ("off", "sampled", "one-step")
+
+
+@dataclass(frozen=True)
+class SelfContext:
+    """How the contexts of a training batch are made (the module docstring); "off": always clean."""
+
+    mode: str
+    probability: float  # per sample, the chance that its context is the model's
+    steps: int  # "sampled": sampler steps
+    level: float  # "one-step": the noise level is a timestep in [0, level * num_train_timesteps)
+    context_frames: int
+    frames: int
+    size: int  # frame height and width in pixels
+    seed: int
+    rank: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"self-context mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not 0 <= self.probability <= 1 or self.steps < 1 or not 0 < self.level <= 1:
+            raise ValueError(f"self-context needs probability in [0, 1], steps >= 1 and level in (0, 1]; got "
+                             f"{self.probability}, {self.steps}, {self.level}")
+
+    @property
+    def extra_frames(self) -> int:
+        """Frames a clip needs before its context, beyond context_frames + frames: the chunk the
+        "sampled" context is made as (its first context_frames clip frames are what it continues)."""
+        return self.frames if self.mode == "sampled" else 0
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of every draw for sample batch `index` on this rank."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 1_009 + self.rank)
+
+    @torch.no_grad()
+    def split(self, pipeline, latents, text, pooled, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents: (b, 4, extra_frames + context_frames + frames, h, w) clean clip latents; text
+        (b, tokens, dim) and pooled (b, pooled_dim) the samples' embeddings. Returns the context
+        (b, 4, context_frames, h, w), the model's for the chosen samples and the clip's for the others,
+        and the chunk (b, 4, frames, h, w), the clip's last frames (the loss target's source)."""
+        k, f = self.context_frames, self.frames
+        context, chunk = latents[:, :, -(k + f):-f], latents[:, :, -f:]  # (b, 4, k, h, w), (b, 4, f, h, w)
+        if self.mode == "off" or self.probability == 0:
+            return context, chunk
+        generator = self.generator(index)
+        chosen = (torch.rand(latents.shape[0], generator=generator) < self.probability).nonzero()[:, 0]  # (n,)
+        if len(chosen) == 0:
+            return context, chunk
+        if self.mode == "sampled":
+            history = latents[chosen, :, :k]  # (n, 4, k, h, w): the frames before the generated chunk
+            made = self.sampled(pipeline, history, text[chosen], pooled[chosen], generator)[:, :, -k:]
+        else:
+            made = self.one_step(pipeline, context[chosen], text[chosen], pooled[chosen], generator)
+        context = context.clone()
+        context[chosen] = made.to(context.dtype)  # (b, 4, k, h, w)
+        return context, chunk
+
+    def sampled(self, pipeline, history, text, pooled, generator) -> torch.Tensor:
+        """history: (n, 4, k, h, w) -> the chunk (n, 4, frames, h, w) the model makes after it in
+        `steps` steps without guidance, drawing its noise from `generator`."""
+        scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
+        scheduler.set_timesteps(self.steps, device=history.device)
+        shape = (history.shape[0], history.shape[1], self.frames, *history.shape[-2:])
+        noise = randn(shape, generator, history.device, history.dtype) * scheduler.init_noise_sigma
+        time_ids = micro_conditioning(shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
+        return pipeline.denoise(scheduler, scheduler.timesteps, noise, text, pooled, time_ids, history, 1.0, generator)
+
+    def one_step(self, pipeline, context, text, pooled, generator) -> torch.Tensor:
+        """context: (n, 4, k, h, w) clean -> noised to a random timestep each and denoised in one
+        model call: the model's estimate of the clean latents (n, 4, k, h, w)."""
+        scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
+        top = max(1, int(self.level * pipeline.scheduler_config.num_train_timesteps))
+        timesteps = torch.randint(0, top, (context.shape[0],), generator=generator)  # (n,)
+        noise = randn(context.shape, generator, context.device, torch.float32)
+        noisy = scheduler.add_noise(context.float(), noise, timesteps)  # (n, 4, k, h, w)
+        time_ids = micro_conditioning(context.shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
+        prediction = pipeline.unet(noisy.to(context.dtype), timesteps.to(context.device), text, pooled, time_ids, None)
+        return denoised_estimate(scheduler, prediction.float(), noisy, timesteps)
+
+
+def denoised_estimate(scheduler, prediction, noisy, timesteps) -> torch.Tensor:
+    """The clean sample a prediction (of the noise or of v, as the scheduler's prediction_type
+    says) implies at training timesteps (b,): noisy = alpha * x + std * noise, v = alpha * noise -
+    std * x, so x = (noisy - std * noise) / alpha = alpha * noisy - std * v."""
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps.cpu()].reshape(-1, *[1] * (noisy.dim() - 1))  # (b, 1, ...)
+    alpha = alphas_cumprod.sqrt().to(noisy)
+    std = (1 - alphas_cumprod).sqrt().to(noisy)
+    if scheduler.config.prediction_type == "epsilon":
+        return (noisy - std * prediction) / alpha
+    return alpha * noisy - std * prediction

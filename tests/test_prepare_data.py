@@ -1,0 +1,317 @@
+"""prepare_data.py and video_data.py: windows reached by a seek are the frames a full decode gives;
+shards hold what diffusers' VAE and SDXL text encoding give for those frames and captions; training
+from shards equals training from the videos; a killed preparation resumes to the same bytes, also
+split over processes; train.py refuses shards made for another run; bad options are one line and
+touch nothing. DataLoader workers give the batches the main process gives."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+import train
+import video_data
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SchedulerConfig
+from tiny_pipeline import diffusers_tiny_pipeline, ours_from_diffusers, tiny_video_pipeline
+from train import TrainConfig
+from video_io import read_video
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SIZE, CONTEXT, FRAMES = 32, 2, 4
+# name -> (frames, caption); .gif and .mp4, several lengths; "short" has too few frames for a clip.
+VIDEOS = {"a.mp4": (23, "a red circle moving left"), "b.mp4": (13, "a blue square moving up"),
+          "c.gif": (9, "a green circle turning"), "short.mp4": (3, "too short")}
+SMALL = dict(size=SIZE, context_frames=CONTEXT, frames=FRAMES, batch_size=2, warmup_steps=1, log_every=1000,
+             sample_every=1000, threads=1, context_drop=0.0, text_drop=0.3, unet_steps=3)
+
+
+def write_video(path: Path, num_frames: int, seed: int) -> None:
+    """A 40x48 video of a square moving over a gradient, with noise: every frame differs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:40, 0:48]
+    frames = []
+    for index in range(num_frames):
+        frame = np.stack([x * 5, y * 6, np.full_like(x, 40 * seed)], axis=-1).astype(np.float64)
+        frame[10:22, 2 + 2 * index:14 + 2 * index] = (250, 30, 90)
+        frames.append(np.clip(frame + rng.normal(0, 12, frame.shape), 0, 255).astype(np.uint8))
+    if path.suffix == ".gif":
+        imageio.mimsave(path, frames, duration=100, loop=0)
+        return
+    writer = imageio_ffmpeg.write_frames(str(path), (48, 40), fps=24, codec="libx264", macro_block_size=1,
+                                         output_params=["-g", "30", "-crf", "18"])
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame.tobytes())
+    writer.close()
+
+
+def video_folder(folder: Path, videos: dict) -> Path:
+    """Videos with captions: sidecar .txt files, and metadata.jsonl for the last one."""
+    folder.mkdir()
+    for seed, (name, (num_frames, caption)) in enumerate(videos.items()):
+        write_video(folder / name, num_frames, seed)
+        if seed < len(videos) - 1:
+            (folder / name).with_suffix(".txt").write_text(caption)
+        else:
+            (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    folder = video_folder(tmp_path_factory.mktemp("data") / "videos", VIDEOS)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    (folder / "broken.txt").write_text("a broken file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """diffusers' tiny SDXL pipeline, the oracle, and a checkpoint folder of ours with its weights."""
+    pipeline = diffusers_tiny_pipeline(tmp_path_factory.mktemp("tokenizer"), SchedulerConfig.video_model())
+    folder = tmp_path_factory.mktemp("model") / "checkpoint"
+    ours_from_diffusers(pipeline, SchedulerConfig.video_model()).save_pretrained(folder)
+    return pipeline, folder
+
+
+def prepare(model, data, out, *options):
+    prepare_data.main(["--model", str(model), "--data", str(data), "--out", str(out), "--size", str(SIZE),
+                       "--context-frames", str(CONTEXT), "--frames", str(FRAMES), "--threads", "1", *options])
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shards(reference, videos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+    return out
+
+
+def decoded_clip(path: Path, start: int, stride: int = 1) -> torch.Tensor:
+    """The clip as a full decode gives it (video_io.read_video): (3, frames, SIZE, SIZE)."""
+    video, _ = read_video(str(path), SIZE, SIZE)
+    return video[:, ::stride][:, start:start + CONTEXT + FRAMES]
+
+
+@pytest.mark.parametrize("name", ["a.mp4", "b.mp4", "c.gif"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_windows_reached_by_a_seek_are_the_frames_a_full_decode_gives(videos, name, stride):
+    num_frames = CONTEXT + FRAMES if stride == 1 else 3
+    length = video_data.video_length(videos / name)
+    assert length[0] == VIDEOS[name][0]
+    strided = -(-length[0] // stride)
+    starts = video_data.window_starts(strided, num_frames, 3)
+    assert starts[0] == 0 and starts[-1] == strided - num_frames
+    windows = video_data.read_windows(videos / name, starts, num_frames, stride, SIZE, length)
+    full, _ = read_video(str(videos / name), SIZE, SIZE)
+    for start, window in zip(starts, windows):
+        assert torch.equal(window, full[:, ::stride][:, start:start + num_frames])
+
+
+def test_shards_hold_what_diffusers_vae_and_text_encoders_give(reference, videos, shards):
+    pipeline, _ = reference
+    index = json.loads((shards / "index.json").read_text())
+    assert index["settings"]["size"] == SIZE and index["dtype"] == "float32"
+    assert index["latent_shape"] == [4, CONTEXT + FRAMES, SIZE // 8, SIZE // 8]
+    assert sorted(name for name, _ in index["skipped"]) == ["broken.mp4", "short.mp4"]
+    from safetensors.torch import load_file
+
+    clips = 0
+    for shard in index["shards"]:
+        tensors = load_file(shards / shard["file"])
+        row = 0
+        for text_row, (name, count) in enumerate(shard["videos"]):
+            frames, caption = VIDEOS[name]
+            starts = video_data.window_starts(frames, CONTEXT + FRAMES, 3)
+            assert count == len(starts)
+            for start in starts:
+                clip = decoded_clip(videos / name, start).transpose(0, 1)  # (frames, 3, H, W)
+                with torch.no_grad():
+                    expected = pipeline.vae.encode(clip).latent_dist.mean * pipeline.vae.config.scaling_factor
+                stored = tensors["latents"][row].transpose(0, 1)  # (frames, 4, h, w)
+                assert torch.allclose(stored, expected, atol=1e-5, rtol=1e-5)
+                row += 1
+            with torch.no_grad():
+                text, _, pooled, _ = pipeline.encode_prompt(caption, device=torch.device("cpu"),
+                                                            do_classifier_free_guidance=False)
+            assert torch.allclose(tensors["text"][text_row], text[0], atol=1e-5)
+            assert torch.allclose(tensors["pooled"][text_row], pooled[0], atol=1e-5)
+        clips += row
+    assert clips == index["clips"] == 3 + 3 + 3  # a, b and c: 3 windows each; short and broken: none
+
+
+def test_training_from_shards_equals_training_from_the_videos(reference, tmp_path):
+    # One window per video (each exactly a clip long): both data sets then give the same clip for each sample.
+    data = video_folder(tmp_path / "videos", {f"{n}.mp4": (CONTEXT + FRAMES, f"a circle {n}") for n in range(3)})
+    model = reference[1]
+    prepare(model, data, tmp_path / "shards", "--clips-per-video", "1")
+    weights = []
+    for name, source, workers in (("videos", data, 0), ("workers", data, 2), ("shards", tmp_path / "shards", 0)):
+        config = TrainConfig(mode="temporal", model=str(model), data=str(source), out=str(tmp_path / name),
+                             workers=workers, **SMALL)
+        weights.append(train.train(config).unet.state_dict())
+    start = StableDiffusionXLVideoPipeline.from_pretrained(model).unet.state_dict()
+    assert any(not torch.equal(weights[0][key], start[key]) for key in start)  # it trained
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in start)  # workers: the same batches
+    assert max((weights[0][key] - weights[2][key]).abs().max().item() for key in start) <= 1e-6
+
+
+def test_a_killed_preparation_resumes_to_the_same_bytes(reference, videos, shards, tmp_path, monkeypatch):
+    out, made = tmp_path / "shards", []
+    make_shard = prepare_data.make_shard
+
+    def killed_after_one(pipeline, args, items, path, *rest):
+        if made:  # killed while writing the second shard: its temporary file is left
+            path.with_name(path.name + ".tmp-99999").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        made.append(path)
+        return make_shard(pipeline, args, items, path, *rest)
+
+    monkeypatch.setattr(prepare_data, "make_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+    assert not (out / "index.json").exists() and len(list(out.glob("shard-*.safetensors"))) == 1
+    config = TrainConfig(mode="temporal", model=str(reference[1]), data=str(out), out=str(tmp_path / "run"), **SMALL)
+    with pytest.raises(ValueError, match="has not finished"):
+        train.train(config)
+    monkeypatch.setattr(prepare_data, "make_shard", make_shard)
+    prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+    assert files(out) == files(shards)
+
+
+def test_each_process_under_torchrun_makes_its_own_shards(reference, videos, shards, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):  # process 1 first: the index waits for the last shard
+        monkeypatch.setenv("RANK", rank)
+        prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+        if rank == "1":
+            assert sorted(path.name for path in out.glob("shard-*")) == ["shard-00001.safetensors"]
+    assert files(out) == files(shards)
+
+
+def test_train_refuses_shards_made_for_another_run(reference, shards, tmp_path):
+    other = tmp_path / "other"
+    tiny_video_pipeline(tmp_path / "tokenizer", seed=1).save_pretrained(other)  # another VAE and text encoders
+    base = dict(mode="temporal", model=str(reference[1]), data=str(shards), out=str(tmp_path / "run"))
+    for overrides, message in [(dict(model=str(other)), "the VAE of"), (dict(size=64), "--size 32; this run has 64"),
+                               (dict(frames=3), r"--context-frames \+ --frames 6; this run has 5"),
+                               (dict(frame_stride=2), "--frame-stride 1; this run has 2"),
+                               (dict(mode="baby", model=""), "mode temporal only")]:
+        config = TrainConfig(**{**SMALL, **base, **overrides})
+        with pytest.raises(ValueError, match=message):
+            train.train(config)
+        assert not (tmp_path / "run").exists()  # refused before any work
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in shards.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "shard-00001.safetensors").write_bytes(b"cut")
+    with pytest.raises(ValueError, match="shard-00001.safetensors"):
+        video_data.make_data(TrainConfig(**{**SMALL, **base, "data": str(broken)}))
+
+
+def test_resuming_with_other_settings_is_refused(reference, videos, shards, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in shards.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = files(out)
+    with pytest.raises(ValueError, match="--clips-per-video 3 -> 2"):
+        prepare(reference[1], videos, out, "--clips-per-video", "2", "--videos-per-shard", "2")
+    (videos / "d.mp4").write_bytes((videos / "a.mp4").read_bytes())
+    (videos / "d.txt").write_text("a video added since")
+    try:
+        with pytest.raises(ValueError, match="--data .videos added"):
+            prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+    finally:
+        (videos / "d.mp4").unlink()
+        (videos / "d.txt").unlink()
+    prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")  # done: nothing to make
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data="missing"), "--data missing: not a folder"), (dict(size="0"), "--size must be at least 1, got 0"),
+    (dict(frames="-2"), "--frames must be at least 1"), (dict(clips="0"), "--clips-per-video must be at least 1"),
+    (dict(per_shard="-1"), "--videos-per-shard must be at least 1"), (dict(size="20"), "--size must be a multiple of 8"),
+    (dict(out="DATA"), "is --data"), (dict(out="MODEL"), "is --model"), (dict(out="OTHER"), "holds other files"),
+    (dict(out="FILE"), "is a file"), (dict(model="DATA"), "not a checkpoint folder"),
+    (dict(device="gpu"), "--device must be"), (dict(threads="-1"), "--threads must be at least 0"),
+    (dict(size="inf"), "argument --size: invalid int value")])
+def test_bad_options_are_one_line_and_touch_nothing(reference, videos, tmp_path, change, message):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine too")
+    names = {"DATA": str(videos), "MODEL": str(reference[1]), "OTHER": str(other), "FILE": str(tmp_path / "file")}
+    values = {"model": str(reference[1]), "data": str(videos), "out": str(tmp_path / "out"), "size": str(SIZE),
+              "frames": "4", "clips": "1", "per_shard": "1", "device": "cpu", "threads": "1", **change}
+    values = {key: names.get(value, value) for key, value in values.items()}
+    before = {folder: files(folder) for folder in (videos, reference[1], other)}
+    command = [sys.executable, "prepare_data.py", "--model", values["model"], "--data", values["data"], "--out",
+               values["out"], "--size", values["size"], "--frames", values["frames"], "--clips-per-video",
+               values["clips"], "--videos-per-shard", values["per_shard"], "--device", values["device"],
+               "--threads", values["threads"]]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
+    assert {folder: files(folder) for folder in before} == before
+    assert (tmp_path / "file").read_text() == "mine too" and not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_captioned_videos_or_with_bad_metadata_is_refused_before_anything_is_written(
+        reference, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "clip.mp4").write_bytes(b"no caption")
+    with pytest.raises(ValueError, match="no videos with captions"):
+        prepare(reference[1], tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "empty" / "metadata.jsonl").write_text('{"file_name": "clip.mp4", "text": "fine"}\n{"file_name": 3}\n')
+    with pytest.raises(ValueError, match="metadata.jsonl line 2: expected a JSON object with file_name and text"):
+        prepare(reference[1], tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_and_option_errors_answer_before_torch_is_imported():
+    probe = ("import sys, prepare_data\n"
+             "for argv in (['--help'], ['--model', 'm', '--data', 'd', '--out', 'o', '--size', '0']):\n"
+             "    try:\n        prepare_data.main(argv)\n    except (SystemExit, ValueError):\n        pass\n"
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.endswith("False\n")
+
+
+def test_bfloat16_shards_hold_the_float32_values_rounded(reference, videos, shards, tmp_path):
+    from safetensors.torch import load_file
+
+    prepare(reference[1], videos, tmp_path / "bf16", "--clips-per-video", "3", "--videos-per-shard", "2",
+            "--dtype", "bfloat16")
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors"):
+        half, full = load_file(tmp_path / "bf16" / name), load_file(shards / name)
+        for key in full:
+            assert half[key].dtype == torch.bfloat16 and torch.equal(half[key], full[key].to(torch.bfloat16))
+
+
+def test_workers_give_the_batches_of_the_main_process_and_report_a_bad_video_in_one_line(tmp_path):
+    videos = video_folder(tmp_path / "videos", {name: VIDEOS[name] for name in ("a.mp4", "b.mp4", "c.gif")})
+    data = video_data.VideoFolder(str(videos), SIZE, CONTEXT + FRAMES, 1, seed=0)
+    here = video_data.Batches(data, 2, 0, 1, workers=0)
+    ahead = video_data.Batches(data, 2, 0, 1, workers=2)
+    for step in (5, 6, 7, 3, 8):  # 3: out of order, made in the main process
+        expected, got = here[step], ahead[step]
+        assert got.caption == expected.caption and torch.equal(got.video, expected.video)
+    short = video_data.VideoFolder(str(videos), SIZE, 30, 1, seed=0)  # every video is shorter than 30 frames
+    with pytest.raises(ValueError, match=r"frames after stride 1; need 30$"):
+        video_data.Batches(short, 2, 0, 1, workers=1)[0]

@@ -1,0 +1,379 @@
+"""Training clips: the shapes world, a folder of captioned videos, or shards prepared from one.
+
+Sample `index` of a data set is always the same clip, and `batch_of` takes a fixed slice of the
+samples for each step and process, so the data position is the step alone and a resumed run sees
+what the uninterrupted one saw. `Batches` makes those batches ahead in DataLoader worker processes.
+
+A video folder gives `VideoClip`s (frames and caption), which the trainer encodes with the VAE and
+the text encoders at every step (`encoded_batch`). Prepared shards (prepare_data.py) hold what
+those encoders give, once for all: the VAE's latents (the posterior mean, scaled, as training
+takes them: deterministic, so shards train exactly as the videos do) and the text embeddings; they
+give `LatentClip`s. Both data sets pick sample `index` the same way: video `index % videos`, then
+one of its windows drawn by `numpy.random.default_rng((seed, index))`, so a folder whose videos
+each have one window trains as its shards do.
+
+Shards of OUT: `shard-NNNNN.safetensors`, each `videos_per_shard` consecutive videos (sorted by
+path) with tensors `latents` (clips, latent_channels, frames, h, w), `text` (videos, tokens, dim)
+and `pooled` (videos, projection_dim), and metadata `contents` (JSON: "videos" [[name, clips], ...],
+"skipped" [[name, reason], ...]);
+`index.json` (INDEX_FORMAT) says what they hold and how they were made, and is written last.
+"""
+
+import csv
+import hashlib
+import json
+import math
+from collections import namedtuple
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import world
+from pipeline import safetensors_header
+from text import SUBFOLDERS
+from video_io import _to_model_frames
+
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
+INDEX_FORMAT = "sdxl-video-shards/1"
+INDEX_FILE = "index.json"
+SHARD_PATTERN = "shard-*.safetensors"
+SEEK_GAP = 48  # windows of one video closer than this many frames are decoded in one pass, without a seek
+
+VideoClip = namedtuple("VideoClip", "video caption")  # (3, frames, H, W) in [-1, 1]; str (batched: stacked; a list)
+LatentClip = namedtuple("LatentClip", "latents text pooled")  # (c, frames, h, w), (tokens, dim), (projection_dim,)
+
+
+# Reading videos ---------------------------------------------------------------------------------
+
+
+def last_line(error: Exception) -> str:
+    """The last line of an error's message (ffmpeg's are its whole log)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
+def video_length(path: Path) -> tuple[int, float]:
+    """(frames, fps) of a video file, without decoding it (ffmpeg copies its packets); ValueError
+    naming the file if it cannot be read."""
+    try:
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            fps = next(reader)["fps"]
+        finally:
+            reader.close()
+    except (OSError, RuntimeError, StopIteration, KeyError) as error:
+        raise ValueError(f"{path}: cannot read it as a video ({last_line(error)})") from None
+    if frames < 1 or not fps or not math.isfinite(fps):
+        raise ValueError(f"{path}: cannot read it as a video (no frames, or no frame rate)")
+    return frames, fps
+
+
+def window_starts(strided_frames: int, num_frames: int, clips_per_video: int) -> list[int]:
+    """Up to `clips_per_video` starts of windows of `num_frames` among `strided_frames` frames,
+    evenly spaced from the first frame to the last window (fewer when the video is short; none
+    when it is shorter than one window)."""
+    last = strided_frames - num_frames
+    if last < 0:
+        return []
+    if clips_per_video == 1:
+        return [0]
+    return sorted({round(last * i / (clips_per_video - 1)) for i in range(clips_per_video)})
+
+
+def read_windows(path: Path, starts: list[int], num_frames: int, frame_stride: int, size: int,
+                 length: tuple[int, float]) -> list[torch.Tensor]:
+    """The windows of `num_frames` frames (every `frame_stride`-th) starting at the strided frames
+    `starts`, each (3, num_frames, size, size) in [-1, 1], resized to cover and centre-cropped as
+    video_io.read_video does. Each window is decoded once, after a seek to its first frame;
+    windows closer than SEEK_GAP frames share one pass. `length`: `video_length(path)`. Assumes a
+    constant frame rate (a seek goes to a time)."""
+    frames, fps = length
+    spans = [(start * frame_stride, (start + num_frames - 1) * frame_stride) for start in starts]  # in frames
+    passes = []  # [first, last] frames of each decoding pass
+    for first, last in sorted(spans):
+        if passes and first <= passes[-1][1] + SEEK_GAP:
+            passes[-1][1] = max(passes[-1][1], last)
+        else:
+            passes.append([first, last])
+    decoded = {}  # frame number -> (h, w, 3) uint8, the frames the windows need
+    needed = {frame for first, last in spans for frame in range(first, last + 1, frame_stride)}
+    for first, last in passes:
+        # Half a frame early: ffmpeg's accurate seek then starts exactly at frame `first`.
+        seek = ["-ss", f"{(first - 0.5) / fps:.6f}"] if first else []
+        reader = imageio_ffmpeg.read_frames(str(path), input_params=seek)
+        try:
+            meta = next(reader)
+            width, height = meta["size"]
+            frame = first - 1
+            for frame, raw in enumerate(reader, start=first):
+                if frame in needed:
+                    decoded[frame] = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+                if frame == last:
+                    break
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"{path}: cannot decode it as a video ({last_line(error)})") from None
+        finally:
+            reader.close()
+        if frame < last:
+            raise ValueError(f"{path}: ends at frame {frame + 1}, its header counts {frames}; need frame {last + 1}")
+    return [_to_model_frames(np.stack([decoded[f] for f in range(first, last + 1, frame_stride)]), size, size)
+            for first, last in spans]
+
+
+def read_captions(folder: Path) -> dict[Path, str]:
+    """Video path -> caption: `metadata.jsonl` / `metadata.csv` rows (`file_name`, `text`), then a
+    sidecar `NAME.txt` next to each video."""
+    captions = {}
+    path = folder / "metadata.jsonl"
+    if path.is_file():
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    captions[folder / row["file_name"]] = str(row["text"])
+                except (json.JSONDecodeError, TypeError, KeyError) as error:
+                    raise ValueError(f"{path} line {number}: expected a JSON object with file_name and text "
+                                     f"({error!r})") from None
+    path = folder / "metadata.csv"
+    if path.is_file():
+        with open(path, newline="") as file:
+            for number, row in enumerate(csv.DictReader(file), start=2):
+                if row.get("file_name") is None or row.get("text") is None:
+                    raise ValueError(f"{path} line {number}: expected file_name and text columns")
+                captions[folder / row["file_name"]] = row["text"]
+    for video in folder.iterdir():
+        if video.suffix.lower() in VIDEO_EXTENSIONS and video.with_suffix(".txt").is_file():
+            captions[video] = video.with_suffix(".txt").read_text().strip()
+    return captions
+
+
+def captioned_videos(folder: str) -> list[tuple[Path, str]]:
+    """(path, caption) of every captioned video of `folder`, sorted by path; ValueError if none."""
+    items = sorted(read_captions(Path(folder)).items())
+    if not items:
+        raise ValueError(f"--data {folder}: no videos with captions found (a NAME.txt next to each, or "
+                         f"metadata.jsonl / metadata.csv with file_name and text)")
+    return items
+
+
+# Data sets --------------------------------------------------------------------------------------
+
+
+class ShapesData:
+    """Clips of the shapes world; sample `index` is always the same clip. With `num_clips` > 0
+    the samples cycle over that many clips."""
+
+    def __init__(self, size: int, num_frames: int, seed: int, num_clips: int = 0):
+        self.size, self.num_frames, self.seed, self.num_clips = size, num_frames, seed, num_clips
+
+    def __getitem__(self, index: int) -> VideoClip:
+        """(3, frames, size, size) in [-1, 1] and its caption."""
+        index = index % self.num_clips if self.num_clips else index
+        clip = world.random_clip(self.seed * 1_000_003 + index, self.size)
+        start = (index * 7919) % 64  # any stretch of the endless clip
+        return VideoClip(world.render(clip, self.num_frames, self.size, first_frame=start), clip.caption)
+
+
+class VideoFolder:
+    """Videos with captions (`read_captions`). Sample `index` is a window of `num_frames` frames
+    (every `frame_stride`-th) of video `index % videos`, at a start drawn from (seed, index),
+    resized to cover and centre-cropped; only that window is decoded (`read_windows`)."""
+
+    def __init__(self, folder: str, size: int, num_frames: int, frame_stride: int, seed: int):
+        self.size, self.num_frames, self.stride, self.seed = size, num_frames, frame_stride, seed
+        self.items = captioned_videos(folder)
+        self.lengths = {}  # path -> video_length(path), filled as videos are first read
+
+    def __getitem__(self, index: int) -> VideoClip:
+        path, caption = self.items[index % len(self.items)]
+        if path not in self.lengths:
+            self.lengths[path] = video_length(path)
+        strided = math.ceil(self.lengths[path][0] / self.stride)
+        if strided < self.num_frames:
+            raise ValueError(f"{path} has {strided} frames after stride {self.stride}; need {self.num_frames}")
+        start = int(np.random.default_rng((self.seed, index)).integers(0, strided - self.num_frames + 1))
+        [video] = read_windows(path, [start], self.num_frames, self.stride, self.size, self.lengths[path])
+        return VideoClip(video, caption)
+
+
+class ShardData:
+    """Prepared shards (prepare_data.py) of a folder with an INDEX_FILE. Sample `index` is one of
+    the prepared windows of video `index % videos`, drawn from (seed, index), as VideoFolder draws
+    its start. ValueError naming the file for an index or a shard that does not hold what it should."""
+
+    def __init__(self, folder: str, seed: int):
+        self.folder, self.seed = Path(folder), seed
+        self.index = read_index(self.folder)
+        self.videos = []  # (shard file, first clip row in it, clips, text row in it) per video with clips
+        for shard in self.index["shards"]:
+            row = 0
+            for text_row, (_, clips) in enumerate(shard["videos"]):
+                if clips:
+                    self.videos.append((self.folder / shard["file"], row, clips, text_row))
+                row += clips
+        if not self.videos:
+            raise ValueError(f"--data {folder}: its shards hold no clips")
+
+    def __getitem__(self, index: int) -> LatentClip:
+        path, first, clips, text_row = self.videos[index % len(self.videos)]
+        row = first + int(np.random.default_rng((self.seed, index)).integers(0, clips))
+        with safe_open(path, "pt") as shard:
+            return LatentClip(shard.get_slice("latents")[row], shard.get_slice("text")[text_row],
+                              shard.get_slice("pooled")[text_row])
+
+    def check(self, config, fingerprints: dict[str, str]) -> None:
+        """ValueError, one line, unless the shards were made for this run (`config`: a train.TrainConfig):
+        mode temporal, the VAE and text encoders of its --model (`fingerprints`, `checkpoint_fingerprints`),
+        its --size, --frame-stride and frames per clip (--context-frames + --frames)."""
+        index, settings, name = self.index, self.index["settings"], f"--data {self.folder}"
+        if config.mode != "temporal":
+            raise ValueError(f"{name} holds prepared shards, which train mode temporal only (mode baby trains its VAE)")
+        for part, words in (("vae", "the VAE"), ("text_encoders", "the text encoders")):
+            if index["fingerprints"].get(part) != fingerprints[part]:
+                raise ValueError(f"{name} was prepared with {words} of {index['model']}, not those of --model "
+                                 f"{config.model}: prepare it again with --model {config.model}")
+        clip_frames = config.context_frames + config.frames
+        made = settings["context_frames"] + settings["frames"]
+        for option, wanted, have in (("--size", config.size, settings["size"]),
+                                     ("--frame-stride", config.frame_stride, settings["frame_stride"]),
+                                     ("--context-frames + --frames", clip_frames, made)):
+            if wanted != have:
+                raise ValueError(f"{name} was prepared with {option} {have}; this run has {wanted}: give "
+                                 f"{option} {have}, or prepare the videos again")
+
+
+def read_index(folder: Path) -> dict:
+    """The INDEX_FILE of a shard folder, checked against each shard's header; ValueError naming the file."""
+    path = folder / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON ({error})") from None
+    keys = {"format", "shards", "settings", "fingerprints", "model", "latent_shape", "text_shape", "pooled_shape"}
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not keys <= index.keys():
+        raise ValueError(f"{path} is not an index of shards ({INDEX_FORMAT}, written by prepare_data.py)")
+    for shard in index["shards"]:
+        header = safetensors_header(folder / shard["file"])
+        clips, videos = sum(c for _, c in shard["videos"]), len(shard["videos"])
+        shapes = {"latents": [clips, *index["latent_shape"]], "text": [videos, *index["text_shape"]],
+                  "pooled": [videos, *index["pooled_shape"]]}
+        if {key: list(header.get(key, {}).get("shape", ())) for key in shapes} != shapes:
+            raise ValueError(f"{folder / shard['file']} does not hold what {path} says ({shapes})")
+    return index
+
+
+def checkpoint_fingerprints(folder) -> dict[str, str]:
+    """SHA-256 of what shards depend on in a checkpoint folder: `vae` (vae.safetensors and the
+    VAE's config.json section, whose scaling_factor scales the latents) and `text_encoders`
+    (every file of the tokenizer and text encoder folders)."""
+    folder = Path(folder)
+    vae = hashlib.sha256(json.dumps(json.loads((folder / "config.json").read_text())["vae"], sort_keys=True).encode())
+    with open(folder / "vae.safetensors", "rb") as file:
+        vae.update(hashlib.file_digest(file, "sha256").digest())
+    text = hashlib.sha256()
+    for path in sorted(p for name in SUBFOLDERS for p in (folder / name).rglob("*") if p.is_file()):
+        text.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as file:
+            text.update(hashlib.file_digest(file, "sha256").digest())
+    return {"vae": vae.hexdigest(), "text_encoders": text.hexdigest()}
+
+
+def make_data(config):
+    """The run's clips (`config`: a train.TrainConfig): the shapes world, prepared shards (a folder
+    with an INDEX_FILE, checked against the run: `ShardData.check`) or a folder of videos;
+    ValueError if it holds none."""
+    clip_frames = config.context_frames + config.frames
+    folder = Path(config.data)
+    if config.data == "shapes":
+        return ShapesData(config.size, clip_frames, config.seed, config.clips)
+    if (folder / INDEX_FILE).exists():
+        data = ShardData(config.data, config.seed)
+        data.check(config, checkpoint_fingerprints(config.model) if config.mode == "temporal" else {})
+        return data
+    if any(folder.glob(SHARD_PATTERN)):
+        raise ValueError(f"--data {folder} holds shards but no {INDEX_FILE}: their preparation has not finished; "
+                         f"run prepare_data.py again with the same options to finish it")
+    return VideoFolder(config.data, config.size, clip_frames, config.frame_stride, config.seed)
+
+
+# Batches ----------------------------------------------------------------------------------------
+
+
+def batch_of(data, step: int, batch_size: int, rank: int, world_size: int):
+    """The samples of this process at `step`: a fixed slice of the global batch, so that the data
+    position is the step alone. Returns a VideoClip (videos (batch, 3, frames, H, W), a list of
+    captions) or a LatentClip (latents (batch, c, frames, h, w), text (batch, tokens, dim), pooled
+    (batch, projection_dim)), as the data set gives."""
+    first = (step * world_size + rank) * batch_size
+    samples = [data[first + i] for i in range(batch_size)]
+    fields = [torch.stack(values) if isinstance(values[0], torch.Tensor) else list(values) for values in zip(*samples)]
+    return type(samples[0])(*fields)
+
+
+class BatchSteps(torch.utils.data.Dataset):
+    """batch_of(data, step, ...) as item `step`, for a DataLoader that makes whole batches; a
+    ValueError (a video that cannot be read) is returned, for `Batches` to raise as it is."""
+
+    def __init__(self, data, batch_size: int, rank: int, world_size: int):
+        self.data, self.batch_size, self.rank, self.world_size = data, batch_size, rank, world_size
+
+    def __getitem__(self, step: int):
+        try:
+            return batch_of(self.data, step, self.batch_size, self.rank, self.world_size)
+        except ValueError as error:
+            return error
+
+
+class Batches:
+    """`batches[step]` is `batch_of(data, step, batch_size, rank, world_size)`. With `workers` > 0,
+    DataLoader worker processes make the batches of the steps after the first one asked for, in
+    order, ahead of time (each worker a whole batch); a step asked out of that order (a resumed
+    stage asks its own first step) is made here, and the workers go on. The batches are the same
+    whatever the number of workers."""
+
+    def __init__(self, data, batch_size: int, rank: int, world_size: int, workers: int = 0):
+        self.steps = BatchSteps(data, batch_size, rank, world_size)
+        self.workers = workers
+        self.loader, self.next_step = None, None
+
+    def __getitem__(self, step: int):
+        if self.workers and self.loader is None:
+            self.loader = iter(torch.utils.data.DataLoader(
+                self.steps, batch_size=None, sampler=range(step, 2**62), num_workers=self.workers, prefetch_factor=2))
+            self.next_step = step
+        if self.workers and step == self.next_step:
+            batch, self.next_step = next(self.loader), step + 1
+        else:
+            batch = self.steps[step]
+        if isinstance(batch, ValueError):
+            raise batch
+        return batch
+
+
+def encode_videos(pipeline, videos: torch.Tensor) -> torch.Tensor:
+    """videos (batch, 3, frames, H, W) in [-1, 1] -> the VAE's scaled latents (batch, c, frames, h, w):
+    the posterior mean, in the videos' dtype, on the pipeline's device, without gradients."""
+    with torch.no_grad():
+        return pipeline.vae.encode_video(videos.to(pipeline.device))
+
+
+def encode_captions(pipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings (batch, tokens, dim1 + dim2) and pooled ones (batch, projection_dim) of the
+    captions, as the UNet takes them (no guidance negatives), without gradients."""
+    with torch.no_grad():
+        text, _, pooled, _ = pipeline.text_encoder.encode_prompt(captions, do_classifier_free_guidance=False)
+    return text, pooled
+
+
+def encoded_batch(pipeline, batch) -> LatentClip:
+    """A batch as the UNet's loss takes it, on the pipeline's device: a VideoClip encoded
+    (`encode_videos`, `encode_captions`), or a LatentClip of shards as it is, its latents in
+    float32 (the videos' dtype) and its text in the text encoders' dtype."""
+    if isinstance(batch, VideoClip):
+        return LatentClip(encode_videos(pipeline, batch.video), *encode_captions(pipeline, batch.caption))
+    device, text_dtype = pipeline.device, pipeline.text_encoder.text_encoder_2.dtype
+    return LatentClip(batch.latents.to(device, torch.float32), batch.text.to(device, text_dtype),
+                      batch.pooled.to(device, text_dtype))
