@@ -14,10 +14,12 @@ for the whole run, as sample.py loads them when no timeline changes them) no cop
 strengths can be set once.
 
 Merged weights rather than low-rank adds at every step (a hook computing x @ down^T @ up^T on every
-call of every touched layer): a denoising step then costs exactly what it costs without a LoRA;
-the price is the copy of the touched weights on the CPU and a re-merge when a strength changes
-(at most once per chunk, and only while a timeline moves a strength). The measurements are in the
-README's LoRA section.
+call of every touched layer): a denoising step then costs exactly what it costs without a LoRA,
+where the adds made the linear layers of an SDXL transformer block 5 to 34% slower at rank 32
+(measured on a CPU). The price: the copy of the touched weights on the CPU (4.1 GiB in bf16 for a
+LoRA of all 722 layers of SDXL's transformers) and a re-merge when a strength changes, at most once
+per chunk and only while a timeline moves a strength (21 s for those 722 layers on one CPU thread;
+on an accelerator the merge runs there).
 
     pipeline.load_loras(["style.safetensors"], [0.8])   # pipeline.py delegates to `MergedLoras.load`
     pipeline.loras.set_strengths([0.3])
@@ -108,7 +110,10 @@ class MergedLoras:
     def load(cls, pipeline, paths: list[str], strengths: list[float] | None = None,
              keep_originals: bool = True) -> "MergedLoras":
         """Read and check every file (LoraError naming the first bad one, before any weight changes),
-        then merge them at `strengths` (default 1 each)."""
+        then merge them at `strengths` (default 1 each). A pipeline holding LoRAs at a strength other
+        than 0 is refused: the weights kept as originals would not be the model's."""
+        if pipeline.loras is not None and any(pipeline.loras.strengths):
+            raise ValueError("the pipeline holds LoRAs already: load every file in one call, or remove() them first")
         models = pipeline_models(pipeline)
         layers = model_layers(models)
         updates = [read_updates(file) for file in check_loras(paths, models)]

@@ -79,9 +79,7 @@ class LoraFile(NamedTuple):
     """What a LoRA file holds, checked against a model: `modules` in file order."""
 
     path: str
-    format: str  # "kohya" or "peft"
     modules: list[LoraModule]
-    shapes: dict[str, tuple[int, ...]]  # key -> shape
 
 
 def listing(what: str, names: list[str]) -> str:
@@ -97,6 +95,13 @@ def read_header(path, what: str = "LoRA") -> tuple[dict[str, tuple[int, ...]], d
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"{what} {path}: no such file")
+    try:
+        return parse_header(path, what)
+    except OSError as error:
+        raise LoraError(f"{what} {path} cannot be read: {error.strerror}") from None
+
+
+def parse_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     size = path.stat().st_size
     with path.open("rb") as file:
         length = int.from_bytes(file.read(8), "little")
@@ -267,7 +272,7 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
         problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched)))
     if problems:
         raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems))
-    return LoraFile(str(path), kind, modules, shapes)
+    return LoraFile(str(path), modules)
 
 
 def checkpoint_targets(folder) -> tuple[dict[str, dict[str, tuple]], dict]:

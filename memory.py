@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from model import UNet, UNetConfig
 from pipeline import DTYPES, micro_conditioning, safetensors_header
-from vae import TILES_ABOVE, AutoencoderKL, VAEConfig
+from vae import TILE, TILES_ABOVE, AutoencoderKL, VAEConfig
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 OFFLOAD_MODES = ("none", "model", "sequential")
@@ -127,8 +127,18 @@ def decode_activations(config: VAEConfig, frames: int, decode_frames: int, heigh
     time (tiled or not), on the meta device: the latents, each batch's activations and the video."""
     with torch.device("meta"):
         vae = AutoencoderKL(config).to(dtype)
-    latents = lambda: torch.empty(1, config.latent_channels, frames, height, width, dtype=dtype, device="meta")
-    return peak_bytes(lambda: vae.decode_frames(latents(), decode_frames, tiles, dtype))
+    def peak(rows: int, columns: int) -> int:
+        latents = torch.empty(1, config.latent_channels, frames, rows, columns, dtype=dtype, device="meta")
+        return peak_bytes(lambda: vae.decode_frames(latents, decode_frames, tiles, dtype))
+
+    small = 3 * TILE  # past one tile a side, a tiled decode's peak is one tile's work plus buffers linear in pixels
+    if not tiles or height * width <= small * small:
+        return peak(height, width)
+    # Running every tile on the meta device takes minutes at huge sizes: fit the line through two
+    # sizes of the same tiling and read it at height x width.
+    first, second = peak(2 * TILE, 2 * TILE), peak(small, small)
+    slope = (second - first) / (small * small - 4 * TILE * TILE)
+    return int(first + slope * (height * width - 4 * TILE * TILE))
 
 
 def parameter_count(module_class, config) -> int:

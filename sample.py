@@ -214,7 +214,8 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
         elif name == "lora":
             fps, frames = stored.fps, stored.frames
             given = [parse_lora(value, lambda text: parse_position(text, fps, frames)) for value in args.lora]
-            if [(lora.path, lora.strengths) for lora in given] != [(lora.path, lora.strengths) for lora in stored.loras]:
+            placed = lambda loras: [(os.path.realpath(lora.path), lora.strengths) for lora in loras]
+            if placed(given) != placed(stored.loras):
                 conflicts.append(f"{option} (the state file has {[(lora.path, lora.strengths) for lora in stored.loras]})")
         elif name == "model":
             if os.path.realpath(args.model) != os.path.realpath(stored.model):

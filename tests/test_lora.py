@@ -54,6 +54,8 @@ def legacy_text_name(name: str) -> str:
 
 
 def kohya_unet_name(name: str, naming: str) -> str:
+    if naming == "peft":
+        return "unet." + name
     if naming == "diffusers":
         return "lora_unet_" + name.replace(".", "_")
     per_level = UNET_CONFIG.layers_per_block + 1
@@ -63,23 +65,29 @@ def kohya_unet_name(name: str, naming: str) -> str:
 
 def kohya_state(reference: StableDiffusionXLPipeline, naming: str, seed: int, alphas: str, rank: int = 3) -> dict:
     """A kohya-ss LoRA of every linear and convolution layer of the UNet (3x3 ones as LoCon) and of
-    both text encoders, random. `alphas`: "uniform" (1.5 everywhere), "varying" (1 to 5, as LoCon's
-    conv_alpha differs from network_alpha) or "folded" (the varying ones multiplied into the up
-    weights, alpha = rank: the same LoRA for a loader that ignores per-module alphas)."""
+    both text encoders, random. `naming` "sgm" or "diffusers" for the UNet's, or "peft": the same
+    LoRA in PEFT's names with `.alpha` keys. `alphas`: "uniform" (1.5 everywhere), "varying" (1 to 5,
+    as LoCon's conv_alpha differs from network_alpha) or "folded" (the varying ones multiplied into
+    the up weights, alpha = rank: the same LoRA for a loader that ignores per-module alphas)."""
     generator = torch.Generator().manual_seed(seed)
     random = lambda *shape: 0.1 * torch.randn(shape, generator=generator)
     modules = {kohya_unet_name(n, naming): m for n, m in linear_layers(reference.unet).items()
-               if naming == "sgm" or not n.startswith("add_embedding.")}  # diffusers drops lora_unet_add_embedding_*
+               if naming != "diffusers" or not n.startswith("add_embedding.")}  # diffusers drops lora_unet_add_embedding_*
     for prefix, encoder in (("lora_te1_", reference.text_encoder), ("lora_te2_", reference.text_encoder_2)):
-        modules |= {prefix + legacy_text_name(n).replace(".", "_"): m for n, m in linear_layers(encoder).items()}
+        if naming == "peft":
+            prefix = "text_encoder." if prefix == "lora_te1_" else "text_encoder_2."
+            modules |= {prefix + legacy_text_name(n): m for n, m in linear_layers(encoder).items()}
+        else:
+            modules |= {prefix + legacy_text_name(n).replace(".", "_"): m for n, m in linear_layers(encoder).items()}
+    down, up = ("lora_A", "lora_B") if naming == "peft" else ("lora_down", "lora_up")
     state = {}
     for name, module in modules.items():
         out, into, *kernel = module.weight.shape
         alpha = 1.5 if alphas == "uniform" else float(1 + len(state) % 5)
-        state[f"{name}.lora_down.weight"] = random(rank, into, *kernel)  # (rank, in[, kh, kw])
-        state[f"{name}.lora_up.weight"] = random(out, rank, *([1, 1] if kernel else []))  # (out, rank[, 1, 1])
+        state[f"{name}.{down}.weight"] = random(rank, into, *kernel)  # (rank, in[, kh, kw])
+        state[f"{name}.{up}.weight"] = random(out, rank, *([1, 1] if kernel else []))  # (out, rank[, 1, 1])
         if alphas == "folded":
-            state[f"{name}.lora_up.weight"] *= alpha / rank
+            state[f"{name}.{up}.weight"] *= alpha / rank
         state[f"{name}.alpha"] = torch.tensor(float(rank) if alphas == "folded" else alpha)
     return state
 
@@ -118,7 +126,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     reference = diffusers_tiny_pipeline(folder, SCHEDULER)
     written = {}
     for name, naming, seed, alphas in (("kohya-sgm", "sgm", 1, "varying"), ("kohya-sgm-folded", "sgm", 1, "folded"),
-                                       ("kohya-diffusers", "diffusers", 2, "uniform")):
+                                       ("kohya-diffusers", "diffusers", 2, "uniform"),
+                                       ("peft-alpha-keys", "peft", 1, "varying")):
         written[name] = folder / f"{name}.safetensors"
         save_file(kohya_state(reference, naming, seed, alphas), written[name])
     for form, seed in (("peft", 3), ("diffusers", 4)):
@@ -167,8 +176,10 @@ def sampled_latents(reference, ours, steps: int = 1):
 
 # diffusers drops the per-module alphas of kohya files (its alpha_pattern keeps the old processor
 # names, which peft warns match nothing): it gets the file with the alphas folded into the up weights.
+# A PEFT file with `.alpha` keys is kohya-sgm's LoRA in PEFT's names.
 @pytest.mark.parametrize("name, theirs", [("kohya-sgm", "kohya-sgm-folded"), ("kohya-diffusers", "kohya-diffusers"),
-                                          ("peft", "peft"), ("diffusers", "diffusers")])
+                                          ("peft", "peft"), ("diffusers", "diffusers"),
+                                          ("peft-alpha-keys", "kohya-sgm-folded")])
 def test_merged_weights_and_latents_equal_diffusers(files, tmp_path, name, theirs):
     """Weights in float32. Latents in float64, both sides merged in float64, after one step: in float32
     the tiny random model's latents (about 50) differ from diffusers' by 1e-4 without any LoRA, and in
@@ -227,6 +238,8 @@ def test_strength_zero_changes_no_bit_and_every_change_restores_exactly(model, f
     loras.set_strengths([0.0, 0.0])
     assert same(state(pipeline), original) and torch.equal(chunk_latents(pipeline), plain)
     loras.set_strengths([0.3, 0.5])
+    with pytest.raises(ValueError, match="holds LoRAs already"):
+        pipeline.load_loras([str(files["peft"])])
     loras.remove()
     assert same(state(pipeline), original)
 
