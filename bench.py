@@ -51,9 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import world
-from endless import DTYPES
 from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline, micro_conditioning
+from pipeline import DTYPES, StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
 from vae import TILE, TILE_OVERLAP, AutoencoderKL, VAEConfig

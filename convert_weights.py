@@ -50,11 +50,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from endless import DTYPES
 from lora import MergedLoras, check_loras
 from lora_files import LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
-from pipeline import CHECKPOINT_FILES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
+from pipeline import CHECKPOINT_FILES, DTYPES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
 from sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder

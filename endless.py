@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lora import TEXT_COMPONENTS
-from pipeline import DTYPES, fsync, randn  # noqa: F401 (DTYPES: endless.DTYPES for its users)
+from pipeline import fsync, randn
 from text import PromptEmbeddings
 from video_io import process_alive
 from video_settings import Settings, check_settings, settings_from_dict

@@ -57,8 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from endless import DTYPES, Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
-from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
+from endless import Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
+from pipeline import DTYPES, StableDiffusionXLVideoPipeline, load_checkpoint_config
 from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings
 from survival import Curves, Survival, checkpoints, plot, read_curves, summary_table, write_curves
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES

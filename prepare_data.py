@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from video_settings import DTYPE_NAMES
+
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
 PREPARE_FORMAT = "sdxl-video-prepare/1"
-DTYPES = ("float32", "bfloat16", "float16")
 POSITIVE = ("size", "frame_stride", "context_frames", "frames", "clips_per_video", "videos_per_shard")
 
 
@@ -58,9 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clips-per-video", type=int, default=4, help="windows cut from each video, evenly "
                                                                        "spaced (default: 4)")
     parser.add_argument("--videos-per-shard", type=int, default=64, help="videos per shard file (default: 64)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="of the stored latents and embeddings; float32 trains exactly as the videos do "
-                             "(default: float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                        help="of the stored latents and embeddings; fp32 trains exactly as the videos do "
+                             "(default: fp32)")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, "
                                                          "cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -193,9 +194,10 @@ def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) ->
     import torch
     from safetensors.torch import save_file
 
+    from pipeline import DTYPES
     from video_data import encode_captions
 
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     latents, used, skipped = [], [], []
     for video, caption in items:
         name = str(video.relative_to(folder))

@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
 
     import endless
     import memory
-    from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config, vae_dtype_name
+    from pipeline import DTYPES, StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config, vae_dtype_name
     from video_io import check_output_path, open_writer, read_image, read_video
 
     torch.set_num_threads(args.threads or endless.default_threads())
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
         # 3. Load the model and encode the prompts, once.
         started = time.time()
         load_on = device if args.offload == "none" else "cpu"  # offloaded models wait on the CPU
-        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, load_on, endless.DTYPES[settings.dtype])
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, load_on, DTYPES[settings.dtype])
         pipeline.set_vae_dtype(args.vae_dtype, settings.dtype)
         pipeline.vae_tiles = vae_tiles
         if args.offload != "none":

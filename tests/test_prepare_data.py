@@ -123,7 +123,7 @@ def test_windows_reached_by_a_seek_are_the_frames_a_full_decode_gives(videos, na
 def test_shards_hold_what_diffusers_vae_and_text_encoders_give(reference, videos, shards):
     pipeline, _ = reference
     index = json.loads((shards / "index.json").read_text())
-    assert index["settings"]["size"] == SIZE and index["dtype"] == "float32"
+    assert index["settings"]["size"] == SIZE and index["dtype"] == "fp32"
     assert index["latent_shape"] == [4, CONTEXT + FRAMES, SIZE // 8, SIZE // 8]
     assert sorted(name for name, _ in index["skipped"]) == ["broken.mp4", "short.mp4"]
     from safetensors.torch import load_file
@@ -297,7 +297,7 @@ def test_bfloat16_shards_hold_the_float32_values_rounded(reference, videos, shar
     from safetensors.torch import load_file
 
     prepare(reference[1], videos, tmp_path / "bf16", "--clips-per-video", "3", "--videos-per-shard", "2",
-            "--dtype", "bfloat16")
+            "--dtype", "bf16")
     for name in ("shard-00000.safetensors", "shard-00001.safetensors"):
         half, full = load_file(tmp_path / "bf16" / name), load_file(shards / name)
         for key in full:
