@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from endless import VideoState, generate_latents, to_uint8_frames
 from pipeline import micro_conditioning
 from scheduler import DPMSolverMultistepScheduler
+from scoring import VideoScore, mean_over, parse_caption
 from video_data import batch_of, encoded_batch
 from video_settings import Settings
 
@@ -101,8 +102,6 @@ def shapes_metrics(pipeline, sample_defaults: dict, prompts=SHAPES_PROMPTS, chun
     """evaluate.py's numbers for a video of each prompt (`chunks` chunks, seed = the prompt's
     index, made as sample.py makes videos with `sample_defaults`): {"all": the means, prompt: its
     numbers}, NaN as None."""
-    from evaluate import VideoScore, mean_over, parse_caption  # the scoring of evaluate.py, imported
-
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     scores = {}

@@ -16,10 +16,11 @@ from PIL import Image
 import evaluate
 import sample
 from endless import to_uint8_frames
+from evaluate import resolve_prompts
 from pipeline import StableDiffusionXLVideoPipeline
-from video_settings import DEFAULT_MODEL, Settings
-from evaluate import VideoScore, detect, direction, displacement, parse_caption, resolve_prompts, squareness
+from scoring import VideoScore, detect, direction, displacement, mean_over, parse_caption, squareness
 from survival import Curves, Survival, plot, read_curves, summary_table, survival_curve, write_curves
+from video_settings import DEFAULT_MODEL, Settings
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
 
 SIZES = (24, 32, 48, 64)  # 32: the baby's frames
@@ -293,7 +294,7 @@ def test_command_line_scores_the_videos_sample_py_makes(model, tmp_path, capsys)
         sample.main(["--model", str(model), "--out", str(out), "--prompt", prompt, "--seed", str(seed), *FAST])
         frames = np.stack([np.asarray(Image.open(path)) for path in sorted(Path(out).glob("*.png"))])  # (4, H, W, 3)
         results.append(video_score(np.split(frames, 2), Clip("red", "circle", "left", 0, 0, 1, 1)))
-    expected = evaluate.without_nan(evaluate.mean_over(results))
+    expected = evaluate.without_nan(mean_over(results))
     assert evaluate.without_nan(report["prompts"][prompt]) == pytest.approx(expected)
 
 
