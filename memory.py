@@ -19,6 +19,7 @@ Which parts are on the accelerator together depends on the offload mode (offload
 The peak is the largest phase, times ALLOCATOR_MARGIN.
 """
 
+import functools
 import json
 import math
 import os
@@ -100,6 +101,24 @@ def peak_bytes(function) -> int:
     return counter.peak
 
 
+def memoised(function):
+    """`function`, answering arguments it has seen before in this process (compared by their repr)
+    from memory: the counts below are pure functions of a config and shapes, and each takes seconds
+    of meta-device ops, so a process that checks many runs of one model (evaluate.py's settings, the
+    tests) counts each case once."""
+    results = {}
+
+    @functools.wraps(function)
+    def answer(*arguments):
+        key = repr(arguments)
+        if key not in results:
+            results[key] = function(*arguments)
+        return results[key]
+
+    return answer
+
+
+@memoised
 def step_activations(config: UNetConfig, batch: int, frames: int, context_frames: int, height: int, width: int,
                      dtype: torch.dtype) -> int:
     """Peak bytes of one denoising step on the meta device: the starting latents, the guidance
@@ -121,6 +140,7 @@ def step_activations(config: UNetConfig, batch: int, frames: int, context_frames
     return peak_bytes(step)
 
 
+@memoised
 def decode_activations(config: VAEConfig, frames: int, decode_frames: int, height: int, width: int,
                        dtype: torch.dtype, tiles: bool) -> int:
     """Peak bytes of decoding a chunk of `frames` latents of height x width, `decode_frames` at a
@@ -141,6 +161,7 @@ def decode_activations(config: VAEConfig, frames: int, decode_frames: int, heigh
     return int(first + slope * (height * width - 4 * TILE * TILE))
 
 
+@memoised
 def parameter_count(module_class, config) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in module_class(config).parameters())
@@ -197,6 +218,7 @@ def gib(count: int) -> str:
     return f"{count / GIB:.1f} GiB"
 
 
+@memoised
 def largest_level_parameters(config: UNetConfig) -> tuple[int, int]:
     """(parameters outside the levels, parameters of the largest level) of a UNet: what
     `--offload sequential` keeps on the device, and the most it moves there at once."""
