@@ -12,9 +12,11 @@ place of the clip's clean context, what the model makes of it, without gradient:
     "one-step"  the clean context is noised to a random training timestep in [0, level * T) and
                 denoised by the model in one call (as a first chunk: no context of its own)
 
-The loss target is unchanged: the ground-truth chunk after the context. Every draw comes from a
-generator seeded by (seed, rank, index), so a sample's context is a function of the step alone and
-a resumed run makes the same contexts.
+The loss target is unchanged: the ground-truth chunk after the context. Every draw of a sample
+(whether its context is the model's, and that context's noise and timestep) comes from its own
+generator, seeded by (seed, step index, the sample's place in the global batch): a sample's context
+is a function of the step alone, the same on any number of processes, and a resumed run makes the
+same contexts.
 """
 
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ class SelfContext:
     frames: int
     size: int  # frame height and width in pixels
     seed: int
-    rank: int = 0
+    offset: int = 0  # this process's first sample in the global batch (rank x per-process batch)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -54,9 +56,15 @@ class SelfContext:
         "sampled" context is made as (its first context_frames clip frames are what it continues)."""
         return self.frames if self.mode == "sampled" else 0
 
-    def generator(self, index: int) -> torch.Generator:
-        """The generator of every draw for sample batch `index` on this rank."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 1_009 + self.rank)
+    def generators(self, index: int, batch: int) -> list[torch.Generator]:
+        """The generator of every draw of each of this process's `batch` samples of step `index`."""
+        return [torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 1_000_033 + self.offset + item)
+                for item in range(batch)]
+
+    def chosen(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """(n,) the indices of the samples whose context is the model's: each sample's first draw."""
+        draws = torch.cat([torch.rand(1, generator=generator) for generator in generators])  # (b,)
+        return (draws < self.probability).nonzero()[:, 0]
 
     @torch.no_grad()
     def split(self, pipeline, latents, text, pooled, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,36 +76,39 @@ class SelfContext:
         context, chunk = latents[:, :, -(k + f):-f], latents[:, :, -f:]  # (b, 4, k, h, w), (b, 4, f, h, w)
         if self.mode == "off" or self.probability == 0:
             return context, chunk
-        generator = self.generator(index)
-        chosen = (torch.rand(latents.shape[0], generator=generator) < self.probability).nonzero()[:, 0]  # (n,)
+        generators = self.generators(index, latents.shape[0])
+        chosen = self.chosen(generators)  # (n,)
         if len(chosen) == 0:
             return context, chunk
+        generators = [generators[item] for item in chosen.tolist()]
         if self.mode == "sampled":
             history = latents[chosen, :, :k]  # (n, 4, k, h, w): the frames before the generated chunk
-            made = self.sampled(pipeline, history, text[chosen], pooled[chosen], generator)[:, :, -k:]
+            made = self.sampled(pipeline, history, text[chosen], pooled[chosen], generators)[:, :, -k:]
         else:
-            made = self.one_step(pipeline, context[chosen], text[chosen], pooled[chosen], generator)
+            made = self.one_step(pipeline, context[chosen], text[chosen], pooled[chosen], generators)
         context = context.clone()
         context[chosen] = made.to(context.dtype)  # (b, 4, k, h, w)
         return context, chunk
 
-    def sampled(self, pipeline, history, text, pooled, generator) -> torch.Tensor:
+    def sampled(self, pipeline, history, text, pooled, generators) -> torch.Tensor:
         """history: (n, 4, k, h, w) -> the chunk (n, 4, frames, h, w) the model makes after it in
-        `steps` steps without guidance, drawing its noise from `generator`."""
+        `steps` steps without guidance, each sample drawing its noise from its own of `generators`."""
         scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
         scheduler.set_timesteps(self.steps, device=history.device)
         shape = (history.shape[0], history.shape[1], self.frames, *history.shape[-2:])
-        noise = randn(shape, generator, history.device, history.dtype) * scheduler.init_noise_sigma
+        noise = randn(shape, generators, history.device, history.dtype) * scheduler.init_noise_sigma
         time_ids = micro_conditioning(shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
-        return pipeline.denoise(scheduler, scheduler.timesteps, noise, text, pooled, time_ids, history, 1.0, generator)
+        return pipeline.denoise(scheduler, scheduler.timesteps, noise, text, pooled, time_ids, history, 1.0,
+                                generators)
 
-    def one_step(self, pipeline, context, text, pooled, generator) -> torch.Tensor:
+    def one_step(self, pipeline, context, text, pooled, generators) -> torch.Tensor:
         """context: (n, 4, k, h, w) clean -> noised to a random timestep each and denoised in one
-        model call: the model's estimate of the clean latents (n, 4, k, h, w)."""
+        model call: the model's estimate of the clean latents (n, 4, k, h, w); sample i draws from
+        generators[i]."""
         scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
         top = max(1, int(self.level * pipeline.scheduler_config.num_train_timesteps))
-        timesteps = torch.randint(0, top, (context.shape[0],), generator=generator)  # (n,)
-        noise = randn(context.shape, generator, context.device, torch.float32)
+        timesteps = torch.cat([torch.randint(0, top, (1,), generator=generator) for generator in generators])  # (n,)
+        noise = randn(context.shape, generators, context.device, torch.float32)
         noisy = scheduler.add_noise(context.float(), noise, timesteps)  # (n, 4, k, h, w)
         time_ids = micro_conditioning(context.shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
         prediction = pipeline.unet(noisy.to(context.dtype), timesteps.to(context.device), text, pooled, time_ids, None)

@@ -13,9 +13,8 @@ prediction of the noise or of v. The defaults are the recipe of the shipped baby
 
 One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...` (DDP, or with
 --fsdp the UNet sharded by FSDP2; gloo on CPU, nccl on GPU). Every random draw of the loss is a
-function of the seed and the step, the same on any number of processes (self_context.py's are per
-process). Checkpoints resume exactly: model,
-optimiser, schedule, weight average and data position (training.py). --plan prints the memory a
+function of the seed and the step, the same on any number of processes (self-made contexts too).
+Checkpoints resume exactly: model, optimiser, schedule, weight average and data position (training.py). --plan prints the memory a
 run needs per process, before any work (training_plan.py). Every --validate-every steps a
 validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
 and OUT/curves.png (validation.py). The same command (or only --out) resumes a run: options not given take the values
@@ -39,10 +38,15 @@ from typing import Literal, get_args, get_origin
 FIXED = "fixed"  # it shapes the trained model: it must keep its stored value
 EXTEND = "extend"  # it may grow (more steps): the run goes on
 FREE = "free"  # logging, speed, the machine, the sample defaults written with the model: it may change
-BABY_VAE_CHANNELS = (16, 32, 32)  # baby_configs' VAE: three levels, so it downsamples by 4
+# baby_configs' VAE widths by how much it downsamples: 8 is four levels in SDXL's proportions (its 128, 256,
+# 512, 512 over 16), 4 the three levels of the first baby (32x32 frames).
+BABY_VAE_CHANNELS = {8: (8, 16, 32, 32), 4: (16, 32, 32)}
+BABY_UNET_CHANNELS = (32, 64, 64)  # three levels: the latents are downsampled by 4 inside the UNet
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
+# Settings added since runs were stored without them: the value those runs had.
+ADDED_SETTINGS = {"vae_downsampling": 4}
 # Settings per process: a run resumed on another number of processes keeps their product with it (the
 # global batch), which train_config.json's "world_size" (the processes that started the run) gives.
 PER_PROCESS = ("batch_size", "vae_batch_size")
@@ -70,7 +74,10 @@ class TrainConfig:
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
     out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
                        FREE)
-    size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
+    size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling (mode baby: "
+                            "and of the UNet's 4 after it)", FIXED, minimum=1)
+    vae_downsampling: int = setting(4, "mode baby: how much the VAE downsamples each side, 8 (four levels, as "
+                                       "SDXL's) or 4 (three)", FIXED, minimum=4, maximum=8)
     frame_stride: int = setting(1, "video folders: keep every n-th frame", FIXED, minimum=1)
     context_frames: int = setting(2, "clean frames before each chunk", FIXED, minimum=1)
     frames: int = setting(4, "noised frames of each chunk, after its context frames (as sample.py's --frames)", FIXED,
@@ -179,9 +186,16 @@ class TrainConfig:
         if self.fsdp and self.self_context != "off":
             raise ValueError("--fsdp with --self-context: the self-made contexts call the UNet a number of times "
                              "that differs between processes, which FSDP cannot gather for; use DDP")
+        if self.vae_downsampling not in BABY_VAE_CHANNELS:
+            raise ValueError(f"--vae-downsampling must be one of {', '.join(map(str, BABY_VAE_CHANNELS))}; "
+                             f"got {self.vae_downsampling}")
         factor = vae_downsampling(self)
         if self.size % factor:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
+        unet_factor = 2 ** (len(BABY_UNET_CHANNELS) - 1)
+        if self.mode == "baby" and self.size % (factor * unet_factor):
+            raise ValueError(f"--size must be a multiple of {factor * unet_factor} (the VAE's downsampling {factor} "
+                             f"times the UNet's {unet_factor}), got {self.size}")
 
 
 def option_name(name: str) -> str:
@@ -228,7 +242,7 @@ def read_json_object(path: Path) -> dict:
 
 def vae_downsampling(config: TrainConfig) -> int:
     """How much the run's VAE downsamples: the baby's, or the one in --model's config.json."""
-    channels = BABY_VAE_CHANNELS
+    channels = BABY_VAE_CHANNELS[config.vae_downsampling]
     if config.mode == "temporal":
         path = Path(config.model, "config.json")
         vae = read_json_object(path).get("vae")
@@ -275,6 +289,7 @@ def stored_settings(out: Path) -> dict | None:
     for old, new in RENAMED_SETTINGS.items():
         if old in values and new not in values:
             values[new] = values.pop(old)
+    values = {**ADDED_SETTINGS, **values}
     names = {field.name for field in dataclasses.fields(TrainConfig)}
     return {name: value for name, value in values.items() if name in names}
 
@@ -384,12 +399,14 @@ def baby_text_encoder(folder: Path, seed: int) -> TextEncoder:
     return TextEncoder(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
 
 
-def baby_configs(size: int, conditioner: str = "transformer") -> tuple[UNetConfig, VAEConfig]:
-    """Three levels each (the VAE downsamples by 4), 3.0 M UNet parameters, 1.3 M of them temporal
-    (with the transformer conditioner)."""
-    vae = VAEConfig(block_out_channels=BABY_VAE_CHANNELS, layers_per_block=1, norm_num_groups=8, force_upcast=False)
+def baby_configs(size: int, conditioner: str = "transformer",
+                 vae_downsampling: int = 8) -> tuple[UNetConfig, VAEConfig]:
+    """The UNet in three levels, 3.0 M parameters, 1.3 M of them temporal (with the transformer
+    conditioner); the VAE in four levels (downsampling by 8, 0.25 M parameters) or three (by 4)."""
+    vae = VAEConfig(block_out_channels=BABY_VAE_CHANNELS[vae_downsampling], layers_per_block=1, norm_num_groups=8,
+                    force_upcast=False)
     unet = UNetConfig(
-        block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
+        block_out_channels=BABY_UNET_CHANNELS, layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
         cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=16, norm_num_groups=8,
         sample_size=size // vae.downsample_factor, temporal_layers=1, conditioner_dim=64, conditioner=conditioner,
     )
@@ -439,7 +456,8 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
     k = config.context_frames
     mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)  # this process's samples of a global batch
     self_context = SelfContext(config.self_context, config.self_context_probability, config.self_context_steps,
-                               config.self_context_level, k, config.frames, config.size, config.seed, rank)
+                               config.self_context_level, k, config.frames, config.size, config.seed,
+                               rank * config.batch_size)
     if self_context.extra_frames:  # longer clips: the chunk the context is made as, and the frames before it
         data = make_data(dataclasses.replace(config, context_frames=k + self_context.extra_frames))
 
@@ -593,7 +611,7 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
             parameter.requires_grad_(True)
         pipeline.vae.requires_grad_(False)
         return pipeline
-    unet_config, vae_config = baby_configs(config.size, config.conditioner)
+    unet_config, vae_config = baby_configs(config.size, config.conditioner, config.vae_downsampling)
     torch.manual_seed(config.seed)
     text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed)
     scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
@@ -638,7 +656,7 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline |
     device = resolve_device(config.device)
     if config.mode == "baby":
         try:
-            baby_configs(config.size, config.conditioner)
+            baby_configs(config.size, config.conditioner, config.vae_downsampling)
         except ValueError as error:  # a conditioner temporal.py does not have
             raise ValueError(f"--conditioner {config.conditioner}: {error}") from None
     if config.threads:
@@ -726,7 +744,8 @@ def plan(config: TrainConfig) -> str:
         unet_config, vae_config, tokens = configs["unet"], configs["vae"], 77
         text_parameters = text_encoder_parameters(Path(config.model))
     else:
-        (unet_config, vae_config), tokens, text_parameters = baby_configs(config.size, config.conditioner), 16, 0
+        unet_config, vae_config = baby_configs(config.size, config.conditioner, config.vae_downsampling)
+        tokens, text_parameters = 16, 0
     with torch.device("meta"):
         vae_parameters = sum(p.numel() for p in AutoencoderKL(vae_config).parameters())
     sample = Sample(config.frames, config.context_frames, config.size // vae_config.downsample_factor, tokens)

@@ -24,7 +24,7 @@ from tiny_pipeline import tiny_video_pipeline
 from train import TrainConfig
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-SMALL = dict(size=16, batch_size=2, vae_batch_size=4, warmup_steps=2, log_every=1000, sample_every=1000, threads=1)
+SMALL = dict(size=16, vae_downsampling=4, batch_size=2, vae_batch_size=4, warmup_steps=2, log_every=1000, sample_every=1000, threads=1)
 
 
 def losses(out: Path, stage: str) -> list[float]:
@@ -117,6 +117,8 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
                                                 (dict(data="missing-folder"), "--data"),
                                                 (dict(prediction_type="sample"), "--prediction-type"),
                                                 (dict(grad_clip=0.0), "--grad-clip"), (dict(size=18), "--size"),
+                                                (dict(vae_downsampling=6), "--vae-downsampling"),
+                                                (dict(size=48, vae_downsampling=8), "--size"),
                                                 (dict(learning_rate=float("nan")), "--learning-rate"),
                                                 (dict(unet_steps=2.5), "--unet-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
                                                 (dict(out=__file__), "--out"), (dict(ema_decay=1.0), "--ema-decay"),

@@ -104,13 +104,32 @@ def test_size_must_fit_the_vae_of_the_checkpoint_in_mode_temporal(tmp_path):
         TrainConfig(mode="temporal", model=str(tmp_path), size=36)
 
 
+def test_the_baby_s_vae_downsamples_by_8_and_its_unet_sees_8x8_latents_at_64_pixels():
+    unet, vae = train.baby_configs(64)
+    assert (vae.downsample_factor, unet.sample_size) == (8, 8)
+    assert vae.block_out_channels == (8, 16, 32, 32)  # SDXL's (128, 256, 512, 512) over 16
+    unet, vae = train.baby_configs(32, vae_downsampling=4)
+    assert (vae.downsample_factor, unet.sample_size) == (4, 8)  # the first baby's
+    with pytest.raises(ValueError, match=r"--size must be a multiple of 32 \(the VAE's downsampling 8 times the "
+                                         r"UNet's 4\), got 48"):
+        TrainConfig(size=48, vae_downsampling=8)
+
+
+def test_a_run_stored_before_vae_downsampling_was_a_setting_resumes_with_the_vae_it_had(tmp_path):
+    values = dataclasses.asdict(TrainConfig(out=str(tmp_path), size=32, vae_downsampling=4))
+    del values["vae_downsampling"]
+    (tmp_path / "train_config.json").write_text(json.dumps(values))
+    config = train.parse_config(["--out", str(tmp_path)])
+    assert (config.size, config.vae_downsampling) == (32, 4) and train.resume_changes(config) == []
+
+
 def test_the_conditioner_is_a_setting_and_an_unknown_one_is_refused_before_any_file(tmp_path):
     from temporal import CONDITIONERS
 
     assert TrainConfig().conditioner in CONDITIONERS
     assert train.baby_configs(32, "transformer")[0].conditioner == "transformer"
     with pytest.raises(ValueError, match="--conditioner cheap: .*must be one of"):
-        train.train(TrainConfig(out=str(tmp_path / "run"), conditioner="cheap", size=16))
+        train.train(TrainConfig(out=str(tmp_path / "run"), conditioner="cheap", size=16, vae_downsampling=4))
     assert not (tmp_path / "run").exists()
 
 
@@ -126,7 +145,7 @@ def test_options_not_given_take_the_values_of_the_run_in_out(tmp_path):
 def test_old_names_of_settings_work_as_options_and_in_old_runs(tmp_path):
     new_run = train.parse_config(["--out", str(tmp_path / "new"), "--steps", "9", "--chunk-frames", "3"])
     assert (new_run.unet_steps, new_run.frames) == (9, 3)
-    stored = store_run(tmp_path, size=16, unet_steps=7, frames=3)
+    stored = store_run(tmp_path, size=16, vae_downsampling=4, unet_steps=7, frames=3)
     values = json.loads((tmp_path / "train_config.json").read_text())
     for old, new in train.RENAMED_SETTINGS.items():  # train_config.json as runs before the renames wrote it
         values[old] = values.pop(new)
@@ -138,7 +157,7 @@ def test_old_names_of_settings_work_as_options_and_in_old_runs(tmp_path):
 
 
 def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
-    stored = store_run(tmp_path, size=16, unet_steps=10, vae_steps=5)
+    stored = store_run(tmp_path, size=16, vae_downsampling=4, unet_steps=10, vae_steps=5)
     extended = dataclasses.replace(stored, unet_steps=20, vae_steps=6, log_every=7, threads=2, device="cpu",
                                    gradient_checkpointing=True, sample_guidance=4.0)
     assert train.resume_changes(extended) == [
@@ -160,7 +179,7 @@ def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
 
 
 def test_the_command_line_refuses_to_change_a_run_before_importing_torch(tmp_path):
-    store_run(tmp_path, size=16, unet_steps=1, vae_steps=1)
+    store_run(tmp_path, size=16, vae_downsampling=4, unet_steps=1, vae_steps=1)
     before = (tmp_path / "train_config.json").read_text()
     result = run_train("--out", str(tmp_path), "--size", "32", "--learning-rate", "0.01", "--steps", "1",
                        "--vae-steps", "1", "--threads", "1")
