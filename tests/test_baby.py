@@ -8,7 +8,7 @@ import evaluate
 
 
 def test_baby_follows_held_out_prompts():
-    scores = evaluate.main(["--prompts", "held-out", "--seeds", "1", "--chunks", "4"])["all"]
+    scores = evaluate.main(["--prompts", "held-out", "--seeds", "1", "--chunks", "4", "--batch", "5"])["all"]
     assert scores["found"] >= 0.95
     assert scores["colour"] >= 0.9
     assert scores["shape"] >= 0.7

@@ -17,7 +17,7 @@ import evaluate
 import sample
 from endless import to_uint8_frames
 from evaluate import resolve_prompts
-from pipeline import StableDiffusionXLVideoPipeline
+from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
 from scoring import VideoScore, detect, direction, displacement, mean_over, parse_caption, squareness
 from survival import Curves, Survival, plot, read_curves, summary_table, survival_curve, write_curves
 from video_settings import DEFAULT_MODEL, Settings
@@ -129,12 +129,13 @@ def test_clean_renders_through_the_baby_vae_keep_their_shape_and_colour():
     # down", though they look square); its VAE alone softens them so: a clean render, encoded and
     # decoded, must keep its class. The old rules lost 11 of 160 squares (in a probe) and 1 of these 20 triangles.
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(DEFAULT_MODEL)
+    size = load_checkpoint_config(DEFAULT_MODEL)["sample_defaults"]["height"]  # the baby's frames
     rng = random.Random(1)
-    clips = [Clip(colour, shape, "left", rng.uniform(0, 32), rng.uniform(0, 32), rng.uniform(0.14, 0.2) * 32, 0.0)
+    clips = [Clip(colour, shape, "left", rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.14, 0.2) * size, 0.0)
              for colour in COLOURS for shape in SHAPES for _ in range(4)]
-    video = torch.cat([render(clip, 1, 32) for clip in clips], dim=1)[None]  # (1, 3, clips, 32, 32)
+    video = torch.cat([render(clip, 1, size) for clip in clips], dim=1)[None]  # (1, 3, clips, size, size)
     with torch.no_grad():
-        decoded = pipeline.vae.decode_video(pipeline.vae.encode_video(video))  # (1, 3, clips, 32, 32)
+        decoded = pipeline.vae.decode_video(pipeline.vae.encode_video(video))  # (1, 3, clips, size, size)
     found = [detect(frame) for frame in to_uint8_frames(decoded[0])]
     assert [(d.colour, d.shape) for d in found] == [(clip.colour, clip.shape) for clip in clips]
 

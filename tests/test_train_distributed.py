@@ -25,7 +25,7 @@ GLOBAL_BATCH = 4
 # by up to the learning rate whatever float32's summation order did to that gradient: at 1e-3 a few
 # conditioner weights end 4e-5 apart (the losses within 1e-6); the comparison runs at 1e-4.
 SETTINGS = dict(mode="temporal", size=32, unet_steps=4, checkpoint_every=2, warmup_steps=2, learning_rate=1e-4,
-                ema_decay=0.9, validate_every=2, validation_clips=3, sample_steps=2, log_every=1000, sample_every=1000,
+                ema_decay=0.9, validate_every=4, validation_clips=3, sample_steps=2, log_every=1000, sample_every=1000,
                 threads=1)
 
 # Run under torchrun: `straight` trains 4 steps; `resumed` stops after step 3 (its checkpoint is at 2),
@@ -121,7 +121,7 @@ def test_fsdp_on_two_processes_ends_where_one_process_does(runs):
     for name in single:
         assert torch.allclose(single[name], sharded[name], rtol=0, atol=1e-5), name
     (single_loss, single_validation), (sharded_loss, sharded_validation) = log(runs / "single"), log(runs / "straight")
-    assert sorted(single_validation) == [2, 4]
+    assert sorted(single_validation) == [4]  # at the end only: each validation also makes the shapes videos
     assert close(single_loss, sharded_loss, 1e-5) and close(single_validation, sharded_validation, 1e-5)
     assert (runs / "straight" / "unet.dcp" / "train_state.json").is_file() and not (runs / "straight" / "unet.pt").exists()
     assert (runs / "straight" / "curves.png").is_file()
