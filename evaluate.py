@@ -20,6 +20,7 @@ rounding, 2.4x faster on a CPU at 10).
 
 The detector and the numbers of one video are scoring.py's.
 """
+
 import argparse
 import csv
 import json
@@ -36,6 +37,7 @@ from scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, pars
 from survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
 from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings
 from world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES
+
 
 def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
     """--prompts values ("held-out", "train", or captions) -> (colour, shape, direction), in order, once each."""

@@ -104,8 +104,8 @@ def peak_bytes(function) -> int:
 def memoised(function):
     """`function`, answering arguments it has seen before in this process (compared by their repr)
     from memory: the counts below are pure functions of a config and shapes, and each takes seconds
-    of meta-device ops, so a process that checks many runs of one model (evaluate.py's settings, the
-    tests) counts each case once."""
+    of meta-device ops, so a process that checks many runs of one model (the remedies `what_would_fit`
+    tries, the tests' sample.py runs) counts each case once. Positional arguments only."""
     results = {}
 
     @functools.wraps(function)

@@ -21,6 +21,7 @@ same contexts.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline import micro_conditioning, randn
@@ -58,8 +59,8 @@ class SelfContext:
 
     def generators(self, index: int, batch: int) -> list[torch.Generator]:
         """The generator of every draw of each of this process's `batch` samples of step `index`."""
-        return [torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 1_000_033 + self.offset + item)
-                for item in range(batch)]
+        states = [np.random.SeedSequence([self.seed, index, self.offset + item]).generate_state(2) for item in range(batch)]
+        return [torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])) for state in states]
 
     def chosen(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(n,) the indices of the samples whose context is the model's: each sample's first draw."""

@@ -1,7 +1,7 @@
 """Scores over time: survival and drift curves against chunk index, as a table and a PNG plot.
 
 A video's chunk is "right" when more than half of its frames show the shape with the prompt's
-colour and shape and the chunk moves the prompt's way (evaluate.VideoScore decides). A video is
+colour and shape and the chunk moves the prompt's way (scoring.VideoScore decides). A video is
 *lost* at chunk N when chunks N - window + 1 .. N are all wrong (`window` consecutive wrong chunks:
 one stray chunk, a detector's slip, does not end a video; with window 1 every wrong chunk does),
 and stays lost. survival(N) is the fraction of videos not lost at chunk N or before. Drift at chunk

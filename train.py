@@ -41,7 +41,7 @@ FREE = "free"  # logging, speed, the machine, the sample defaults written with t
 # baby_configs' VAE widths by how much it downsamples: 8 is four levels in SDXL's proportions (its 128, 256,
 # 512, 512 over 16), 4 the three levels of the first baby (32x32 frames).
 BABY_VAE_CHANNELS = {8: (8, 16, 32, 32), 4: (16, 32, 32)}
-BABY_UNET_CHANNELS = (32, 64, 64)  # three levels: the latents are downsampled by 4 inside the UNet
+BABY_UNET_CHANNELS = (32, 64, 64)  # three levels
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
@@ -74,8 +74,7 @@ class TrainConfig:
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
     out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
                        FREE)
-    size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling (mode baby: "
-                            "and of the UNet's 4 after it)", FIXED, minimum=1)
+    size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
     vae_downsampling: int = setting(4, "mode baby: how much the VAE downsamples each side, 8 (four levels, as "
                                        "SDXL's) or 4 (three)", FIXED, minimum=4, maximum=8)
     frame_stride: int = setting(1, "video folders: keep every n-th frame", FIXED, minimum=1)
@@ -123,7 +122,7 @@ class TrainConfig:
         0.0, "keep an exponential moving average of the trained UNet weights with this decay per step, in the "
              "checkpoint, and write it as the model; 0: none", FIXED, minimum=0)
     validate_every: int = setting(
-        500, "every n UNet steps: the validation loss (and on the shapes world evaluate.py's metrics) in "
+        500, "every n UNet steps: the validation loss (and on the shapes world the metrics of scoring.py) in "
              "OUT/log.jsonl and OUT/curves.png; 0: never", FREE, minimum=0)
     validation_clips: int = setting(8, "held-out clips of the validation loss", FREE, minimum=1)
     validation_data: str = setting(
@@ -189,13 +188,9 @@ class TrainConfig:
         if self.vae_downsampling not in BABY_VAE_CHANNELS:
             raise ValueError(f"--vae-downsampling must be one of {', '.join(map(str, BABY_VAE_CHANNELS))}; "
                              f"got {self.vae_downsampling}")
-        factor = vae_downsampling(self)
+        factor = vae_factor(self)
         if self.size % factor:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
-        unet_factor = 2 ** (len(BABY_UNET_CHANNELS) - 1)
-        if self.mode == "baby" and self.size % (factor * unet_factor):
-            raise ValueError(f"--size must be a multiple of {factor * unet_factor} (the VAE's downsampling {factor} "
-                             f"times the UNet's {unet_factor}), got {self.size}")
 
 
 def option_name(name: str) -> str:
@@ -240,7 +235,7 @@ def read_json_object(path: Path) -> dict:
     return values
 
 
-def vae_downsampling(config: TrainConfig) -> int:
+def vae_factor(config: TrainConfig) -> int:
     """How much the run's VAE downsamples: the baby's, or the one in --model's config.json."""
     channels = BABY_VAE_CHANNELS[config.vae_downsampling]
     if config.mode == "temporal":
@@ -281,7 +276,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def stored_settings(out: Path) -> dict | None:
     """The settings of the run in `out` (its train_config.json; an old name under its new one, as
-    RENAMED_SETTINGS says; fields TrainConfig no longer has left out), or None when it holds no run."""
+    RENAMED_SETTINGS says; a setting added since with the value ADDED_SETTINGS says those runs had;
+    fields TrainConfig no longer has left out), or None when it holds no run."""
     path = out / "train_config.json"
     if not path.exists():
         return None
@@ -307,7 +303,7 @@ def resume_changes(config: TrainConfig) -> list[str]:
     """The settings of `config` that differ from those of the run already in its --out, as
     "--unet-steps 9000 -> 12000", when all of them only extend the run (EXTEND and FREE fields); a
     ValueError naming every one that would change its result. Fields the stored run lacks (added
-    since) are not compared. --vae-steps may grow only until the UNet stage has begun. The batch
+    since, and not in ADDED_SETTINGS) are not compared. --vae-steps may grow only until the UNet stage has begun. The batch
     sizes are per process: on another number of processes (WORLD_SIZE) their global batch must stay."""
     out = Path(config.out)
     stored = stored_settings(out) or {}
@@ -571,7 +567,7 @@ def validation_clips(config: TrainConfig):
 def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfig, step: int, rank: int,
              world_size: int) -> None:
     """Every process calls it: the validation loss on `clips` (each process its share), and on the
-    shapes world evaluate.py's metrics (by rank 0, or by every process when the UNet is sharded);
+    shapes world the metrics of scoring.py (by rank 0, or by every process when the UNet is sharded);
     rank 0 appends them to OUT/log.jsonl and redraws OUT/curves.png."""
     record = {"stage": "validation", "step": step}
     if clips is not None:

@@ -1,5 +1,5 @@
 """Validation while training: a loss on held-out clips at fixed timesteps and fixed noise, the same in
-every run (so that curves compare across runs), the shapes world's evaluate.py metrics on a few
+every run (so that curves compare across runs), the shapes world's metrics (scoring.py) on a few
 prompts, and a PNG plot of the training and validation curves of a run's log.jsonl.
 
 The loss of clip i of `count`: its context frames clean and whole, its caption, timestep
@@ -99,7 +99,7 @@ def validation_loss(unet, pipeline, clips, count: int, config, rank: int = 0, wo
 
 @torch.no_grad()
 def shapes_metrics(pipeline, sample_defaults: dict, prompts=SHAPES_PROMPTS, chunks: int = SHAPES_CHUNKS) -> dict:
-    """evaluate.py's numbers for a video of each prompt (`chunks` chunks, seed = the prompt's
+    """scoring.py's numbers for a video of each prompt (`chunks` chunks, seed = the prompt's
     index, made as sample.py makes videos with `sample_defaults`): {"all": the means, prompt: its
     numbers}, NaN as None."""
     was_training = pipeline.unet.training

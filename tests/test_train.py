@@ -118,7 +118,7 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
                                                 (dict(prediction_type="sample"), "--prediction-type"),
                                                 (dict(grad_clip=0.0), "--grad-clip"), (dict(size=18), "--size"),
                                                 (dict(vae_downsampling=6), "--vae-downsampling"),
-                                                (dict(size=48, vae_downsampling=8), "--size"),
+                                                (dict(size=36, vae_downsampling=8), "--size"),
                                                 (dict(learning_rate=float("nan")), "--learning-rate"),
                                                 (dict(unet_steps=2.5), "--unet-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
                                                 (dict(out=__file__), "--out"), (dict(ema_decay=1.0), "--ema-decay"),

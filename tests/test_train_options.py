@@ -110,9 +110,8 @@ def test_the_baby_s_vae_downsamples_by_8_and_its_unet_sees_8x8_latents_at_64_pix
     assert vae.block_out_channels == (8, 16, 32, 32)  # SDXL's (128, 256, 512, 512) over 16
     unet, vae = train.baby_configs(32, vae_downsampling=4)
     assert (vae.downsample_factor, unet.sample_size) == (4, 8)  # the first baby's
-    with pytest.raises(ValueError, match=r"--size must be a multiple of 32 \(the VAE's downsampling 8 times the "
-                                         r"UNet's 4\), got 48"):
-        TrainConfig(size=48, vae_downsampling=8)
+    with pytest.raises(ValueError, match=r"--size must be a multiple of 8 \(the VAE's downsampling\), got 36"):
+        TrainConfig(size=36, vae_downsampling=8)
 
 
 def test_a_run_stored_before_vae_downsampling_was_a_setting_resumes_with_the_vae_it_had(tmp_path):
@@ -121,6 +120,8 @@ def test_a_run_stored_before_vae_downsampling_was_a_setting_resumes_with_the_vae
     (tmp_path / "train_config.json").write_text(json.dumps(values))
     config = train.parse_config(["--out", str(tmp_path)])
     assert (config.size, config.vae_downsampling) == (32, 4) and train.resume_changes(config) == []
+    with pytest.raises(ValueError, match=r"--vae-downsampling 4 -> 8"):
+        train.resume_changes(train.parse_config(["--out", str(tmp_path), "--vae-downsampling", "8"]))
 
 
 def test_the_conditioner_is_a_setting_and_an_unknown_one_is_refused_before_any_file(tmp_path):
