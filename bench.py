@@ -145,8 +145,9 @@ def sdxl_text_encoder(folder: Path) -> TextEncoder:
 
 
 def build_pipeline(args, folder: Path, scale: str) -> StableDiffusionXLVideoPipeline:
-    """"sdxl" (full size, GPU), "bench" (a fifth of SDXL's widths) or "baby" (train.py's default
-    model), random weights, built on the device."""
+    """"sdxl" (full size, GPU), "bench" (a fifth of SDXL's widths) or "baby" (the first baby's
+    architecture: 32x32 frames, a VAE downsampling by 4, as BENCHMARKS.md's rows were measured),
+    random weights, built on the device."""
     torch.manual_seed(0)
     with torch.device(args.device):
         if scale == "sdxl":
@@ -158,7 +159,7 @@ def build_pipeline(args, folder: Path, scale: str) -> StableDiffusionXLVideoPipe
         else:
             from train import baby_configs, baby_text_encoder
 
-            unet_config, vae_config = baby_configs(64)
+            unet_config, vae_config = baby_configs(32, vae_downsampling=4)
             encoder = baby_text_encoder(folder, seed=0)
         unet, vae = randomise_temporal(UNet(unet_config)), AutoencoderKL(vae_config)
     pipeline = StableDiffusionXLVideoPipeline(unet.eval(), vae.eval(), encoder, SchedulerConfig.video_model())
@@ -588,7 +589,7 @@ def endless_child(args) -> dict:
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as folder:
         pipeline = build_pipeline(args, Path(folder), "sdxl" if cuda else "baby")
-    size = (768, 768) if cuda else (64, 64)
+    size = (768, 768) if cuda else (32, 32)
     settings = Settings(timeline=[(0, PROMPT)], height=size[0], width=size[1], frames=8 if cuda else 4,
                         context_frames=4 if cuda else 2, steps=args.endless_steps, guidance=9.0)
     embeddings = [pipeline.encode_prompt(PROMPT, "", True)]
@@ -626,7 +627,7 @@ def endless(args) -> list[dict]:
     counts = sorted(runs)
     longest = runs[counts[-1]]
     per_chunk = longest["seconds"][1:]  # the first chunk also warms up
-    config = "sdxl" if args.device.startswith("cuda") else "baby (train.baby_configs(64), random weights)"
+    config = "sdxl" if args.device.startswith("cuda") else "baby (train.baby_configs(32, vae_downsampling=4), random weights)"
     memory_unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     return [
         {
