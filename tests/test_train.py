@@ -258,6 +258,7 @@ def main_exit(config: TrainConfig, capsys) -> tuple[int, list[str]]:
 
 def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     config = TrainConfig(out=str(tmp_path), **{**TINY, "unet_steps": 5, "sample_every": 2, "checkpoint_every": 100})
+    handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN in a job started in the background
 
     def ctrl_c(*args):  # Ctrl-C while the samples of step 2 are written
         try:
@@ -272,7 +273,7 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, monkeypatch, capsys
     assert torch.load(tmp_path / "unet.pt", weights_only=True)["step"] == 2
     monkeypatch.undo()
     train.train(config)
-    assert len(losses(tmp_path, "unet")) == 5 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(losses(tmp_path, "unet")) == 5 and signal.getsignal(signal.SIGINT) is handler  # given back
 
 
 def test_checkpoints_and_the_model_are_fsynced_before_their_rename(tmp_path, monkeypatch):
