@@ -627,7 +627,8 @@ def endless(args) -> list[dict]:
     counts = sorted(runs)
     longest = runs[counts[-1]]
     per_chunk = longest["seconds"][1:]  # the first chunk also warms up
-    config = "sdxl" if args.device.startswith("cuda") else "baby (train.baby_configs(32, vae_downsampling=4), random weights)"
+    baby = "baby (train.baby_configs(32, vae_downsampling=4), random weights)"
+    config = "sdxl" if args.device.startswith("cuda") else baby
     memory_unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     return [
         {

@@ -21,11 +21,11 @@ same contexts.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pipeline import micro_conditioning, randn
 from scheduler import DPMSolverMultistepScheduler
+from training import seeded_generator
 
 MODES = ("off", "sampled", "one-step")
 
@@ -59,8 +59,7 @@ class SelfContext:
 
     def generators(self, index: int, batch: int) -> list[torch.Generator]:
         """The generator of every draw of each of this process's `batch` samples of step `index`."""
-        states = [np.random.SeedSequence([self.seed, index, self.offset + item]).generate_state(2) for item in range(batch)]
-        return [torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])) for state in states]
+        return [seeded_generator(self.seed, index, self.offset + item) for item in range(batch)]
 
     def chosen(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(n,) the indices of the samples whose context is the model's: each sample's first draw."""

@@ -14,8 +14,8 @@ prediction of the noise or of v. The defaults are the recipe of the shipped baby
 One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...` (DDP, or with
 --fsdp the UNet sharded by FSDP2; gloo on CPU, nccl on GPU). Every random draw of the loss is a
 function of the seed and the step, the same on any number of processes (self-made contexts too).
-Checkpoints resume exactly: model, optimiser, schedule, weight average and data position (training.py). --plan prints the memory a
-run needs per process, before any work (training_plan.py). Every --validate-every steps a
+Checkpoints resume exactly: model, optimiser, schedule, weight average and data position
+(training.py). --plan prints the memory a run needs per process, before any work (training_plan.py). Every --validate-every steps a
 validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
 and OUT/curves.png (validation.py). The same command (or only --out) resumes a run: options not given take the values
 stored in OUT/train_config.json, and a changed option that would change the result is refused.
@@ -38,10 +38,9 @@ from typing import Literal, get_args, get_origin
 FIXED = "fixed"  # it shapes the trained model: it must keep its stored value
 EXTEND = "extend"  # it may grow (more steps): the run goes on
 FREE = "free"  # logging, speed, the machine, the sample defaults written with the model: it may change
-# baby_configs' VAE widths by how much it downsamples: 8 is four levels in SDXL's proportions (its 128, 256,
-# 512, 512 over 16), 4 the three levels of the first baby (32x32 frames).
-BABY_VAE_CHANNELS = {8: (8, 16, 32, 32), 4: (16, 32, 32)}
-BABY_UNET_CHANNELS = (32, 64, 64)  # three levels
+# baby_configs' VAE widths by how much it downsamples: 4 is the three levels of the shipped baby (32x32
+# frames), 8 four levels in SDXL's proportions (its 128, 256, 512, 512 over 16).
+BABY_VAE_CHANNELS = {4: (16, 32, 32), 8: (8, 16, 32, 32)}
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
@@ -76,7 +75,7 @@ class TrainConfig:
                        FREE)
     size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
     vae_downsampling: int = setting(4, "mode baby: how much the VAE downsamples each side, 8 (four levels, as "
-                                       "SDXL's) or 4 (three)", FIXED, minimum=4, maximum=8)
+                                       "SDXL's) or 4 (three)", FIXED)
     frame_stride: int = setting(1, "video folders: keep every n-th frame", FIXED, minimum=1)
     context_frames: int = setting(2, "clean frames before each chunk", FIXED, minimum=1)
     frames: int = setting(4, "noised frames of each chunk, after its context frames (as sample.py's --frames)", FIXED,
@@ -303,8 +302,9 @@ def resume_changes(config: TrainConfig) -> list[str]:
     """The settings of `config` that differ from those of the run already in its --out, as
     "--unet-steps 9000 -> 12000", when all of them only extend the run (EXTEND and FREE fields); a
     ValueError naming every one that would change its result. Fields the stored run lacks (added
-    since, and not in ADDED_SETTINGS) are not compared. --vae-steps may grow only until the UNet stage has begun. The batch
-    sizes are per process: on another number of processes (WORLD_SIZE) their global batch must stay."""
+    since, and not in ADDED_SETTINGS) are not compared. --vae-steps may grow only until the UNet
+    stage has begun. The batch sizes are per process: on another number of processes (WORLD_SIZE)
+    their global batch must stay."""
     out = Path(config.out)
     stored = stored_settings(out) or {}
     stored_processes = read_json_object(out / "train_config.json").get("world_size", 1) if stored else 1
@@ -396,13 +396,14 @@ def baby_text_encoder(folder: Path, seed: int) -> TextEncoder:
 
 
 def baby_configs(size: int, conditioner: str = "transformer",
-                 vae_downsampling: int = 8) -> tuple[UNetConfig, VAEConfig]:
+                 vae_downsampling: int = TrainConfig.vae_downsampling) -> tuple[UNetConfig, VAEConfig]:
     """The UNet in three levels, 3.0 M parameters, 1.3 M of them temporal (with the transformer
-    conditioner); the VAE in four levels (downsampling by 8, 0.25 M parameters) or three (by 4)."""
+    conditioner); the VAE in three levels (downsampling by 4, 0.24 M parameters) or four (by 8,
+    0.25 M)."""
     vae = VAEConfig(block_out_channels=BABY_VAE_CHANNELS[vae_downsampling], layers_per_block=1, norm_num_groups=8,
                     force_upcast=False)
     unet = UNetConfig(
-        block_out_channels=BABY_UNET_CHANNELS, layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
+        block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
         cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=16, norm_num_groups=8,
         sample_size=size // vae.downsample_factor, temporal_layers=1, conditioner_dim=64, conditioner=conditioner,
     )
@@ -452,8 +453,7 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
     k = config.context_frames
     mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)  # this process's samples of a global batch
     self_context = SelfContext(config.self_context, config.self_context_probability, config.self_context_steps,
-                               config.self_context_level, k, config.frames, config.size, config.seed,
-                               rank * config.batch_size)
+                               config.self_context_level, k, config.frames, config.size, config.seed, mine.start)
     if self_context.extra_frames:  # longer clips: the chunk the context is made as, and the frames before it
         data = make_data(dataclasses.replace(config, context_frames=k + self_context.extra_frames))
 

@@ -126,10 +126,16 @@ def learning_rate_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def seeded_generator(*numbers: int) -> torch.Generator:
+    """A generator seeded by a tuple of non-negative integers (any size), through numpy's SeedSequence:
+    distinct tuples give unrelated streams."""
+    state = np.random.SeedSequence(list(numbers)).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def step_generator(seed: int, stage: str, index: int) -> torch.Generator:
     """The generator of every draw of micro-step `index` of `stage`: the same in every process."""
-    state = np.random.SeedSequence([seed, zlib.crc32(stage.encode()), index]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, zlib.crc32(stage.encode()), index)
 
 
 def duration(seconds: float) -> str:

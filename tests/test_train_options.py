@@ -105,7 +105,7 @@ def test_size_must_fit_the_vae_of_the_checkpoint_in_mode_temporal(tmp_path):
 
 
 def test_the_baby_s_vae_downsamples_by_8_and_its_unet_sees_8x8_latents_at_64_pixels():
-    unet, vae = train.baby_configs(64)
+    unet, vae = train.baby_configs(64, vae_downsampling=8)
     assert (vae.downsample_factor, unet.sample_size) == (8, 8)
     assert vae.block_out_channels == (8, 16, 32, 32)  # SDXL's (128, 256, 512, 512) over 16
     unet, vae = train.baby_configs(32, vae_downsampling=4)
