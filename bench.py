@@ -56,6 +56,7 @@ from pipeline import DTYPES, StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
 from vae import TILE, TILE_OVERLAP, AutoencoderKL, VAEConfig
+from video_settings import OneLineParser
 
 try:  # the reference, a test-only dependency, and its builder in tests/: needed only by unet_vs_diffusers
     from diffusers import UNet2DConditionModel
@@ -72,7 +73,7 @@ PROMPT = "a red circle moving left"
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--rows", help=f"comma-separated rows (default CPU: {','.join(CPU_ROWS)})")

@@ -59,7 +59,7 @@ from sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 from video_io import process_alive
-from video_settings import parse_lora
+from video_settings import OneLineParser, parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -725,7 +725,7 @@ def lora_option(value: str) -> tuple[str, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", metavar="SRC",
                         help="SDXL folder (diffusers' layout or the original video release) or single .safetensors")
     parser.add_argument("out", metavar="OUT", help="checkpoint folder to write")

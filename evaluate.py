@@ -35,7 +35,7 @@ from endless import Progress, VideoState, default_threads, generate_latents, res
 from pipeline import DTYPES, StableDiffusionXLVideoPipeline, load_checkpoint_config
 from scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, parse_caption
 from survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
-from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_settings
+from video_settings import DEFAULT_MODEL, SETTING_NAMES, OneLineParser, Settings, add_chunk_options, check_settings
 from world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES
 
 
@@ -90,7 +90,7 @@ def without_nan(value):
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", nargs="+", default=["held-out"],
                         help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left"')
     parser.add_argument("--seeds", type=int, default=2, help="videos per prompt, with seeds 0 .. SEEDS - 1")

@@ -29,18 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-from video_settings import DTYPE_NAMES
+from video_settings import DTYPE_NAMES, OneLineParser
 
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
 PREPARE_FORMAT = "sdxl-video-prepare/1"
 POSITIVE = ("size", "frame_stride", "context_frames", "frames", "clips_per_video", "videos_per_shard")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (`error: ...`, exit status 2), not the whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings, add_chunk_options, check_settings,
-                            option_name, parse_lora)
+                            OneLineParser, option_name, parse_lora)
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are.
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload", "vae_tiles", "vae_dtype"}
@@ -99,7 +99,7 @@ def read_timeline_file(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
     parser.add_argument("--timeline", help='UTF-8 text file with one "TEXT@T" per line')
     add_chunk_options(parser)

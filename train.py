@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
+from video_settings import OneLineParser, Settings
+
 # What a run resumed in the same --out may do with a setting (TrainConfig's `resume`).
 FIXED = "fixed"  # it shapes the trained model: it must keep its stored value
 EXTEND = "extend"  # it may grow (more steps): the run goes on
@@ -249,13 +251,6 @@ def vae_factor(config: TrainConfig) -> int:
 # Options and resuming ---------------------------------------------------------------------------
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (`error: ...`, exit status 2), not the whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def make_parser() -> argparse.ArgumentParser:
     """An option per TrainConfig field, with the field's help, default and choices. An option not
     given is absent from the parsed namespace (`parse_config` fills it in)."""
@@ -377,7 +372,6 @@ from training import (AUTOCAST_DTYPES, Stage, Stopped, append_log, atomic_file, 
                       replace_folder, shard)
 from training_plan import Sample, plan_table, training_flops, unet_units
 from validation import HeldOutShapes, plot_curves, shapes_metrics, validation_loss
-from video_settings import Settings
 
 
 # The baby model ---------------------------------------------------------------------------------

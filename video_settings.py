@@ -20,6 +20,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for every script: a usage error is one line (`error: ...`, exit status 2), not the
+    whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def control(default, help: str, low: float = -math.inf, high: float = math.inf):
     """A field of DriftControls: its default (off), its --help, and for a number its range [low, high]."""
     return field(default=default, metadata={"help": help, "range": (low, high)})

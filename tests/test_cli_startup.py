@@ -39,3 +39,15 @@ def test_an_option_error_is_one_line_without_a_traceback():
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == "error: --guidance must be a finite number at least 0, got inf\n"
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "train.py", "prepare_data.py", "convert_weights.py",
+                                    "bench.py"])
+def test_a_usage_error_is_one_line_naming_the_option(script):
+    """argparse's own refusals (an unknown option, a choice not offered) print one line, not the usage."""
+    for argv in (["--no-such-option"], ["--dtype", "fp64"]):
+        result = subprocess.run([sys.executable, script, *argv], cwd=REPOSITORY, capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+        if argv == ["--dtype", "fp64"]:
+            assert "--dtype" in result.stderr
