@@ -520,8 +520,9 @@ def save_model(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) ->
     (save_pretrained), then put in the place of the old one (`replace_folder`)."""
     folder = Path(config.out) / "model"
     temporary = folder.with_name("model.tmp")
-    provenance = {"trained_by": "train.py", "mode": config.mode, "data": config.data,
-                  "unet_steps": config.unet_steps}
+    provenance = {"trained_by": "train.py", "settings": asdict(config)}
+    if config.mode == "temporal":
+        provenance["base"] = pipeline.provenance  # the --model it was trained from
     try:
         with writing(folder):
             shutil.rmtree(temporary, ignore_errors=True)  # left by a save that was killed

@@ -3,6 +3,7 @@ the temporal modules; a resumed run refuses other settings, checkpoints and the 
 whole or not at all, Ctrl-C checkpoints. Baby configs at 16x16 pixels (4x4 latents) keep every run
 to seconds. The options themselves: test_train_options.py."""
 
+import dataclasses
 import errno
 import io
 import json
@@ -100,7 +101,8 @@ def test_two_processes_under_torchrun_end_identical(tmp_path):
 
 
 def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
-    tiny_video_pipeline(tmp_path / "tokenizer", groupnorm_scope="frame").save_pretrained(tmp_path / "checkpoint")
+    tiny_video_pipeline(tmp_path / "tokenizer", groupnorm_scope="frame").save_pretrained(
+        tmp_path / "checkpoint", provenance={"unet": "the base's"})
     before = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "checkpoint")
     config = TrainConfig(mode="temporal", model=str(tmp_path / "checkpoint"), out=str(tmp_path / "out"), unet_steps=3,
                          context_drop=0.0, **{**SMALL, "size": 32})
@@ -109,6 +111,9 @@ def test_mode_temporal_changes_only_temporal_parameters(tmp_path):
     temporal = {name for name in before.unet.state_dict() if ".temp_" in name}
     assert changed and changed <= temporal
     assert all(torch.equal(a, b) for a, b in zip(after.vae.state_dict().values(), before.vae.state_dict().values()))
+    provenance = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["provenance"]
+    assert provenance == {"trained_by": "train.py", "settings": dataclasses.asdict(config),
+                          "base": {"unet": "the base's"}}
 
 
 @pytest.mark.parametrize("overrides, option", [(dict(mode="video"), "--mode"), (dict(size=0), "--size"),
