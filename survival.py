@@ -16,7 +16,7 @@ import csv
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 CURVE_COLUMNS = ("chunk", "videos", "survival", "right", "colour_drift", "size_ratio")
 LINE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -128,6 +128,7 @@ def plot(settings: dict[str, list[dict]], path, width: int = 900) -> None:
     panel_height, margin, legend = 220, 50, 20 * len(settings) + 10
     image = Image.new("RGB", (width, margin + len(panels) * (panel_height + margin) + legend), "white")
     draw = ImageDraw.Draw(image)
+    draw.font = ImageFont.load_default_imagefont()  # Pillow's bitmap font: the TrueType default's spaces are 2 px
     chunks = max(len(rows) for rows in settings.values())
     for number, (key, low, high) in enumerate(panels):
         values = [row[key] for rows in settings.values() for row in rows if not math.isnan(row[key])]

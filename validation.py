@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from endless import VideoState, generate_latents, to_uint8_frames
 from pipeline import micro_conditioning
@@ -188,6 +188,7 @@ def plot_curves(log: Path) -> Image.Image | None:
         return None
     image = Image.new("RGB", (PANEL[0], PANEL[1] * len(stages)), (255, 255, 255))
     draw = ImageDraw.Draw(image)
+    draw.font = ImageFont.load_default_imagefont()  # Pillow's bitmap font: the TrueType default's spaces are 2 px
     for index, (stage, lines) in enumerate(stages.items()):
         draw_panel(draw, index * PANEL[1], stage, lines)
     return image
