@@ -17,6 +17,11 @@ rounding, 2.4x faster on a CPU at 10).
 
     python evaluate.py --chunks 1000 --batch 10 --scores s.csv --curves anchor.csv --plot anchor.png
     python evaluate.py --compare "anchor=anchor.csv" "none=none.csv" --plot both.png
+    python evaluate.py --ground-truth --chunks 1000 --batch 10   # the world's own clips through the VAE
+
+--ground-truth makes no video: it scores what a model that made the ground truth would get, the
+world's clips of the same prompts encoded and decoded by the model's VAE (the yardstick's floor:
+the VAE alone moves colours by a few of 255).
 
 The detector and the numbers of one video are scoring.py's.
 """
@@ -25,6 +30,7 @@ import argparse
 import csv
 import json
 import math
+import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +42,7 @@ from pipeline import DTYPES, StableDiffusionXLVideoPipeline, load_checkpoint_con
 from scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, parse_caption
 from survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
 from video_settings import DEFAULT_MODEL, SETTING_NAMES, OneLineParser, Settings, add_chunk_options, check_settings
-from world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES
+from world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_clip, render
 
 
 def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
@@ -50,28 +56,52 @@ def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys(combinations))
 
 
-@torch.no_grad()
-def score_videos(pipeline, videos: list[Settings], chunks: int, window: int, on_record=None) -> list[dict[str, float]]:
-    """Make the videos of `videos` (one prompt and seed each, every other setting the same) for
-    `chunks` chunks, as one batch, and score them; on_record(settings, record) after each chunk of
-    each video (VideoScore.add_chunk's record). Item i of the batch draws its numbers from its own
-    generator (seed i), as a run of it alone does."""
+def made_chunks(pipeline, videos: list[Settings], chunks: int):
+    """The videos of `videos` (one prompt and seed each, every other setting the same) as sample.py
+    makes them, as one batch: yields each chunk decoded, (n, 3, frames, H, W). Item i draws its
+    numbers from its own generator (seed i), as a run of it alone does."""
     texts = [settings.timeline[0][1] for settings in videos]
     parts = [pipeline.encode_prompt(text, videos[0].negative_prompt, videos[0].guidance > 1) for text in texts]
     embeddings = type(parts[0])(*(None if part[0] is None else torch.cat(part) for part in zip(*parts)))  # (n, ...)
     generators = [torch.Generator().manual_seed(settings.seed) for settings in videos]
     generator = generators[0] if len(videos) == 1 else generators
-    scores = [VideoScore(*parse_caption(text), window) for text in texts]
     progress = Progress(chunks, 0)
     stream = generate_latents(pipeline, videos[0], [embeddings], VideoState(), generator, callback=progress.step)
     for index in range(chunks):
-        video = pipeline.vae.decode_video(next(stream), frames_per_batch=videos[0].decode_frames)  # (n, 3, f, H, W)
+        yield pipeline.vae.decode_video(next(stream), frames_per_batch=videos[0].decode_frames)
+        progress.chunk = index + 1
+    print(file=sys.stderr)
+
+
+def ground_truth_chunks(pipeline, videos: list[Settings], chunks: int):
+    """The world's own clips of the videos' prompts (place, size and speed drawn from the seed, as
+    training clips are), encoded and decoded by the model's VAE: yields each chunk, (n, 3, frames,
+    H, W). What the yardstick gives a model that makes the ground truth: its floor."""
+    first = videos[0]
+    clips = [placed_clip(*parse_caption(video.timeline[0][1]), random.Random(video.seed), first.height)
+             for video in videos]
+    progress = Progress(chunks, 0)
+    for index in range(chunks):
+        truth = torch.stack([render(clip, first.frames, first.height, index * first.frames) for clip in clips])
+        truth = truth.to(pipeline.device, pipeline.dtype)  # (n, 3, frames, H, W)
+        latents = pipeline.vae.encode_video(truth, frames_per_batch=first.decode_frames)  # the posterior's mean
+        yield pipeline.vae.decode_video(latents, frames_per_batch=first.decode_frames)
+        progress.step(1, 1)
+        progress.chunk = index + 1
+    print(file=sys.stderr)
+
+
+@torch.no_grad()
+def score_videos(videos: list[Settings], stream, window: int, on_record=None) -> list[dict[str, float]]:
+    """Score the videos of `videos` (one prompt and seed each), chunk after chunk of `stream`
+    (made_chunks or ground_truth_chunks); on_record(settings, record) after each chunk of each
+    video (VideoScore.add_chunk's record)."""
+    scores = [VideoScore(*parse_caption(settings.timeline[0][1]), window) for settings in videos]
+    for video in stream:  # (n, 3, frames, H, W)
         for settings, score, frames in zip(videos, scores, video):
             record = score.add_chunk(to_uint8_frames(frames))
             if on_record is not None:
                 on_record(settings, record)
-        progress.chunk = index + 1
-    print(file=sys.stderr)
     return [score.result() for score in scores]
 
 
@@ -106,6 +136,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare", nargs="+", metavar="NAME=CURVES",
                         help="make no video: the survival table (and --plot) of curves files written by --curves")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --scores, --curves, --plot files")
+    parser.add_argument("--ground-truth", action="store_true",
+                        help="make no video: score the world's own clips of the prompts through the model's VAE "
+                             "(the yardstick's floor; the drift controls and sampling options play no part)")
     add_chunk_options(parser)
     return parser.parse_args(argv)
 
@@ -178,6 +211,8 @@ def main(argv=None) -> dict:
     first = settings[0][0]
     if args.batch > 1 and (first.drift.renormalize or first.drift.statistics_lock):
         raise ValueError("--batch must be 1 with --renormalize or --statistics-lock, whose statistics span the batch")
+    if args.ground_truth and first.height != first.width:
+        raise ValueError(f"--ground-truth: the world's frames are square; got --height {first.height} --width {first.width}")
     torch.set_num_threads(args.threads or default_threads())
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
     videos = [video for prompt_videos in settings for video in prompt_videos]
@@ -198,14 +233,15 @@ def main(argv=None) -> dict:
             batch = videos[start:start + args.batch]
             names = ", ".join(f"{v.timeline[0][1]} (seed {v.seed})" for v in batch)
             print(f"[videos {start + 1}..{start + len(batch)} of {len(videos)}] {names}", file=sys.stderr)
-            results += score_videos(pipeline, batch, args.chunks, args.survival_window, on_record)
+            make = ground_truth_chunks if args.ground_truth else made_chunks
+            results += score_videos(batch, make(pipeline, batch, args.chunks), args.survival_window, on_record)
     finally:
         if scores_file:
             scores_file.close()
     per_prompt = {prompt_videos[0].timeline[0][1]: mean_over(results[i * args.seeds:(i + 1) * args.seeds])
                   for i, prompt_videos in enumerate(settings)}
     overall = mean_over(results)
-    name = args.name or setting_name(first)
+    name = args.name or ("ground truth through the VAE" if args.ground_truth else setting_name(first))
     rows = curves.rows()
     print(markdown_table({**per_prompt, "all": overall}))
     print(summary_table({name: rows}))
@@ -217,7 +253,8 @@ def main(argv=None) -> dict:
     report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
               "height": first.height, "width": first.width, **asdict(first.drift), "name": name,
-              "survival_window": args.survival_window, "all": overall, "prompts": per_prompt,
+              "survival_window": args.survival_window,
+              "ground_truth": args.ground_truth, "all": overall, "prompts": per_prompt,
               "curves": {str(row["chunk"]): row for row in rows if row["chunk"] in marks}}
     print(json.dumps(without_nan(report)))
     return report

@@ -51,7 +51,11 @@ def random_clip(seed: int, size: int, held_out: bool = False) -> Clip:
     combination), or with `held_out` one of the HELD_OUT combinations."""
     rng = random.Random(seed)
     combinations = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if ((c, s, d) in HELD_OUT) == held_out]
-    colour, shape, direction = rng.choice(combinations)
+    return placed_clip(*rng.choice(combinations), rng, size)
+
+
+def placed_clip(colour: str, shape: str, direction: str, rng: random.Random, size: int) -> Clip:
+    """A clip of this caption with its place, size and speed drawn from `rng`, as training clips are."""
     return Clip(
         colour=colour,
         shape=shape,

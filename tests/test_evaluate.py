@@ -20,6 +20,7 @@ from evaluate import resolve_prompts
 from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
 from scoring import VideoScore, detect, direction, displacement, mean_over, parse_caption, squareness
 from survival import Curves, Survival, plot, read_curves, summary_table, survival_curve, write_curves
+from vae import AutoencoderKL
 from video_settings import DEFAULT_MODEL, Settings
 from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
 
@@ -353,3 +354,23 @@ def test_outputs_are_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=message):
             evaluate.main(["--model", missing, *arguments])
     assert existing.read_text() == "mine"
+
+
+def test_ground_truth_scores_the_worlds_clips_perfectly(monkeypatch, capsys):
+    # --ground-truth scores world.render's clips through the model's VAE; with a VAE that changes
+    # nothing, they are what the detector reads exactly: every frame right, no drift, seamless chunks.
+    monkeypatch.setattr(AutoencoderKL, "encode_video", lambda self, video, **options: video)
+    monkeypatch.setattr(AutoencoderKL, "decode_video", lambda self, latents, **options: latents)
+    report = evaluate.main(["--ground-truth", "--prompts", "held-out", "--seeds", "2", "--chunks", "30", "--batch", "10"])
+    assert report["ground_truth"] and report["name"] == "ground truth through the VAE"
+    for result in (*report["prompts"].values(), report["all"]):
+        assert {k: result[k] for k in ("found", "colour", "shape", "direction", "survival")} == dict.fromkeys(
+            ("found", "colour", "shape", "direction", "survival"), 1.0)
+        assert result["colour_drift"] == 0.0
+        assert result["size_drift"] == pytest.approx(1.0, abs=0.05)  # the pixel grid samples the shape's area
+        assert result["continuity"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_ground_truth_needs_square_frames():
+    with pytest.raises(ValueError, match="--ground-truth: the world's frames are square"):
+        evaluate.main(["--ground-truth", "--height", "32", "--width", "48", "--chunks", "1"])
