@@ -56,6 +56,7 @@ def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys(combinations))
 
 
+@torch.no_grad()
 def made_chunks(pipeline, videos: list[Settings], chunks: int):
     """The videos of `videos` (one prompt and seed each, every other setting the same) as sample.py
     makes them, as one batch: yields each chunk decoded, (n, 3, frames, H, W). Item i draws its
@@ -73,6 +74,7 @@ def made_chunks(pipeline, videos: list[Settings], chunks: int):
     print(file=sys.stderr)
 
 
+@torch.no_grad()
 def ground_truth_chunks(pipeline, videos: list[Settings], chunks: int):
     """The world's own clips of the videos' prompts (place, size and speed drawn from the seed, as
     training clips are), encoded and decoded by the model's VAE: yields each chunk, (n, 3, frames,
@@ -199,6 +201,8 @@ def main(argv=None) -> dict:
     """Score every (prompt, seed) video; print the tables and the JSON line; return what the JSON says."""
     args = parse_arguments(argv)
     check_outputs(args)
+    if args.compare and args.ground_truth:
+        raise ValueError("--compare makes no video; give it without --ground-truth")
     if args.compare:
         return compare(args)
     combinations = resolve_prompts(args.prompts)
@@ -209,7 +213,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = [[settings_for(args, caption(c), seed) for seed in range(args.seeds)] for c in combinations]
     first = settings[0][0]
-    if args.batch > 1 and (first.drift.renormalize or first.drift.statistics_lock):
+    if args.batch > 1 and not args.ground_truth and (first.drift.renormalize or first.drift.statistics_lock):
         raise ValueError("--batch must be 1 with --renormalize or --statistics-lock, whose statistics span the batch")
     if args.ground_truth and first.height != first.width:
         raise ValueError(f"--ground-truth: the world's frames are square; got --height {first.height} --width {first.width}")
