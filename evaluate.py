@@ -76,12 +76,13 @@ def made_chunks(pipeline, videos: list[Settings], chunks: int):
 
 @torch.no_grad()
 def ground_truth_chunks(pipeline, videos: list[Settings], chunks: int):
-    """The world's own clips of the videos' prompts (place, size and speed drawn from the seed, as
-    training clips are), encoded and decoded by the model's VAE: yields each chunk, (n, 3, frames,
-    H, W). What the yardstick gives a model that makes the ground truth: its floor."""
+    """The world's own clips of the videos' prompts (place, size and speed drawn as training clips
+    are, from the prompt and the seed), encoded and decoded by the model's VAE: yields each chunk,
+    (n, 3, frames, H, W). What the yardstick gives a model that makes the ground truth: its floor."""
     first = videos[0]
-    clips = [placed_clip(*parse_caption(video.timeline[0][1]), random.Random(video.seed), first.height)
-             for video in videos]
+    texts = [video.timeline[0][1] for video in videos]
+    clips = [placed_clip(*parse_caption(text), random.Random(f"{text}/{video.seed}"), first.height)
+             for text, video in zip(texts, videos)]
     progress = Progress(chunks, 0)
     for index in range(chunks):
         truth = torch.stack([render(clip, first.frames, first.height, index * first.frames) for clip in clips])
@@ -107,6 +108,28 @@ def score_videos(videos: list[Settings], stream, window: int, on_record=None) ->
     return [score.result() for score in scores]
 
 
+MOST_SEEDS = 100_000
+
+
+def seed_list(text: str) -> list[int]:
+    """--seeds: "N" -> [0 .. N-1]; "A-B" -> [A .. B]; a comma list of seeds and ranges ("7,11-13")
+    -> those, in order, once each. ValueError naming the option for anything else, or for more than
+    MOST_SEEDS seeds."""
+    parts = [part.strip().partition("-") for part in text.split(",")]
+    if any(not first.isdigit() or (dash and not last.isdigit()) for first, dash, last in parts):
+        raise ValueError(f"--seeds {text!r}: give a count N, a range A-B, or a comma list of seeds and ranges")
+    if len(parts) == 1 and not parts[0][1]:
+        parts = [("0", "-", str(int(parts[0][0]) - 1))]
+    seeds = []
+    for first, dash, last in parts:
+        first, last = int(first), int(last if dash else first)
+        if last < first or len(seeds) + last - first + 1 > MOST_SEEDS:
+            raise ValueError(f"--seeds {text!r}: give at least one and at most {MOST_SEEDS:,} seeds, "
+                             "each range A-B with A <= B")
+        seeds += range(first, last + 1)
+    return list(dict.fromkeys(seeds))
+
+
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     """{row name: {metric: value}} -> a markdown table, a row per name."""
     lines = ["| prompt | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
@@ -125,7 +148,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", nargs="+", default=["held-out"],
                         help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left"')
-    parser.add_argument("--seeds", type=int, default=2, help="videos per prompt, with seeds 0 .. SEEDS - 1")
+    parser.add_argument("--seeds", default="2",
+                        help="the seeds of each prompt's videos: a count N (seeds 0 .. N-1), a range A-B "
+                             "(A to B, both in), or a comma list of seeds and ranges such as 7,11-13 (default: 2)")
     parser.add_argument("--chunks", type=int, default=100, help="chunks per video")
     parser.add_argument("--batch", type=int, default=1,
                         help="videos made at once (the same numbers per video, up to float rounding; faster on a CPU)")
@@ -206,12 +231,13 @@ def main(argv=None) -> dict:
     if args.compare:
         return compare(args)
     combinations = resolve_prompts(args.prompts)
-    for name in ("seeds", "chunks", "batch", "survival_window"):
+    args.seeds = seed_list(args.seeds)
+    for name in ("chunks", "batch", "survival_window"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    settings = [[settings_for(args, caption(c), seed) for seed in range(args.seeds)] for c in combinations]
+    settings = [[settings_for(args, caption(c), seed) for seed in args.seeds] for c in combinations]
     first = settings[0][0]
     if args.batch > 1 and not args.ground_truth and (first.drift.renormalize or first.drift.statistics_lock):
         raise ValueError("--batch must be 1 with --renormalize or --statistics-lock, whose statistics span the batch")
@@ -232,17 +258,17 @@ def main(argv=None) -> dict:
             writer.writerow({"prompt": video.timeline[0][1], "seed": video.seed, **record})
             scores_file.flush()
 
+    make = ground_truth_chunks if args.ground_truth else made_chunks
     try:
         for start in range(0, len(videos), args.batch):
             batch = videos[start:start + args.batch]
             names = ", ".join(f"{v.timeline[0][1]} (seed {v.seed})" for v in batch)
             print(f"[videos {start + 1}..{start + len(batch)} of {len(videos)}] {names}", file=sys.stderr)
-            make = ground_truth_chunks if args.ground_truth else made_chunks
             results += score_videos(batch, make(pipeline, batch, args.chunks), args.survival_window, on_record)
     finally:
         if scores_file:
             scores_file.close()
-    per_prompt = {prompt_videos[0].timeline[0][1]: mean_over(results[i * args.seeds:(i + 1) * args.seeds])
+    per_prompt = {prompt_videos[0].timeline[0][1]: mean_over(results[i * len(args.seeds):(i + 1) * len(args.seeds)])
                   for i, prompt_videos in enumerate(settings)}
     overall = mean_over(results)
     name = args.name or ("ground truth through the VAE" if args.ground_truth else setting_name(first))
@@ -254,11 +280,12 @@ def main(argv=None) -> dict:
     if args.plot:
         plot({name: rows}, args.plot)
     marks = checkpoints(args.chunks)
+    sampling = {} if args.ground_truth else {"context_frames": first.context_frames, "steps": first.steps,
+                                             "guidance": first.guidance, **asdict(first.drift)}
     report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
-              "context_frames": first.context_frames, "steps": first.steps, "guidance": first.guidance,
-              "height": first.height, "width": first.width, **asdict(first.drift), "name": name,
-              "survival_window": args.survival_window,
-              "ground_truth": args.ground_truth, "all": overall, "prompts": per_prompt,
+              "height": first.height, "width": first.width, **sampling, "name": name,
+              "survival_window": args.survival_window, "ground_truth": args.ground_truth,
+              "all": overall, "prompts": per_prompt,
               "curves": {str(row["chunk"]): row for row in rows if row["chunk"] in marks}}
     print(json.dumps(without_nan(report)))
     return report
