@@ -22,7 +22,7 @@ A UNet without temporal weights gets fresh ones with zero output projections and
 GroupNorm, so it makes images frame by frame exactly as SDXL does; an imported video UNet gets
 GroupNorm across the chunk's frames, as it was trained.
 `--lora FILE[:STRENGTH]` (repeatable, strength 1 by default) merges a LoRA (kohya-ss or diffusers/PEFT,
-lora_files.py) into the UNet and text encoders of OUT, in the stored dtype; config.json's provenance
+formats/lora_files.py) into the UNet and text encoders of OUT, in the stored dtype; config.json's provenance
 records each file, its strength and SHA-256. Each file is checked against the models before any
 weight is read.
 
@@ -50,15 +50,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lora import MergedLoras, check_loras
-from lora_files import LoraError, file_sha256
+from formats.lora import MergedLoras, check_loras
+from formats.lora_files import LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from pipeline import CHECKPOINT_FILES, DTYPES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
 from scheduler import SchedulerConfig
-from sdxl_layout import Rule, clip_rules, single_file_rules
+from formats.sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
-from video_io import process_alive
+from infra.video_io import process_alive
 from video_settings import OneLineParser, parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
@@ -310,7 +310,7 @@ def vae_and_text_models(configs: Path) -> dict[str, nn.Module]:
     return {name: meta_model(name, config, paths[name]) for name, config in built.items()}
 
 
-# 3. Key mapping: one table-driven function; the tables for each layout are in sdxl_layout.py.
+# 3. Key mapping: one table-driven function; the tables for each layout are in formats/sdxl_layout.py.
 
 TRANSFORMS = {
     "copy": lambda t: t,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lora import TEXT_COMPONENTS
+from formats.lora import TEXT_COMPONENTS
 from pipeline import fsync, randn
 from text import PromptEmbeddings
-from video_io import process_alive
+from infra.video_io import process_alive
 from video_settings import Settings, check_settings, settings_from_dict
 
 STATE_VERSION = 4  # 4: settings["loras"]; 3: the drift controls nested in settings["drift"]; reference_statistics
@@ -310,7 +310,7 @@ class OutputLock:
         os.close(self.descriptor)
 
 
-# The device, before a model is loaded (memory.py estimates the memory a chunk needs).
+# The device, before a model is loaded (infra/memory.py estimates the memory a chunk needs).
 
 
 def resolve_device(name: str | None) -> str:

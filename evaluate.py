@@ -8,7 +8,7 @@ Each (prompt, seed) video is made as `python sample.py --prompt PROMPT --seed SE
 same `Settings`, `generate_latents` and decoding), chunk after chunk. Each chunk's frames go
 through a detector and only running tallies survive, so memory does not grow with --chunks.
 Prints a markdown table (a row per prompt, the mean over its seeds; a last row, the mean over all
-videos), the survival table (survival.py: the fraction of videos still right at chunks 1, 10, 25,
+videos), the survival table (shapes/survival.py: the fraction of videos still right at chunks 1, 10, 25,
 .., and colour and size drift against chunk 1) and one JSON line with every number. --scores
 streams a row per video per chunk (found, colour, shape, direction, right, alive, drift), --curves
 and --plot write the curves against chunk index, --compare puts several settings' curves in one
@@ -23,7 +23,7 @@ rounding, 2.4x faster on a CPU at 10).
 world's clips of the same prompts encoded and decoded by the model's VAE (the yardstick's floor:
 the VAE alone moves colours by a few of 255).
 
-The detector and the numbers of one video are scoring.py's.
+The detector and the numbers of one video are shapes/scoring.py's.
 """
 
 import argparse
@@ -39,10 +39,10 @@ import torch
 
 from endless import Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
 from pipeline import DTYPES, StableDiffusionXLVideoPipeline, load_checkpoint_config
-from scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, parse_caption
-from survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
+from shapes.scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, parse_caption
+from shapes.survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
 from video_settings import DEFAULT_MODEL, SETTING_NAMES, OneLineParser, Settings, add_chunk_options, check_settings
-from world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_clip, render
+from shapes.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_clip, render
 
 
 def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
@@ -155,7 +155,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1,
                         help="videos made at once (the same numbers per video, up to float rounding; faster on a CPU)")
     parser.add_argument("--survival-window", type=int, default=3,
-                        help="a video is lost at the end of this many consecutive wrong chunks (survival.py)")
+                        help="a video is lost at the end of this many consecutive wrong chunks (shapes/survival.py)")
     parser.add_argument("--scores", help="CSV: a row per video per chunk, written as the chunks are made")
     parser.add_argument("--curves", help="CSV: survival and drift per chunk index over the videos")
     parser.add_argument("--plot", help="PNG: survival and drift against chunk index (of --compare's curves, if given)")

@@ -289,7 +289,7 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False
         # Spatial activations in channels-last memory, without autograd only: convolutions run
         # faster and the folds around every transformer are views, not copies. None: on a CPU,
-        # where bench.py measured it; True or False to choose.
+        # where tools/bench.py measured it; True or False to choose.
         self.channels_last: bool | None = None
         widths, depths = config.block_out_channels, config.transformer_layers_per_block
         across_frames = config.groupnorm_scope == "chunk"

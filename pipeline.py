@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import UNet, UNetConfig
-from lora import MergedLoras
-from offload import Offload
+from formats.lora import MergedLoras
+from infra.offload import Offload
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
 from text import SUBFOLDERS, PromptEmbeddings, TextEncoder
 from vae import AutoencoderKL, VAEConfig
@@ -298,7 +298,7 @@ class StableDiffusionXLVideoPipeline:
                    keep_originals: bool = True) -> MergedLoras:
         """Merge LoRA files into the UNet and text encoders at `strengths` (default 1 each), after
         checking them all; `self.loras.set_strengths(...)` changes them and `self.loras.remove()`
-        restores the weights exactly (lora.py)."""
+        restores the weights exactly (formats/lora.py)."""
         self.loras = MergedLoras.load(self, paths, strengths, keep_originals)
         return self.loras
 
@@ -316,7 +316,7 @@ class StableDiffusionXLVideoPipeline:
         return chosen
 
     def enable_offload(self, mode: str, device) -> None:
-        """Keep the models on the CPU and move each to `device` only while it runs (offload.py:
+        """Keep the models on the CPU and move each to `device` only while it runs (infra/offload.py:
         "model" or "sequential"); `self.device` is then `device`."""
         self.offload = Offload(self, mode, device)
 

@@ -27,7 +27,7 @@ from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings,
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are.
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload", "vae_tiles", "vae_dtype"}
-OFFLOAD_MODES = ("none", "model", "sequential")  # offload.py's modes, and none
+OFFLOAD_MODES = ("none", "model", "sequential")  # infra/offload.py's modes, and none
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
@@ -241,9 +241,9 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
     import torch
 
     import endless
-    import memory
+    from infra import memory
     from pipeline import DTYPES, StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config, vae_dtype_name
-    from video_io import check_output_path, open_writer, read_image, read_video
+    from infra.video_io import check_output_path, open_writer, read_image, read_video
 
     torch.set_num_threads(args.threads or endless.default_threads())
     # 2. Files, before any is written: the model, the inputs, the output and its lock.

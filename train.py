@@ -15,9 +15,9 @@ One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...
 --fsdp the UNet sharded by FSDP2; gloo on CPU, nccl on GPU). Every random draw of the loss is a
 function of the seed and the step, the same on any number of processes (self-made contexts too).
 Checkpoints resume exactly: model, optimiser, schedule, weight average and data position
-(training.py). --plan prints the memory a run needs per process, before any work (training_plan.py). Every --validate-every steps a
+(training/loop.py). --plan prints the memory a run needs per process, before any work (training/plan.py). Every --validate-every steps a
 validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
-and OUT/curves.png (validation.py). The same command (or only --out) resumes a run: options not given take the values
+and OUT/curves.png (training/validation.py). The same command (or only --out) resumes a run: options not given take the values
 stored in OUT/train_config.json, and a changed option that would change the result is refused.
 Ctrl-C (one process) stops after the step in progress, with a checkpoint.
 """
@@ -71,7 +71,7 @@ class TrainConfig:
         "baby", "baby: everything from scratch; temporal: only the temporal modules of --model", FIXED)
     model: str = setting("", "mode temporal: the checkpoint folder to start from (convert_weights.py)", FIXED)
     data: str = setting("shapes", '"shapes" (the shapes world), a folder of videos with captions, or one of shards '
-                                  "(prepare_data.py; mode temporal)", FIXED)
+                                  "(tools/prepare_data.py; mode temporal)", FIXED)
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
     out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
                        FREE)
@@ -90,7 +90,7 @@ class TrainConfig:
     context_noise_probability: float = setting(0.3, "probability that a batch's context is noised", FIXED,
                                                minimum=0, maximum=1)
     self_context: Literal["off", "sampled", "one-step"] = setting(
-        "off", "the context made by the model itself for some samples (self_context.py): sampled (the chunk "
+        "off", "the context made by the model itself for some samples (training/self_context.py): sampled (the chunk "
                "before, in --self-context-steps) or one-step (the context noised and denoised once)", FIXED)
     self_context_probability: float = setting(0.5, "probability that a sample's context is the model's", FIXED,
                                               minimum=0, maximum=1)
@@ -123,7 +123,7 @@ class TrainConfig:
         0.0, "keep an exponential moving average of the trained UNet weights with this decay per step, in the "
              "checkpoint, and write it as the model; 0: none", FIXED, minimum=0)
     validate_every: int = setting(
-        500, "every n UNet steps: the validation loss (and on the shapes world the metrics of scoring.py) in "
+        500, "every n UNet steps: the validation loss (and on the shapes world the metrics of shapes/scoring.py) in "
              "OUT/log.jsonl and OUT/curves.png; 0: never", FREE, minimum=0)
     validation_clips: int = setting(8, "held-out clips of the validation loss", FREE, minimum=1)
     validation_data: str = setting(
@@ -358,20 +358,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import world
+from shapes import world
 from endless import VideoState, generate_latents, to_uint8_frames
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline, fsync_tree, micro_conditioning, model_configs, writing
 from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
-from self_context import SelfContext
+from training.self_context import SelfContext
 from text import TextEncoder, clip_tokenizers
 from vae import AutoencoderKL, VAEConfig
-from video_data import Batches, ShapesData, batch_of, encoded_batch, make_data
-from video_io import open_writer
-from training import (AUTOCAST_DTYPES, Stage, Stopped, append_log, atomic_file, gathered, read_checkpoint,
+from training.data import Batches, ShapesData, batch_of, encoded_batch, make_data
+from infra.video_io import open_writer
+from training.loop import (AUTOCAST_DTYPES, Stage, Stopped, append_log, atomic_file, gathered, read_checkpoint,
                       replace_folder, shard)
-from training_plan import Sample, plan_table, training_flops, unet_units
-from validation import HeldOutShapes, plot_curves, shapes_metrics, validation_loss
+from training.plan import Sample, plan_table, training_flops, unet_units
+from training.validation import HeldOutShapes, plot_curves, shapes_metrics, validation_loss
 
 
 # The baby model ---------------------------------------------------------------------------------
@@ -562,7 +562,7 @@ def validation_clips(config: TrainConfig):
 def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfig, step: int, rank: int,
              world_size: int) -> None:
     """Every process calls it: the validation loss on `clips` (each process its share), and on the
-    shapes world the metrics of scoring.py (by rank 0, or by every process when the UNet is sharded);
+    shapes world the metrics of shapes/scoring.py (by rank 0, or by every process when the UNet is sharded);
     rank 0 appends them to OUT/log.jsonl and redraws OUT/curves.png."""
     record = {"stage": "validation", "step": step}
     if clips is not None:
@@ -727,7 +727,7 @@ def text_encoder_parameters(folder: Path) -> int:
 
 
 def plan(config: TrainConfig) -> str:
-    """The --plan table (training_plan.plan_table) for the run's UNet: --model's (mode temporal: from
+    """The --plan table (training/plan.py plan_table) for the run's UNet: --model's (mode temporal: from
     its config.json alone, no weights are read) or the baby's, over --processes (or WORLD_SIZE)."""
     processes = config.processes or int(os.environ.get("WORLD_SIZE", "1"))
     if config.mode == "temporal":

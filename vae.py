@@ -301,7 +301,7 @@ def blend_tiles(decode, latents: torch.Tensor, factor: int, tile: int, overlap: 
     tiles overlap, their images are averaged with weights that ramp linearly across the overlap
     (`ramp`, separable), so no seam shows. A decoder that sees only each pixel's own latent gives
     exactly its untiled result; SDXL's (GroupNorm statistics and attention over the whole frame)
-    gives a small difference, measured by bench.py and tests/test_memory_modes.py."""
+    gives a small difference, measured by tools/bench.py and tests/test_memory_modes.py."""
     if tile < 1 or not 0 <= overlap < tile:
         raise ValueError(f"tiles need tile >= 1 and 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
     height, width = latents.shape[-2:]

@@ -3,7 +3,7 @@
 Only the standard library, so that sample.py can check its options and answer `--help` before
 torch is imported (the drift controls' methods work on the tensors they are given, with tensor
 methods alone). The chunk loop that uses these settings is in endless.py. LoRA files are read
-and checked against the model here too, from their headers (lora_files.py, standard library).
+and checked against the model here too, from their headers (formats/lora_files.py, standard library).
 """
 
 import argparse
@@ -14,7 +14,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import lora_files
+from formats import lora_files
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -1,6 +1,6 @@
 """diffusers' models built from our configs: the oracles our UNet and VAE are held against.
 
-The tests use them through tiny_pipeline.py and directly; bench.py's unet_vs_diffusers row imports
+The tests use them through tiny_pipeline.py and directly; tools/bench.py's unet_vs_diffusers row imports
 `diffusers_unet` from here (guarded: bench runs without diffusers, skipping that row).
 """
 

@@ -1,4 +1,4 @@
-"""bench.py itself: its FLOP counting, its CUDA rows on a machine without CUDA, and its endless
+"""tools/bench.py itself: its FLOP counting, its CUDA rows on a machine without CUDA, and its endless
 child run, and the prepared GPU check (`--quick`) in its CPU smoke mode (no timings here; the
 UNet's fast paths are in test_unet_fast_paths.py).
 
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-import bench
+from tools import bench
 
 
 def test_full_size_flops_are_seed_formats():
@@ -40,7 +40,7 @@ def test_endless_child_measures_memory():
 
 
 def test_quick_check_runs_every_part_on_tiny_models(tmp_path, capsys):
-    """`bench.py --device cpu --quick`: each part ran without an error and checked what it checks
+    """`tools/bench.py --device cpu --quick`: each part ran without an error and checked what it checks
     (our UNet equals diffusers' in fp32; the MP4 plays with every frame; offload changes no number),
     the table is printed last and written as JSON."""
     path = tmp_path / "quick.json"

@@ -41,8 +41,8 @@ def test_an_option_error_is_one_line_without_a_traceback():
     assert result.stderr == "error: --guidance must be a finite number at least 0, got inf\n"
 
 
-@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "train.py", "prepare_data.py", "convert_weights.py",
-                                    "bench.py"])
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "train.py", "tools/prepare_data.py", "convert_weights.py",
+                                    "tools/bench.py"])
 def test_a_usage_error_is_one_line_naming_the_option(script):
     """argparse's own refusals (an unknown option, a choice not offered) print one line, not the usage."""
     for argv in (["--no-such-option"], ["--dtype", "fp64"]):

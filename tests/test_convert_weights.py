@@ -781,7 +781,7 @@ def test_unreadable_source_file_is_named_and_nothing_is_written(sdxl_folders, tm
 
 
 def test_lora_merged_at_conversion_equals_diffusers_fused_and_is_recorded(sdxl_folders, tmp_path):
-    from lora_files import file_sha256
+    from formats.lora_files import file_sha256
     from test_lora import fuse, kohya_state
 
     folder, _ = sdxl_folders["safetensors"]

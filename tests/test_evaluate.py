@@ -1,4 +1,4 @@
-"""evaluate.py: the detector on clips rendered by world.py, the metrics on rendered videos with known
+"""evaluate.py: the detector on clips rendered by shapes/world.py, the metrics on rendered videos with known
 faults, and the command line end to end on a tiny random checkpoint (numbers meaningless, plumbing real)."""
 
 import csv
@@ -18,11 +18,11 @@ import sample
 from endless import to_uint8_frames
 from evaluate import resolve_prompts
 from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
-from scoring import VideoScore, detect, direction, displacement, mean_over, parse_caption, squareness
-from survival import Curves, Survival, plot, read_curves, summary_table, survival_curve, write_curves
+from shapes.scoring import VideoScore, detect, direction, displacement, mean_over, parse_caption, squareness
+from shapes.survival import Curves, Survival, plot, read_curves, summary_table, survival_curve, write_curves
 from vae import AutoencoderKL
 from video_settings import DEFAULT_MODEL, Settings
-from world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
+from shapes.world import BACKGROUND, COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, render
 
 SIZES = (24, 32, 48, 64)  # 32: the baby's frames
 

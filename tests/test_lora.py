@@ -1,4 +1,4 @@
-"""LoRA files (lora_files.py, lora.py) against diffusers' own loader, and on the video timeline.
+"""LoRA files (formats/lora_files.py, formats/lora.py) against diffusers' own loader, and on the video timeline.
 
 - kohya-ss files in both UNet namings (the original SDXL layout, as sd-scripts trains, and
   diffusers'), LoCon 3x3 convolutions included, and PEFT / diffusers files written by diffusers
@@ -26,9 +26,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import endless
-import lora_files
+from formats import lora_files
 import sample
-from lora import model_layers, pipeline_models
+from formats.lora import model_layers, pipeline_models
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from test_convert_weights import original_unet_key
@@ -41,7 +41,7 @@ SIZE = ["--height", "32", "--width", "48"]
 FAST = ["--steps", "2", "--frames", "2", "--context-frames", "1", *SIZE]
 
 
-# Files written here from diffusers' module names, independently of lora_files.py.
+# Files written here from diffusers' module names, independently of formats/lora_files.py.
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

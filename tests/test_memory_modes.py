@@ -4,7 +4,7 @@ bytes), the VAE's dtype under fp16, and the memory estimate (its byte counter ag
 counts, meta against real tensors, its phases, and the refusal that names what would fit).
 
 Devices are CPU to CPU here: a move is then a no-op, so the order and the residency of the moves
-are checked from the hooks' record; `bench.py --quick` checks the same modes on a GPU.
+are checked from the hooks' record; `tools/bench.py --quick` checks the same modes on a GPU.
 """
 
 import json
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import memory
+from infra import memory
 import sample
-from offload import Offload
+from infra.offload import Offload
 from pipeline import StableDiffusionXLVideoPipeline, safetensors_header, vae_dtype_name
 from vae import AutoencoderKL, blend_tiles
 
@@ -304,6 +304,6 @@ def test_sample_refuses_before_touching_a_file(model, tmp_path, monkeypatch):
 
 
 def test_sample_s_offload_choices_are_offload_s_modes():
-    import offload
+    from infra import offload
 
     assert sample.OFFLOAD_MODES == ("none", *offload.MODES)

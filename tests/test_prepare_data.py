@@ -1,4 +1,4 @@
-"""prepare_data.py and video_data.py: windows reached by a seek are the frames a full decode gives;
+"""tools/prepare_data.py and training/data.py: windows reached by a seek are the frames a full decode gives;
 shards hold what diffusers' VAE and SDXL text encoding give for those frames and captions; training
 from shards equals training from the videos; a killed preparation resumes to the same bytes, also
 split over processes; train.py refuses shards made for another run; bad options are one line and
@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-import prepare_data
+from tools import prepare_data
 import train
-import video_data
+from training import data as video_data
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from tiny_pipeline import diffusers_tiny_pipeline, ours_from_diffusers, tiny_video_pipeline
 from train import TrainConfig
-from video_io import read_video
+from infra.video_io import read_video
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SIZE, CONTEXT, FRAMES = 32, 2, 4
@@ -261,7 +261,7 @@ def test_bad_options_are_one_line_and_touch_nothing(reference, videos, tmp_path,
               "frames": "4", "clips": "1", "per_shard": "1", "device": "cpu", "threads": "1", **change}
     values = {key: names.get(value, value) for key, value in values.items()}
     before = {folder: files(folder) for folder in (videos, reference[1], other)}
-    command = [sys.executable, "prepare_data.py", "--model", values["model"], "--data", values["data"], "--out",
+    command = [sys.executable, "tools/prepare_data.py", "--model", values["model"], "--data", values["data"], "--out",
                values["out"], "--size", values["size"], "--frames", values["frames"], "--clips-per-video",
                values["clips"], "--videos-per-shard", values["per_shard"], "--device", values["device"],
                "--threads", values["threads"]]
@@ -285,7 +285,7 @@ def test_a_folder_without_captioned_videos_or_with_bad_metadata_is_refused_befor
 
 
 def test_help_and_option_errors_answer_before_torch_is_imported():
-    probe = ("import sys, prepare_data\n"
+    probe = ("import sys\nfrom tools import prepare_data\n"
              "for argv in (['--help'], ['--model', 'm', '--data', 'd', '--out', 'o', '--size', '0']):\n"
              "    try:\n        prepare_data.main(argv)\n    except (SystemExit, ValueError):\n        pass\n"
              "print('torch' in sys.modules)")

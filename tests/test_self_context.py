@@ -1,4 +1,4 @@
-"""self_context.py: the context a training sample's chunk is learnt from, made by the model itself.
+"""training/self_context.py: the context a training sample's chunk is learnt from, made by the model itself.
 Held against the pipeline's own sampling (sampled) and diffusers' DDPMScheduler (one-step); the
 loss target is still the ground-truth chunk; no gradient; deterministic by step."""
 
@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from scheduler import DPMSolverMultistepScheduler
-from self_context import SelfContext, denoised_estimate
+from training.self_context import SelfContext, denoised_estimate
 from text import PromptEmbeddings
 from tiny_pipeline import tiny_video_pipeline
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import train
-import training
-import video_data
+from training import loop
+from training import data as video_data
 from pipeline import StableDiffusionXLVideoPipeline
 from tiny_pipeline import tiny_video_pipeline
 from train import TrainConfig
@@ -361,7 +361,7 @@ class Terminal(io.StringIO):
 
 def test_progress_is_a_live_line_in_a_terminal_and_a_line_per_interval_otherwise():
     for stream in (io.StringIO(), Terminal()):
-        progress = training.Progress("unet", 0, 5, 2, stream)
+        progress = loop.Progress("unet", 0, 5, 2, stream)
         for step in range(1, 6):
             progress.update(step, 0.5, 1e-3, {"samples_per_second": 12.5, "frames_per_second": 50.0, "mfu": 0.41})
         kept = [line.split("\r")[-1].strip() for line in stream.getvalue().split("\n") if line]  # as a terminal shows
@@ -388,7 +388,7 @@ def test_the_average_follows_its_formula():
     # After weights w1 .. wn, the average of w0 is d^n w0 + sum_i (1 - d) d^(n - i) wi.
     decay, start = 0.8, torch.tensor([1.0, -2.0])
     weights = {"w": start.clone()}
-    average, sequence = training.EMA(weights, decay), [torch.tensor([0.5, 0.0]), torch.tensor([3.0, 1.0]),
+    average, sequence = loop.EMA(weights, decay), [torch.tensor([0.5, 0.0]), torch.tensor([3.0, 1.0]),
                                                       torch.tensor([-1.0, 4.0])]
     for value in sequence:
         weights["w"].copy_(value)

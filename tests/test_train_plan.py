@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import training_plan
-from training_plan import memory_plan, saved_bytes
+from training import plan as training_plan
+from training.plan import memory_plan, saved_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

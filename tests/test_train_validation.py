@@ -1,4 +1,4 @@
-"""validation.py: the validation loss is the same number for the same weights (whatever the batch, in
+"""training/validation.py: the validation loss is the same number for the same weights (whatever the batch, in
 a run and after loading the model it wrote), is the loss of diffusers' target at its fixed timesteps
 and noise, and goes with the shapes world's metrics into log.jsonl; the curves plot. Cross-process:
 test_train_distributed.py."""
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import train
-import validation
-import video_data
+from training import validation
+from training import data as video_data
 from pipeline import StableDiffusionXLVideoPipeline
 from test_train import SMALL, Oracle
 from train import TrainConfig

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-import video_io
+from infra import video_io
 
 FPS, FRAMES, HEIGHT, WIDTH = 6, 4, 48, 64
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 50, 210], [230, 200, 40], [150, 60, 200]], np.uint8)
@@ -157,7 +157,8 @@ def test_mp4_round_trip_plays_after_every_chunk(tmp_path):
 
 
 CHILD = """
-import sys, numpy as np, video_io
+import sys, numpy as np
+from infra import video_io
 sys.path.insert(0, {tests!r})
 from test_video_io import chunk, FPS
 writer = video_io.open_writer({path!r}, FPS)
@@ -185,7 +186,7 @@ def kill_after_two_chunks(path, tmp_path):
     code = CHILD.format(tests=os.path.dirname(__file__), path=str(path))
     env = {**os.environ, "IMAGEIO_FFMPEG_EXE": str(wrapper)}
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             env=env, cwd=os.path.dirname(video_io.__file__), start_new_session=True)
+                             env=env, cwd=os.path.dirname(os.path.dirname(video_io.__file__)), start_new_session=True)
     try:
         assert child.stdout.readline().strip() == "1"
         assert child.stdout.readline().strip() == "2"

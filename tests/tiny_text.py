@@ -7,7 +7,7 @@ words; "!" has id 0, as in SDXL's second tokenizer, which pads with it.
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import world
+from shapes import world
 from text import clip_tokenizers
 
 WORDS = "a photo of red blue green circle square moving left right slowly".split()

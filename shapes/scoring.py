@@ -1,6 +1,6 @@
 """The shapes world's yardstick: what a frame shows (`detect`) and the numbers of one video
 (`VideoScore`), fed chunk by chunk in constant memory. evaluate.py makes and scores videos with
-them; validation.py scores its training samples with them.
+them; training/validation.py scores its training samples with them.
 
 The detector (`detect`): pixels farther from BACKGROUND than half the distance to the nearest
 palette colour are the shape (specks removed). Its colour is the majority vote of the pixels'
@@ -23,7 +23,7 @@ The numbers of one video (`VideoScore`):
     colour_drift  distance in RGB (0..255) between the mean shape colour of the last chunk and of
                   the first chunk; 0 is none
     size_drift    mean shape area in the last chunk / in the first chunk; 1 is none
-    survival      1 if the video was never lost (`window` wrong chunks in a row, survival.py), else 0
+    survival      1 if the video was never lost (`window` wrong chunks in a row, shapes/survival.py), else 0
 Jumps and displacements count only pairs of frames that both have a shape; a number with nothing to
 count (no pair, no shape in the first or last chunk, no motion inside chunks for continuity) is NaN
 (null in JSON) and skipped by the means.
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from survival import Survival
-from world import BACKGROUND, COLOURS, DIRECTIONS, SHAPES
+from shapes.survival import Survival
+from shapes.world import BACKGROUND, COLOURS, DIRECTIONS, SHAPES
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
 BACKGROUND_RGB = np.array(BACKGROUND, dtype=np.float32)  # (3,)
@@ -60,7 +60,7 @@ class Detection:
     area: int  # pixels
     colour: str | None = None
     shape: str | None = None
-    centre: tuple[float, float] | None = None  # (x, y) in pixels; pixel i spans [i, i + 1), as in world.py
+    centre: tuple[float, float] | None = None  # (x, y) in pixels; pixel i spans [i, i + 1), as in shapes/world.py
     mean_rgb: np.ndarray | None = None  # (3,) the mean colour of the shape's pixels, 0..255
 
 

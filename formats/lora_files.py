@@ -18,7 +18,7 @@ Other kinds of adapter (LoHa, LoKr, DoRA, ...) are refused by name rather than l
 
 Standard library only: a safetensors header is JSON after an 8-byte length, and a checkpoint
 folder's headers give its modules' names and shapes, so sample.py checks every LoRA against the
-model before torch loads anything. lora.py reads the tensors and merges them.
+model before torch loads anything. formats/lora.py reads the tensors and merges them.
 """
 
 import hashlib
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from sdxl_layout import source_name, unet_rules
+from formats.sdxl_layout import source_name, unet_rules
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}

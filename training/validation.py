@@ -1,5 +1,5 @@
 """Validation while training: a loss on held-out clips at fixed timesteps and fixed noise, the same in
-every run (so that curves compare across runs), the shapes world's metrics (scoring.py) on a few
+every run (so that curves compare across runs), the shapes world's metrics (shapes/scoring.py) on a few
 prompts, and a PNG plot of the training and validation curves of a run's log.jsonl.
 
 The loss of clip i of `count`: its context frames clean and whole, its caption, timestep
@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from endless import VideoState, generate_latents, to_uint8_frames
 from pipeline import micro_conditioning
 from scheduler import DPMSolverMultistepScheduler
-from scoring import VideoScore, mean_over, parse_caption
-from video_data import batch_of, encoded_batch
+from shapes.scoring import VideoScore, mean_over, parse_caption
+from training.data import batch_of, encoded_batch
 from video_settings import Settings
 
 VALIDATION_SEED = 1_000_000_007  # of the validation noise, the same in every run
@@ -99,7 +99,7 @@ def validation_loss(unet, pipeline, clips, count: int, config, rank: int = 0, wo
 
 @torch.no_grad()
 def shapes_metrics(pipeline, sample_defaults: dict, prompts=SHAPES_PROMPTS, chunks: int = SHAPES_CHUNKS) -> dict:
-    """scoring.py's numbers for a video of each prompt (`chunks` chunks, seed = the prompt's
+    """shapes/scoring.py's numbers for a video of each prompt (`chunks` chunks, seed = the prompt's
     index, made as sample.py makes videos with `sample_defaults`): {"all": the means, prompt: its
     numbers}, NaN as None."""
     was_training = pipeline.unet.training

@@ -1,7 +1,7 @@
 """Prepare a folder of captioned videos for training, once: VAE latents and text embeddings in shards.
 
-    python prepare_data.py --model CHECKPOINT --data VIDEOS --out SHARDS --size 512 --context-frames 2 --frames 8
-    torchrun --nproc_per_node 8 prepare_data.py ...          # each process makes its own shards
+    python tools/prepare_data.py --model CHECKPOINT --data VIDEOS --out SHARDS --size 512 --context-frames 2 --frames 8
+    torchrun --nproc_per_node 8 tools/prepare_data.py ...          # each process makes its own shards
     python train.py --mode temporal --model CHECKPOINT --data SHARDS ...
 
 Each video is decoded once, only where its clips are: up to --clips-per-video windows of
@@ -9,7 +9,7 @@ Each video is decoded once, only where its clips are: up to --clips-per-video wi
 end, each reached by a seek, resized to cover --size and centre-cropped as train.py does. The clips
 are encoded with the checkpoint's VAE (the posterior mean, scaled: what train.py takes from the
 same frames) and the captions with its two text encoders, then written in shards of
---videos-per-shard videos (video_data.py describes them), each to a temporary name and renamed
+--videos-per-shard videos (training/data.py describes them), each to a temporary name and renamed
 when complete, and last the index (SHARDS/index.json), which train.py recognises them by and
 checks against the run: the same VAE and text encoders (their fingerprints), --size,
 --frame-stride and frames per clip.
@@ -28,6 +28,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are at the repository's root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from video_settings import DTYPE_NAMES, OneLineParser
 
@@ -167,7 +170,7 @@ def prepare_video(pipeline, args, path: Path, torch_dtype):
     """The clips of one video encoded, (clips, c, frames, h, w) in `torch_dtype`; or a reason to skip it."""
     import torch
 
-    from video_data import encode_videos, read_windows, video_length, window_starts
+    from training.data import encode_videos, read_windows, video_length, window_starts
 
     clip_frames = args.context_frames + args.frames
     try:
@@ -188,7 +191,7 @@ def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) ->
     from safetensors.torch import save_file
 
     from pipeline import DTYPES
-    from video_data import encode_captions
+    from training.data import encode_captions
 
     dtype = DTYPES[args.dtype]
     latents, used, skipped = [], [], []
@@ -218,7 +221,7 @@ def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
     """index.json, from the shards' own record of what they hold."""
     from safetensors import safe_open
 
-    from video_data import INDEX_FILE, INDEX_FORMAT
+    from training.data import INDEX_FILE, INDEX_FORMAT
 
     shards, skipped = [], []
     for name in names:
@@ -239,7 +242,7 @@ def prepare(args) -> None:
     import torch
 
     from pipeline import StableDiffusionXLVideoPipeline
-    from video_data import captioned_videos, checkpoint_fingerprints, encode_captions
+    from training.data import captioned_videos, checkpoint_fingerprints, encode_captions
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, folder = Path(args.out), Path(args.data)

@@ -1,14 +1,14 @@
 """Speed and memory of the video UNet and of endless generation: one JSON object per line.
 
-    python bench.py                         # CPU, one thread, under 5 minutes
-    python bench.py --threads 2 --rows unet_vs_diffusers,temporal_overhead
-    python bench.py --device cuda           # full SDXL sizes in bf16 (written for an H100, untested)
-    python bench.py --device cuda --quick --json quick.json   # the prepared GPU check, under 8 minutes
+    python tools/bench.py                         # CPU, one thread, under 5 minutes
+    python tools/bench.py --threads 2 --rows unet_vs_diffusers,temporal_overhead
+    python tools/bench.py --device cuda           # full SDXL sizes in bf16 (written for an H100, untested)
+    python tools/bench.py --device cuda --quick --json quick.json   # the prepared GPU check, under 8 minutes
 
 `--quick` is one run on a GPU that checks what the CPU cannot: our UNet against diffusers' in bf16
 at 768x768, the video UNet in bf16 against fp32, the whole path (a random full-size diffusers
 folder, convert_weights.py, sample.py for 2 chunks, a playable MP4), the memory modes (offload
-outputs and peaks against memory.py's estimate, tiled decoding) and the speed of the denoising loop
+outputs and peaks against infra/memory.py's estimate, tiled decoding) and the speed of the denoising loop
 (seconds per frame, MFU, peak memory); it prints a table last. `--device cpu --quick` runs the same
 code on tiny models (tests/test_bench.py).
 
@@ -46,11 +46,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are at the repository's root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import world
+from shapes import world
 from model import UNet, UNetConfig
 from pipeline import DTYPES, StableDiffusionXLVideoPipeline, micro_conditioning
 from scheduler import SchedulerConfig
@@ -65,7 +68,7 @@ try:  # the reference, a test-only dependency, and its builder in tests/: needed
 except ImportError:
     UNet2DConditionModel = diffusers_unet = diffusers_vae = None
 
-REPOSITORY = Path(__file__).resolve().parent
+REPOSITORY = Path(__file__).resolve().parents[1]
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
 CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
 GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
@@ -804,9 +807,9 @@ def quick_whole_path(args, folder: Path) -> dict:
 @torch.no_grad()
 def quick_memory_modes(args, checkpoint: Path) -> dict:
     """One chunk (2 steps) of the converted checkpoint with each offload mode: the decoded frames
-    against no offload, peak memory against memory.py's estimate; then tiled against untiled
+    against no offload, peak memory against infra/memory.py's estimate; then tiled against untiled
     decoding of a frame twice the chunk's side."""
-    import memory
+    from infra import memory
 
     cuda = args.device.startswith("cuda")
     shapes = quick_shapes(cuda)
@@ -942,7 +945,7 @@ def quick(args) -> None:
 
 def format_table(table: dict) -> str:
     """The check as lines of `part  metric  value`, the errors in full."""
-    lines = [f"bench.py --quick on {table['device']['device_name']} ({table['device']['device']}), "
+    lines = [f"tools/bench.py --quick on {table['device']['device_name']} ({table['device']['device']}), "
              f"{table['date']}, {table['seconds']} s"]
     for part, values in table["parts"].items():
         for key, value in flatten(values):

@@ -5,7 +5,7 @@ samples for each step and process, so the data position is the step alone and a 
 what the uninterrupted one saw. `Batches` makes those batches ahead in DataLoader worker processes.
 
 A video folder gives `VideoClip`s (frames and caption), which the trainer encodes with the VAE and
-the text encoders at every step (`encoded_batch`). Prepared shards (prepare_data.py) hold what
+the text encoders at every step (`encoded_batch`). Prepared shards (tools/prepare_data.py) hold what
 those encoders give, once for all: the VAE's latents (the posterior mean, scaled, as training
 takes them: deterministic, so shards train exactly as the videos do) and the text embeddings; they
 give `LatentClip`s. Both data sets pick sample `index` the same way: video `index % videos`, then
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-import world
+from shapes import world
 from pipeline import safetensors_header
 from text import SUBFOLDERS
-from video_io import _to_model_frames
+from infra.video_io import _to_model_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 INDEX_FORMAT = "sdxl-video-shards/1"
@@ -200,7 +200,7 @@ class VideoFolder:
 
 
 class ShardData:
-    """Prepared shards (prepare_data.py) of a folder with an INDEX_FILE. Sample `index` is one of
+    """Prepared shards (tools/prepare_data.py) of a folder with an INDEX_FILE. Sample `index` is one of
     the prepared windows of video `index % videos`, drawn from (seed, index), as VideoFolder draws
     its start. ValueError naming the file for an index or a shard that does not hold what it should."""
 
@@ -254,7 +254,7 @@ def read_index(folder: Path) -> dict:
         raise ValueError(f"{path} cannot be read as JSON ({error})") from None
     keys = {"format", "shards", "settings", "fingerprints", "model", "latent_shape", "text_shape", "pooled_shape"}
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not keys <= index.keys():
-        raise ValueError(f"{path} is not an index of shards ({INDEX_FORMAT}, written by prepare_data.py)")
+        raise ValueError(f"{path} is not an index of shards ({INDEX_FORMAT}, written by tools/prepare_data.py)")
     for shard in index["shards"]:
         header = safetensors_header(folder / shard["file"])
         clips, videos = sum(c for _, c in shard["videos"]), len(shard["videos"])
@@ -295,7 +295,7 @@ def make_data(config):
         return data
     if any(folder.glob(SHARD_PATTERN)):
         raise ValueError(f"--data {folder} holds shards but no {INDEX_FILE}: their preparation has not finished; "
-                         f"run prepare_data.py again with the same options to finish it")
+                         f"run tools/prepare_data.py again with the same options to finish it")
     return VideoFolder(config.data, config.size, clip_frames, config.frame_stride, config.seed)
 
 

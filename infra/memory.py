@@ -11,7 +11,7 @@ The estimate has two parts, both counted, not guessed:
   (flash / memory-efficient SDPA, and PyTorch's CPU kernel): the output and its log-sum-exp, no
   (tokens x tokens) matrix (`FusedAttention`).
 
-Which parts are on the accelerator together depends on the offload mode (offload.py):
+Which parts are on the accelerator together depends on the offload mode (infra/offload.py):
 - "none": everything is loaded onto the device; the text encoders leave it once the prompts are
   encoded, so the denoising loop and the decode have the UNet's and the VAE's weights only;
 - "model": one of text encoders, UNet, VAE at a time;
@@ -39,7 +39,7 @@ from vae import TILE, TILES_ABOVE, AutoencoderKL, VAEConfig
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 OFFLOAD_MODES = ("none", "model", "sequential")
 # The caching allocator rounds blocks up and fragments, and kernels take workspaces: a margin on the
-# counted bytes, to be checked against max_memory_allocated by `bench.py --quick` on a GPU.
+# counted bytes, to be checked against max_memory_allocated by `tools/bench.py --quick` on a GPU.
 ALLOCATOR_MARGIN = 1.1
 TEXT_TOKENS = 77
 GIB = 2**30

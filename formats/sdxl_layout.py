@@ -1,7 +1,7 @@
 """The names of SDXL's original (single-file, SGM) layout and ours (diffusers'), as tables of rules.
 
 A `Rule` says which start of a source name becomes which start of ours; `convert_weights.py` applies
-them to every tensor of a checkpoint (`map_weights`), and lora.py's kohya-ss files, whose module
+them to every tensor of a checkpoint (`map_weights`), and formats/lora.py's kohya-ss files, whose module
 names follow the original UNet, go the other way (`source_name`). The transform names of `inner`
 renames ("copy", "linear", "transpose", "q", "k", "v") are convert_weights.TRANSFORMS'. Standard
 library only: the rules need the configs' sizes, not torch.

@@ -1,6 +1,6 @@
 """LoRAs merged into the UNet's and the text encoders' weights, at strengths that can change.
 
-lora_files.py reads a file's header and checks it against the model (its format, which of our
+formats/lora_files.py reads a file's header and checks it against the model (its format, which of our
 modules each of its modules updates, the shapes); here its tensors are read and merged:
 
     weight = original + sum over LoRAs of strength * (up @ down) * alpha / rank
@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lora_files import LoraError, LoraFile, canonical_name, read_lora_file
+from formats.lora_files import LoraError, LoraFile, canonical_name, read_lora_file
 
 TEXT_COMPONENTS = {"text_encoder", "text_encoder_2"}
 

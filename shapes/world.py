@@ -3,7 +3,7 @@
 Every clip is fixed by its seed: a shape ("circle", "square", "triangle") of a colour moves one way
 ("left", "right", "up", "down") at a constant speed, wrapping around the edges, so it keeps moving
 for as long as the video runs. Its caption says so: "a red circle moving left". This is the data
-of the baby model, which `python sample.py` uses by default, and the yardstick of `scoring.py` and `evaluate.py`.
+of the baby model, which `python sample.py` uses by default, and the yardstick of `shapes/scoring.py` and `evaluate.py`.
 """
 
 import json

@@ -25,7 +25,7 @@ import torch
 
 from pipeline import micro_conditioning, randn
 from scheduler import DPMSolverMultistepScheduler
-from training import seeded_generator
+from training.loop import seeded_generator
 
 MODES = ("off", "sampled", "one-step")
 

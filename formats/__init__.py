@@ -1,0 +1,1 @@
+"""Other people's file formats: SDXL's original key names and LoRA files (kohya, PEFT/diffusers)."""
