@@ -10,7 +10,7 @@ SRC is one of:
   It holds no configs and no tokenizers: the configs come from `--configs` (SDXL base 1.0's copy in
   configs/ by default), the tokenizers from the SDXL folder given with `--tokenizers`;
 - a full folder of the original video release: diffusers' layout with a video UNet in the original
-  design's layout (SEED_FORMAT.md: `.spatial_conv` wrappers, `temp_attentions`, `temp_cond_attentions`).
+  design's layout (docs/SEED_FORMAT.md: `.spatial_conv` wrappers, `temp_attentions`, `temp_cond_attentions`).
 `--video-unet DIR` takes the whole UNet, spatial and temporal weights, from such a video UNet next to
 an SDXL SRC (the video UNet's spatial weights were trained with its temporal ones, so they win).
 
@@ -163,7 +163,7 @@ UNET_READ_KEYS = {
 }
 DOWN_BLOCK_HAS_ATTENTION = {"DownBlock2D": False, "CrossAttnDownBlock2D": True,
                             "DownBlock3D": False, "CrossAttnDownBlock3D": True}
-# What `attention_head_dim` means (SEED_FORMAT.md): heads per level in diffusers' SDXL config,
+# What `attention_head_dim` means (docs/SEED_FORMAT.md): heads per level in diffusers' SDXL config,
 # channels per head in the original video UNet's config: (level width, value) -> channels per head.
 HEAD_DIM_FROM = {"diffusers": lambda width, value: width // value, "original": lambda width, value: value}
 

@@ -111,7 +111,7 @@ class UNetConfig:
 
     @classmethod
     def sdxl(cls, **overrides) -> "UNetConfig":
-        """SDXL base 1.0 (reference/sdxl-base-1.0/unet/config.json) with the original temporal modules."""
+        """SDXL base 1.0 (configs/sdxl-base-1.0/unet/config.json) with the original temporal modules."""
         return cls(**overrides)
 
     @classmethod

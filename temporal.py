@@ -6,7 +6,7 @@ batch, `(batch * height * width, frames, channels)`:
 - `TemporalConditionerTransformer` (`temp_cond_attentions.N`): the chunk's frames cross-attend to
   the context, the clean latents of the last frames already made (`previous_latents`).
 Built fresh, each has a zero output projection, so it returns its input until trained.
-SEED_FORMAT.md has the maths each one follows.
+docs/SEED_FORMAT.md has the maths each one follows.
 
 The conditioner is chosen by `UNetConfig.conditioner`, a name in `CONDITIONERS`. Another one is a
 class here plus an entry there: built as `cls(channels, config)`, it has `forward(x, cond)` and

@@ -2,7 +2,7 @@
 child run, and the prepared GPU check (`--quick`) in its CPU smoke mode (no timings here; the
 UNet's fast paths are in test_unet_fast_paths.py).
 
-- At full size, counted on the meta device, the parameters and FLOPs per frame are SEED_FORMAT.md's
+- At full size, counted on the meta device, the parameters and FLOPs per frame are docs/SEED_FORMAT.md's
   (4.21 B against 2.57 B; 3.64, 4.51 and 7.35 TFLOP at 768x768), and diffusers counts the same
   SDXL FLOPs.
 """

@@ -5,7 +5,7 @@
 - The SDXL preset covers every key of diffusers' SDXL UNet, with the same shapes.
 - A chunk prepared once (`UNet.prepare_chunk`) gives every step exactly the uncached output; the
   conditioner is the class `UNetConfig.conditioner` names in temporal.CONDITIONERS.
-- The temporal modules compute what SEED_FORMAT.md says, written out here independently with
+- The temporal modules compute what docs/SEED_FORMAT.md says, written out here independently with
   explicit softmax, and the whole UNet reproduces the outputs the original code computed for the
   tiny model in tests/fixtures/original-video-unet-tiny (a copy of ../shared/fixtures).
 """
@@ -107,7 +107,7 @@ def test_sdxl_preset_covers_diffusers_sdxl_unet():
         video = UNet(UNetConfig.sdxl())
     count = lambda module: sum(p.numel() for p in module.parameters())
     assert count(reference) == count(image_only) == 2_567_463_684
-    assert round(count(video) / 1e9, 2) == 4.21  # SEED_FORMAT.md: two temporal blocks, D = 2560
+    assert round(count(video) / 1e9, 2) == 4.21  # docs/SEED_FORMAT.md: two temporal blocks, D = 2560
     reference_shapes = {k: v.shape for k, v in reference.state_dict().items()}
     ours = {k: v.shape for k, v in video.state_dict().items()}
     assert len(reference_shapes) == 1680

@@ -61,7 +61,7 @@ def test_every_setting_has_help_and_says_what_a_resumed_run_may_do_with_it():
 
 
 def test_the_defaults_are_the_recipe_of_the_shipped_baby():
-    # README, "How the baby was made"; --threads 1 there suits that busy machine, not every one.
+    # docs/baby.md; --threads 1 there suits that busy machine, not every one.
     recipe = dict(mode="baby", batch_size=16, unet_steps=9000, vae_steps=1500, prediction_type="v_prediction",
                   context_drop=0.3, context_shorten=0.5, sample_every=3000, checkpoint_every=250, log_every=100)
     assert {name: getattr(TrainConfig(), name) for name in recipe} == recipe

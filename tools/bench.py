@@ -338,7 +338,7 @@ def describe_device(args) -> dict:
 
 
 def full_size_flops(args=None) -> dict:
-    """SEED_FORMAT.md's figures: 4.21 B parameters against 2.57 B; per frame at 768x768 (8 frames,
+    """docs/SEED_FORMAT.md's figures: 4.21 B parameters against 2.57 B; per frame at 768x768 (8 frames,
     4 context frames), 3.64 TFLOP for SDXL, 4.51 without a context, 7.35 with one.
 
     Those count the architecture as written, every frame computing the keys and values of its own
