@@ -53,13 +53,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from formats.lora import MergedLoras, check_loras
 from formats.lora_files import LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
-from pipeline import CHECKPOINT_FILES, DTYPES, StableDiffusionXLVideoPipeline, fsync, load_checkpoint_config, read_json
+from infra.checkpoint import CHECKPOINT_FILES, DTYPES, load_checkpoint_config
+from infra.cli import OneLineParser
+from infra.files import fsync, listing, process_alive, read_json_object
+from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from formats.sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
-from infra.video_io import process_alive
-from video_settings import OneLineParser, parse_lora
+from video_settings import parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -179,7 +181,7 @@ VAE_INERT_KEYS = {"sample_size"}
 def load_json(path: Path) -> dict:
     """A JSON object from a file; ConversionError naming the file if it is missing, not JSON or not an object."""
     try:
-        return read_json(path)
+        return read_json_object(path)
     except ValueError as error:
         raise ConversionError(str(error)) from error
 
@@ -422,11 +424,6 @@ def read_single_file(path: Path, configs: Path, unet: Part | None) -> tuple[dict
 # 5. Checks, all reported together.
 
 
-def listing(what: str, names: list[str]) -> str:
-    shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
-    return f"{len(names)} {what}: {shown}"
-
-
 def key_problems(name: str, part: Part) -> list[str]:
     """Missing keys, unknown keys and shape mismatches of one component."""
     expected = {key: tuple(value.shape) for key, value in part.model.state_dict().items()
@@ -438,7 +435,7 @@ def key_problems(name: str, part: Part) -> list[str]:
         "shape mismatches": [f"{given[key].name} is {given[key].shape}, the model needs {expected[key]}"
                              for key in given if key in expected and given[key].shape != expected[key]],
     }
-    return [f"{name}: {listing(what, names)}" for what, names in found.items() if names]
+    return [f"{name}: {listing(what, names, SHOWN)}" for what, names in found.items() if names]
 
 
 def consistency_problems(parts: dict[str, Part]) -> list[str]:
@@ -456,7 +453,7 @@ def consistency_problems(parts: dict[str, Part]) -> list[str]:
 
 def check(parts: dict[str, Part], unknown: list[str]) -> None:
     """One ConversionError listing every problem, or nothing."""
-    problems = [listing("unknown source keys", unknown)] if unknown else []
+    problems = [listing("unknown source keys", unknown, SHOWN)] if unknown else []
     for name, part in parts.items():
         problems += key_problems(name, part)
     problems += consistency_problems(parts)
@@ -709,7 +706,7 @@ def summary(models: dict[str, nn.Module], provenance: dict, dropped: list[str], 
         *(f"  {'lora':<16}{'':>15}  {lora['path']} merged at strength {lora['strength']:g}"
           for lora in provenance.get("loras", [])),
     ]
-    return "\n".join(lines + ([f"  {listing('source keys not used', dropped)}"] if dropped else []))
+    return "\n".join(lines + ([f"  {listing('source keys not used', dropped, SHOWN)}"] if dropped else []))
 
 
 def lora_option(value: str) -> tuple[str, float]:

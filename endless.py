@@ -3,31 +3,40 @@
 A video is made chunk after chunk; between chunks only the context (the last `context_frames`
 latents), what the drift controls keep (the anchor frame, statistics) and the random state survive,
 so memory does not grow with the length of the video. `VideoState` is all of it; with the `Settings`
-it is saved after every chunk, so a run resumes exactly. sample.py is the command line around this
-module; `Progress` and `default_threads` serve it and evaluate.py alike.
+it is saved after every chunk, so a run resumes exactly. `generate_latents` takes what every chunk is
+(`ChunkSpec`), the drift controls and the prompts along the video (`Prompts`); `decoded_chunks` and
+`frames_of` are the one way from a chunk's latents to frames. sample.py is the command line around this
+module; the run's machinery around the loop (the output's lock, the device, progress) is infra/run_state.py.
 """
 
-import fcntl
 import os
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from formats.lora import TEXT_COMPONENTS
-from pipeline import fsync, randn
+from infra.files import atomic_file, fsync
+from pipeline import randn
 from text import PromptEmbeddings
-from infra.video_io import process_alive
-from video_settings import Settings, check_settings, settings_from_dict
+from video_settings import ChunkSpec, DriftControls, LoraSetting, Settings, check_settings, settings_from_dict
 
 STATE_VERSION = 4  # 4: settings["loras"]; 3: the drift controls nested in settings["drift"]; reference_statistics
+# The fields of VideoState every state file of STATE_VERSION has; a field added since may be missing
+# from a file (it takes its default), so a new field needs no new version.
+VERSION_FIELDS = ("chunk_index", "frames_written", "context", "anchor", "latent_statistics", "reference_statistics",
+                  "generator_state")
+TENSOR = torch.Tensor | None  # the type of VideoState's tensor fields
 
 
 @dataclass
 class VideoState:
-    """What survives between chunks: small, and all that --resume needs besides the settings."""
+    """What survives between chunks: small, and all that --resume needs besides the settings.
+
+    Its tensors are the fields of type `torch.Tensor | None` (`tensors`, `to`): a drift control's
+    new state is one such field, with a default, and is saved, checked and moved with the others.
+    """
 
     chunk_index: int = 0  # chunks made so far (written or dropped)
     frames_written: int = 0
@@ -35,11 +44,24 @@ class VideoState:
     anchor: torch.Tensor | None = None  # (batch, 4, 1, h, w): the first frame, with --anchor-frame
     latent_statistics: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # count, sum, sum of squares
     reference_statistics: torch.Tensor | None = None  # (2, batch, 4, 1, 1, 1): the first chunk's channel mean, std
-    generator_state: torch.Tensor | None = None
+    generator_state: torch.Tensor | None = field(default=None, metadata={"on_cpu": True})  # torch.Generator's bytes
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """Every tensor field's value by name (None where there is none yet)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.type == TENSOR}
+
+    def to(self, device, dtype: torch.dtype) -> "VideoState":
+        """Move the tensors of latents (every tensor field but the generator's state, which stays on
+        the CPU) to `device` and `dtype`, in place; returns the state."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == TENSOR and not f.metadata.get("on_cpu") and value is not None:
+                setattr(self, f.name, value.to(device, dtype))
+        return self
 
 
-def prompt_weights(timeline: list[tuple[int, str]], chunk: int, transition: int) -> list[tuple[int, float]]:
-    """Which timeline entries make the embeddings of `chunk`: [(entry, weight)].
+def prompt_weights(timeline: list[tuple[int, object]], chunk: int, transition: int) -> list[tuple[int, float]]:
+    """Which timeline entries (first chunk, anything) make the embeddings of `chunk`: [(entry, weight)].
 
     Over the `transition` chunks before an entry starts (fewer if the previous entry starts later),
     its weight rises linearly from 1 / (transition + 1) while the previous entry's falls, so every
@@ -65,11 +87,11 @@ def mix_embeddings(weighted: list[tuple[PromptEmbeddings, float]]) -> PromptEmbe
     )
 
 
-def lora_strengths(settings: Settings, chunk: int) -> list[float]:
-    """Each of `settings.loras`' strength at `chunk`: its placed strengths blended over the
-    `transition` chunks before each place, as `prompt_weights` blends prompts (pure at their places)."""
-    return [sum(lora.strengths[entry][1] * weight for entry, weight in prompt_weights(lora.strengths, chunk, settings.transition))
-            for lora in settings.loras]
+def lora_strengths(loras: list[LoraSetting], chunk: int, transition: int) -> list[float]:
+    """Each LoRA's strength at `chunk`: its placed strengths blended over the `transition` chunks
+    before each place, as `prompt_weights` blends prompts (pure at their places)."""
+    return [sum(lora.strengths[entry][1] * weight for entry, weight in prompt_weights(lora.strengths, chunk, transition))
+            for lora in loras]
 
 
 def load_loras(pipeline, settings: Settings, chunk: int = 0) -> None:
@@ -77,59 +99,100 @@ def load_loras(pipeline, settings: Settings, chunk: int = 0) -> None:
     resumes). The original weights are kept (on the CPU) only if the timeline changes a strength."""
     if settings.loras:
         changing = any(len({strength for _, strength in lora.strengths}) > 1 for lora in settings.loras)
-        pipeline.load_loras([lora.path for lora in settings.loras], lora_strengths(settings, chunk), changing)
+        strengths = lora_strengths(settings.loras, chunk, settings.transition)
+        pipeline.load_loras([lora.path for lora in settings.loras], strengths, changing)
 
 
-def encode_timeline(pipeline, settings: Settings) -> list[PromptEmbeddings]:
-    """The embeddings of every prompt of the timeline, in its order."""
-    return pipeline.encode_prompts([text for _, text in settings.timeline], settings.negative_prompt,
-                                   settings.guidance > 1)
+@dataclass
+class Prompts:
+    """The prompts along a video: each one's embeddings placed at its first chunk and blended over
+    the `transition` chunks before each place (`prompt_weights`), and the LoRAs, whose placed
+    strengths blend the same way. With LoRAs, `encode()` gives the prompts' embeddings again, in
+    order: a strength that changes a text encoder changes them."""
+
+    placed: list[tuple[int, PromptEmbeddings]]  # (first chunk, embeddings), sorted, the first at chunk 0
+    transition: int = 0
+    loras: list[LoraSetting] = field(default_factory=list)  # merged into the pipeline first (`load_loras`)
+    encode: Callable[[], list[PromptEmbeddings]] | None = None
+
+    def at(self, pipeline, chunk: int) -> PromptEmbeddings:
+        """The embeddings of `chunk`, once the pipeline's LoRAs are set to their strengths there."""
+        if self.loras:
+            changed = pipeline.loras.set_strengths(lora_strengths(self.loras, chunk, self.transition))
+            if changed & TEXT_COMPONENTS:
+                self.placed = list(zip([start for start, _ in self.placed], self.encode()))
+        weights = prompt_weights(self.placed, chunk, self.transition)
+        return mix_embeddings([(self.placed[entry][1], weight) for entry, weight in weights])
 
 
-def generate_latents(pipeline, settings: Settings, embeddings: list[PromptEmbeddings], state: VideoState,
-                     generator, latent_image=None, callback=None, on_chunk=None):
-    """Yield the latents of chunk after chunk (batch, 4, frames, h, w), updating `state` before each.
+def timeline_prompts(pipeline, settings: Settings) -> Prompts:
+    """The prompts of `settings`' timeline, encoded (then the text encoders leave the device), with
+    its transition and LoRAs; merge the LoRAs first (`load_loras`): the text encoders have them too."""
+    texts = [text for _, text in settings.timeline]
+    encode = lambda: pipeline.encode_prompts(texts, settings.negative_prompt, settings.guidance > 1)
+    placed = list(zip([start for start, _ in settings.timeline], encode()))
+    return Prompts(placed, settings.transition, settings.loras, encode)
 
-    The drift controls (`settings.drift`) make each chunk's context and post-process each finished
-    chunk, in the order DriftControls' docstring lists. Each chunk's LoRA strengths
-    (`lora_strengths`) are merged before it (`load_loras` merged the settings' LoRAs); when they
-    change a text encoder, the prompts are encoded again. callback(step, steps): after every
-    denoising step. on_chunk(index, context, embeddings): before every chunk, with what the chunk is
-    made from (its context, None for the first, and its prompt embeddings).
+
+def generate_latents(pipeline, chunk: ChunkSpec, drift: DriftControls, prompts: Prompts, state: VideoState,
+                     generator, latent_image=None, image_strength: float = Settings.image_strength,
+                     callback=None, on_chunk=None):
+    """Yield the latents of chunk after chunk (batch, 4, chunk.frames, h, w), updating `state` before each.
+
+    The drift controls make each chunk's context and post-process each finished chunk, in the order
+    DriftControls' docstring lists. Each chunk's prompt embeddings and LoRA strengths come from
+    `prompts` (`Prompts.at`). generator: a torch.Generator, or one per batch item. latent_image
+    (1, 4, 1, h, w): where the first chunk starts, keeping `image_strength` of it. Every chunk is
+    sampled with `chunk.scheduler` (None: the pipeline's scheduler config's sampler), here for every
+    caller: sample.py, evaluate.py, training's samples and validation. callback(step,
+    steps): after every denoising step. on_chunk(index, context, embeddings): before every chunk,
+    with what the chunk is made from (its context, None for the first, and its prompt embeddings).
     """
     noise = lambda shape: randn(shape, generator, state.context.device, state.context.dtype)
-    if settings.loras and (pipeline.loras is None or pipeline.loras.paths != [lora.path for lora in settings.loras]):
-        raise ValueError("the pipeline does not hold settings.loras: merge them first with endless.load_loras")
+    if prompts.loras and (pipeline.loras is None or pipeline.loras.paths != [lora.path for lora in prompts.loras]):
+        raise ValueError("the pipeline does not hold the prompts' LoRAs: merge them first with endless.load_loras")
     while True:
-        if settings.loras:
-            changed = pipeline.loras.set_strengths(lora_strengths(settings, state.chunk_index))
-            if changed & TEXT_COMPONENTS:
-                embeddings = encode_timeline(pipeline, settings)
-        weights = prompt_weights(settings.timeline, state.chunk_index, settings.transition)
         first = state.chunk_index == 0
-        chunk_embeddings = mix_embeddings([(embeddings[entry], weight) for entry, weight in weights])
-        context = settings.drift.next_context(state, noise)
+        embeddings = prompts.at(pipeline, state.chunk_index)
+        context = drift.next_context(state, noise, chunk)
         if on_chunk is not None:
-            on_chunk(state.chunk_index, context, chunk_embeddings)
+            on_chunk(state.chunk_index, context, embeddings)
         latents = pipeline(
-            prompt_embeds=chunk_embeddings,
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
+            prompt_embeds=embeddings,
+            height=chunk.height,
+            width=chunk.width,
+            num_frames=chunk.frames,
+            num_inference_steps=chunk.steps,
+            guidance_scale=chunk.guidance,
             generator=generator,
             previous_latents=context,
             latent_image=latent_image if first else None,
-            conditioning_strength=settings.image_strength if first and latent_image is not None else 0.0,
+            conditioning_strength=image_strength if first and latent_image is not None else 0.0,
             output_type="latent",
             callback=callback,
+            sampler=chunk.scheduler,
         )
-        latents = settings.drift.finish_chunk(latents, state)
+        latents = drift.finish_chunk(latents, state, chunk)
         previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
-        state.context = previous[:, :, -settings.context_frames:].clone()  # (b, 4, k, h, w)
+        state.context = previous[:, :, -chunk.context_frames:].clone()  # (b, 4, k, h, w)
         state.chunk_index += 1
         yield latents
+
+
+def decoded_chunks(pipeline, chunk: ChunkSpec, drift: DriftControls, prompts: Prompts, state: VideoState,
+                   generator, decode_frames: int = 8, **options):
+    """`generate_latents`' chunks as frames (`frames_of`): yields, chunk after chunk, a list of each
+    batch item's frames, numpy uint8 (chunk.frames, H, W, 3). options: generate_latents'."""
+    for latents in generate_latents(pipeline, chunk, drift, prompts, state, generator, **options):
+        yield frames_of(pipeline, latents, decode_frames)
+
+
+def frames_of(pipeline, latents: torch.Tensor, decode_frames: int = 8) -> list:
+    """A chunk's latents (batch, 4, frames, h, w) -> a list of each batch item's frames, numpy uint8
+    (frames, H, W, 3): decoded `decode_frames` frames at a time with the pipeline's VAE tiling and
+    upcast (`pipeline.decode_video`)."""
+    video = pipeline.decode_video(latents, frames_per_batch=decode_frames)  # (batch, 3, frames, H, W)
+    return [to_uint8_frames(item) for item in video]
 
 
 def to_uint8_frames(video: torch.Tensor):
@@ -166,7 +229,8 @@ def save_state(path: Path, settings: Settings, state: VideoState, pending_output
     """
     saved = {"version": STATE_VERSION, "settings": asdict(settings), "state": dict(vars(state)),
              "pending_output": pending_output}
-    replace_file(path, lambda file: torch.save(saved, file))
+    with atomic_file(path) as file:
+        torch.save(saved, file)
 
 
 def restore_state(path: Path, data: bytes | None) -> None:
@@ -176,36 +240,11 @@ def restore_state(path: Path, data: bytes | None) -> None:
         if data is None:
             path.unlink(missing_ok=True)
         else:
-            replace_file(path, lambda file: file.write(data))
+            with atomic_file(path) as file:
+                file.write(data)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-
-
-def replace_file(path: Path, write) -> None:
-    """Replace `path` with what `write(file)` writes, atomically and durably: a crash or a full disk
-    leaves the old file or the new one, never half of one, and no temporary file."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        fsync(path.parent)  # the rename, durable
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
-
-
-def remove_stale_state_temporaries(path: Path) -> None:
-    """Remove `STATE.PID.tmp` files left by runs that were killed while saving (their process is gone)."""
-    for stale in path.parent.glob(f"{path.name}.*.tmp"):
-        pid = stale.name[len(path.name) + 1 : -len(".tmp")]
-        if pid.isdigit() and not process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
 
 
 def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:
@@ -234,16 +273,20 @@ def load_state(path: Path) -> tuple[Settings, VideoState, str | None]:
 
 
 def state_from_dict(values: dict) -> VideoState:
-    """VideoState from a state file's dict, its counts and tensors checked."""
-    names = [f.name for f in fields(VideoState)]
-    if not isinstance(values, dict) or sorted(values) != sorted(names):
-        raise TypeError(f"its state does not have the fields {names}")
+    """VideoState from a state file's dict, its counts and tensors checked. It must have every field
+    of VERSION_FIELDS and no unknown one; a field added to VideoState since may be missing (an older
+    file) and takes its default."""
+    if not isinstance(values, dict):
+        raise TypeError("its state is not a dict")
+    missing = [name for name in VERSION_FIELDS if name not in values]
+    unknown = sorted(set(values) - {f.name for f in fields(VideoState)})
+    if missing or unknown:
+        raise TypeError(f"its state lacks the fields {missing} or has unknown ones {unknown}")
     state = VideoState(**values)
     if not (isinstance(state.chunk_index, int) and isinstance(state.frames_written, int)
             and 0 <= state.frames_written and 0 <= state.chunk_index):
         raise TypeError("chunk_index / frames_written")
-    for name in ("context", "anchor", "reference_statistics", "generator_state"):
-        value = getattr(state, name)
+    for name, value in state.tensors().items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(name)
     if state.chunk_index > 0 and state.context is None:
@@ -261,108 +304,3 @@ def finish_pending_output(pending: str | None, out: str) -> None:
     if pending is not None and os.path.lexists(pending):
         os.replace(pending, os.path.abspath(out))
         fsync(Path(os.path.abspath(out)).parent)
-
-
-# The output's lock: one run per output at a time.
-
-
-class OutputLock:
-    """An exclusive lock on an output for a whole run, as a context manager: the file
-    `OUT.sample.lock`, locked with flock and holding its owner's process id.
-
-    The kernel releases a flock when its process ends, however it ends, so the lock of a killed run
-    never blocks the next one; the file is removed when the lock is released. A file of that name
-    that holds anything but a process id is someone else's: it is refused, never overwritten.
-    """
-
-    def __init__(self, out: str):
-        self.out = out
-        self.path = Path(str(out).rstrip("/") + ".sample.lock")
-        self.descriptor = None
-
-    def __enter__(self) -> "OutputLock":
-        while True:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not os.pread(descriptor, 64, 0).strip().isdigit() and os.fstat(descriptor).st_size:
-                os.close(descriptor)
-                raise ValueError(f"--out {self.out}: {self.path} exists and is not a lock of sample.py "
-                                 f"(it holds no process id); move it away")
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "another process"
-                os.close(descriptor)
-                raise ValueError(f"--out {self.out} is being written by process {holder} (it holds {self.path}); "
-                                 f"wait for that run to end or stop it") from None
-            try:  # the last owner may have removed the file between our open and our lock
-                if os.stat(self.path).st_ino == os.fstat(descriptor).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(descriptor)
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        self.descriptor = descriptor
-        return self
-
-    def __exit__(self, *exception) -> None:
-        self.path.unlink(missing_ok=True)  # while the lock is still held
-        os.close(self.descriptor)
-
-
-# The device, before a model is loaded (infra/memory.py estimates the memory a chunk needs).
-
-
-def resolve_device(name: str | None) -> str:
-    """The device to run on: `name`, or cuda if there is one, else cpu; ValueError if it is not there."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return name
-
-
-# Running: threads and progress (sample.py and evaluate.py).
-
-
-def default_threads() -> int:
-    """Half the cores this process may use, fewer when the machine is busy (its load average), at
-    least 1: torch's default (every core) spins threads against other work and ran the quick start
-    10 times slower on a busy 2-core machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    idle = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores // 2, idle))
-
-
-class Progress:
-    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA) in a terminal, else a
-    line per chunk."""
-
-    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None):
-        self.total, self.first, self.start = total_chunks, first_chunk, time.time()
-        self.chunk = first_chunk
-        self.live = sys.stderr.isatty() if live is None else live
-
-    def line(self, step: int, steps: int) -> str:
-        done = self.chunk - self.first
-        elapsed = time.time() - self.start
-        per_chunk = elapsed / (done + step / steps) if done or step else 0.0
-        total = f"/{self.total}" if self.total else ""
-        eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
-        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}"
-
-    def step(self, step: int, steps: int) -> None:
-        if self.live:
-            print(f"\r{self.line(step, steps)}   ", end="", file=sys.stderr, flush=True)
-        elif step == steps:
-            print(self.line(step, steps), file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(max(seconds, 0)), 60)
-    return f"{minutes}m{seconds:02d}s"

@@ -9,7 +9,9 @@ same `Settings`, `generate_latents` and decoding), chunk after chunk. Each chunk
 through a detector and only running tallies survive, so memory does not grow with --chunks.
 Prints a markdown table (a row per prompt, the mean over its seeds; a last row, the mean over all
 videos), the survival table (shapes/survival.py: the fraction of videos still right at chunks 1, 10, 25,
-.., and colour and size drift against chunk 1) and one JSON line with every number. --scores
+.., and colour and size drift against chunk 1), the failure table (shapes/failures.py: at 30, 100
+and 1,000 chunks the share of videos that went blank, that are lost for good, and survival, each
+with its 95 % interval) and one JSON line with every number. --scores
 streams a row per video per chunk (found, colour, shape, direction, right, alive, drift), --curves
 and --plot write the curves against chunk index, --compare puts several settings' curves in one
 table and plot. --batch N makes N videos at once (each from its own generator; equal to float
@@ -17,6 +19,8 @@ rounding, 2.4x faster on a CPU at 10).
 
     python evaluate.py --chunks 1000 --batch 10 --scores s.csv --curves anchor.csv --plot anchor.png
     python evaluate.py --compare "anchor=anchor.csv" "none=none.csv" --plot both.png
+    python evaluate.py --seeds 1000-1009 --chunks 100 --batch 10   # 50 videos on seeds no choice was made on
+    python evaluate.py --failures s.csv          # the failure table of a --scores file
     python evaluate.py --ground-truth --chunks 1000 --batch 10   # the world's own clips through the VAE
 
 --ground-truth makes no video: it scores what a model that made the ground truth would get, the
@@ -29,7 +33,6 @@ The detector and the numbers of one video are shapes/scoring.py's.
 import argparse
 import csv
 import json
-import math
 import random
 import sys
 from dataclasses import asdict
@@ -37,20 +40,31 @@ from pathlib import Path
 
 import torch
 
-from endless import Progress, VideoState, default_threads, generate_latents, resolve_device, to_uint8_frames
-from pipeline import DTYPES, StableDiffusionXLVideoPipeline, load_checkpoint_config
-from shapes.scoring import METRICS, SCORE_COLUMNS, VideoScore, caption, mean_over, parse_caption
+from endless import Prompts, VideoState, decoded_chunks, frames_of
+from infra.checkpoint import DTYPES, load_checkpoint_config
+from infra.cli import OneLineParser, option_name, without_nan
+from infra.run_state import Progress, default_threads, resolve_device
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SAMPLERS
+from shapes.scoring import METRICS, SCORE_COLUMNS, caption, mean_over, parse_scene, video_score
+from shapes.failures import Blanks, failure_rows, failure_table, read_scores
 from shapes.survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
-from video_settings import DEFAULT_MODEL, SETTING_NAMES, OneLineParser, Settings, add_chunk_options, check_settings
-from shapes.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_clip, render
+from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_sampler, check_settings
+from shapes.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_scene, render
 
 
-def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
-    """--prompts values ("held-out", "train", or captions) -> (colour, shape, direction), in order, once each."""
+def resolve_prompts(values: list[str]) -> list[tuple]:
+    """--prompts values ("held-out", "train", or captions of one shape or several) -> (colour, shape,
+    direction) for a prompt of one shape, a tuple of them for one of several, in order, once each."""
     every = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     groups = {"held-out": [c for c in every if c in HELD_OUT], "train": [c for c in every if c not in HELD_OUT]}
+
+    def combination(text: str) -> tuple:
+        scene = parse_scene(text)
+        return scene[0] if len(scene) == 1 else scene
+
     try:
-        combinations = [c for value in values for c in groups.get(value) or [parse_caption(value)]]
+        combinations = [c for value in values for c in groups.get(value) or [combination(value)]]
     except ValueError as error:
         raise ValueError(f"--prompts: give held-out, train, or captions; {error}") from None
     return list(dict.fromkeys(combinations))
@@ -59,17 +73,20 @@ def resolve_prompts(values: list[str]) -> list[tuple[str, str, str]]:
 @torch.no_grad()
 def made_chunks(pipeline, videos: list[Settings], chunks: int):
     """The videos of `videos` (one prompt and seed each, every other setting the same) as sample.py
-    makes them, as one batch: yields each chunk decoded, (n, 3, frames, H, W). Item i draws its
-    numbers from its own generator (seed i), as a run of it alone does."""
+    makes them, as one batch: yields each chunk's frames, a list of each video's, numpy uint8
+    (frames, H, W, 3). Item i draws its numbers from its own generator (seed i), as a run of it
+    alone does."""
     texts = [settings.timeline[0][1] for settings in videos]
     parts = [pipeline.encode_prompt(text, videos[0].negative_prompt, videos[0].guidance > 1) for text in texts]
     embeddings = type(parts[0])(*(None if part[0] is None else torch.cat(part) for part in zip(*parts)))  # (n, ...)
     generators = [torch.Generator().manual_seed(settings.seed) for settings in videos]
     generator = generators[0] if len(videos) == 1 else generators
     progress = Progress(chunks, 0)
-    stream = generate_latents(pipeline, videos[0], [embeddings], VideoState(), generator, callback=progress.step)
+    first = videos[0]
+    stream = decoded_chunks(pipeline, first.chunk, first.drift, Prompts([(0, embeddings)]), VideoState(), generator,
+                            first.decode_frames, callback=progress.step)
     for index in range(chunks):
-        yield pipeline.vae.decode_video(next(stream), frames_per_batch=videos[0].decode_frames)
+        yield next(stream)
         progress.chunk = index + 1
     print(file=sys.stderr)
 
@@ -77,18 +94,18 @@ def made_chunks(pipeline, videos: list[Settings], chunks: int):
 @torch.no_grad()
 def ground_truth_chunks(pipeline, videos: list[Settings], chunks: int):
     """The world's own clips of the videos' prompts (place, size and speed drawn as training clips
-    are, from the prompt and the seed), encoded and decoded by the model's VAE: yields each chunk,
-    (n, 3, frames, H, W). What the yardstick gives a model that makes the ground truth: its floor."""
+    are, from the prompt and the seed), encoded and decoded by the model's VAE: yields each chunk as
+    made_chunks does. What the yardstick gives a model that makes the ground truth: its floor."""
     first = videos[0]
     texts = [video.timeline[0][1] for video in videos]
-    clips = [placed_clip(*parse_caption(text), random.Random(f"{text}/{video.seed}"), first.height)
-             for text, video in zip(texts, videos)]
+    scenes = [placed_scene(parse_scene(text), random.Random(f"{text}/{video.seed}"), first.height)
+              for text, video in zip(texts, videos)]
     progress = Progress(chunks, 0)
     for index in range(chunks):
-        truth = torch.stack([render(clip, first.frames, first.height, index * first.frames) for clip in clips])
+        truth = torch.stack([render(scene, first.frames, first.height, index * first.frames) for scene in scenes])
         truth = truth.to(pipeline.device, pipeline.dtype)  # (n, 3, frames, H, W)
         latents = pipeline.vae.encode_video(truth, frames_per_batch=first.decode_frames)  # the posterior's mean
-        yield pipeline.vae.decode_video(latents, frames_per_batch=first.decode_frames)
+        yield frames_of(pipeline, latents, first.decode_frames)
         progress.step(1, 1)
         progress.chunk = index + 1
     print(file=sys.stderr)
@@ -99,10 +116,10 @@ def score_videos(videos: list[Settings], stream, window: int, on_record=None) ->
     """Score the videos of `videos` (one prompt and seed each), chunk after chunk of `stream`
     (made_chunks or ground_truth_chunks); on_record(settings, record) after each chunk of each
     video (VideoScore.add_chunk's record)."""
-    scores = [VideoScore(*parse_caption(settings.timeline[0][1]), window) for settings in videos]
-    for video in stream:  # (n, 3, frames, H, W)
+    scores = [video_score(settings.timeline[0][1], window) for settings in videos]
+    for video in stream:  # [uint8 (frames, H, W, 3)] per video
         for settings, score, frames in zip(videos, scores, video):
-            record = score.add_chunk(to_uint8_frames(frames))
+            record = score.add_chunk(frames)
             if on_record is not None:
                 on_record(settings, record)
     return [score.result() for score in scores]
@@ -137,17 +154,11 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def without_nan(value):
-    """A copy of nested dicts of numbers with NaN as None (null in JSON)."""
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", nargs="+", default=["held-out"],
-                        help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left"')
+                        help='"held-out" (world.HELD_OUT), "train" (every other combination), or captions like "a red circle moving left" '
+                             'or, of two shapes, "a red circle moving left and a blue square moving up"')
     parser.add_argument("--seeds", default="2",
                         help="the seeds of each prompt's videos: a count N (seeds 0 .. N-1), a range A-B "
                              "(A to B, both in), or a comma list of seeds and ranges such as 7,11-13 (default: 2)")
@@ -162,6 +173,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", help="the setting's name in the survival table and the plot (default: its drift controls)")
     parser.add_argument("--compare", nargs="+", metavar="NAME=CURVES",
                         help="make no video: the survival table (and --plot) of curves files written by --curves")
+    parser.add_argument("--failures", nargs="+", metavar="SCORES",
+                        help="make no video: the failure table (shapes/failures.py) of scores files written by --scores")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --scores, --curves, --plot files")
     parser.add_argument("--ground-truth", action="store_true",
                         help="make no video: score the world's own clips of the prompts through the model's VAE "
@@ -175,6 +188,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     (without --overwrite), lies in a missing folder, is a folder, is given twice or is an input."""
     outputs = {name: getattr(args, name) for name in ("scores", "curves", "plot") if getattr(args, name)}
     inputs = {str(Path(value.split("=", 1)[-1]).resolve()) for value in args.compare or []}
+    inputs |= {str(Path(value).resolve()) for value in args.failures or []}
     seen = {}
     for name, value in outputs.items():
         path = Path(value)
@@ -186,7 +200,7 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} {value} exists; give --overwrite to replace it")
         resolved = str(path.resolve())
         if resolved in seen or resolved in inputs:
-            raise ValueError(f"--{name} {value} is also {'--' + seen[resolved] if resolved in seen else 'a --compare input'}")
+            raise ValueError(f"--{name} {value} is also {'--' + seen[resolved] if resolved in seen else 'an input'}")
         seen[resolved] = name
 
 
@@ -204,6 +218,16 @@ def compare(args: argparse.Namespace) -> dict:
     return settings
 
 
+def failures(args: argparse.Namespace) -> dict:
+    """--failures: the failure table of scores files, each apart; returns {file: failure_rows}."""
+    tables = {}
+    for path in args.failures:
+        videos, alive = read_scores(path)
+        tables[path] = failure_rows(list(videos.values()), alive)
+        print(f"{path}: {len(videos)} videos\n{failure_table(tables[path])}")
+    return tables
+
+
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
     model = args.model or str(DEFAULT_MODEL)
@@ -212,6 +236,7 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     values = {**config.get("sample_defaults", {}), **given, "model": model}
     settings = Settings.from_options(timeline=[(0, text)], seed=seed, **values)
     check_settings(settings, config)
+    check_sampler(settings, SAMPLERS)
     return settings
 
 
@@ -226,10 +251,14 @@ def main(argv=None) -> dict:
     """Score every (prompt, seed) video; print the tables and the JSON line; return what the JSON says."""
     args = parse_arguments(argv)
     check_outputs(args)
-    if args.compare and args.ground_truth:
-        raise ValueError("--compare makes no video; give it without --ground-truth")
+    if args.compare and args.failures:
+        raise ValueError("--compare and --failures each read files; give one of them")
+    if (args.compare or args.failures) and args.ground_truth:
+        raise ValueError(f"--{'compare' if args.compare else 'failures'} makes no video; give it without --ground-truth")
     if args.compare:
         return compare(args)
+    if args.failures:
+        return failures(args)
     combinations = resolve_prompts(args.prompts)
     args.seeds = seed_list(args.seeds)
     for name in ("chunks", "batch", "survival_window"):
@@ -239,14 +268,15 @@ def main(argv=None) -> dict:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = [[settings_for(args, caption(c), seed) for seed in args.seeds] for c in combinations]
     first = settings[0][0]
-    if args.batch > 1 and not args.ground_truth and (first.drift.renormalize or first.drift.statistics_lock):
-        raise ValueError("--batch must be 1 with --renormalize or --statistics-lock, whose statistics span the batch")
+    if args.batch > 1 and not args.ground_truth and (spanning := first.drift.spanning_batch()):
+        options = " or ".join(option_name(name) for name in spanning)
+        raise ValueError(f"--batch must be 1 with {options}, whose statistics span the batch")
     if args.ground_truth and first.height != first.width:
         raise ValueError(f"--ground-truth: the world's frames are square; got --height {first.height} --width {first.width}")
     torch.set_num_threads(args.threads or default_threads())
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
     videos = [video for prompt_videos in settings for video in prompt_videos]
-    curves, results = Curves(), []
+    curves, results, blanks, alive = Curves(), [], {}, {}
     scores_file = open(args.scores, "w", newline="") if args.scores else None
     writer = csv.DictWriter(scores_file, ["prompt", "seed", *SCORE_COLUMNS]) if scores_file else None
     if writer:
@@ -254,6 +284,8 @@ def main(argv=None) -> dict:
 
     def on_record(video: Settings, record: dict) -> None:
         curves.add(record["chunk"], record["alive"], record["right"], record["colour_drift"], record["size_ratio"])
+        blanks.setdefault((video.timeline[0][1], video.seed), Blanks()).add(record["found"])
+        alive[record["chunk"]] = alive.get(record["chunk"], 0) + record["alive"]
         if writer:
             writer.writerow({"prompt": video.timeline[0][1], "seed": video.seed, **record})
             scores_file.flush()
@@ -275,17 +307,22 @@ def main(argv=None) -> dict:
     rows = curves.rows()
     print(markdown_table({**per_prompt, "all": overall}))
     print(summary_table({name: rows}))
+    failed = failure_rows(list(blanks.values()), alive)
+    print(failure_table(failed))
     if args.curves:
         write_curves(args.curves, rows)
     if args.plot:
         plot({name: rows}, args.plot)
     marks = checkpoints(args.chunks)
     sampling = {} if args.ground_truth else {"context_frames": first.context_frames, "steps": first.steps,
-                                             "guidance": first.guidance, **asdict(first.drift)}
+                                             "guidance": first.guidance, **asdict(first.drift),
+                                             "scheduler": first.scheduler or pipeline.scheduler_config.algorithm_type}
     report = {"model": first.model, "chunks": args.chunks, "seeds": args.seeds, "frames": first.frames,
               "height": first.height, "width": first.width, **sampling, "name": name,
               "survival_window": args.survival_window, "ground_truth": args.ground_truth,
-              "all": overall, "prompts": per_prompt,
+              "all": overall, "prompts": per_prompt, "failures": failed,
+              "blank_videos": [{"prompt": prompt, "seed": seed, "first_blank": video.first_blank, "blank_from": video.blank_from}
+                               for (prompt, seed), video in blanks.items() if video.first_blank is not None],
               "curves": {str(row["chunk"]): row for row in rows if row["chunk"] in marks}}
     print(json.dumps(without_nan(report)))
     return report

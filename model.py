@@ -147,6 +147,17 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def micro_conditioning(batch_size: int, height: int, width: int, original_size: tuple[int, int] | None = None,
+                       crop_top_left: tuple[int, int] = (0, 0), dtype=torch.float32, device=None) -> torch.Tensor:
+    """SDXL's micro-conditioning (diffusers' `add_time_ids`), the UNet's `time_ids` input, the same
+    in training and sampling: (original height, original width, crop top, crop left, target height,
+    target width) for frames of height x width pixels, by default neither resized (original =
+    target) nor cropped. Returns (batch_size, NUM_TIME_IDS) in `dtype` on `device`."""
+    original_height, original_width = (height, width) if original_size is None else original_size
+    values = torch.tensor([original_height, original_width, *crop_top_left, height, width], dtype=dtype, device=device)
+    return values.repeat(batch_size, 1)  # (batch, 6)
+
+
 class TimestepEmbedding(nn.Module):
     """Linear → SiLU → Linear (`linear_1`, `linear_2`)."""
 

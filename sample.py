@@ -20,10 +20,13 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from infra.cli import OneLineParser, option_name
 from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings, add_chunk_options, check_settings,
-                            OneLineParser, option_name, parse_lora)
+                            check_sampler, parse_lora)
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are.
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload", "vae_tiles", "vae_dtype"}
@@ -118,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"how much of --image the first chunk keeps, in [0, 1] (default {Settings.image_strength})")
     parser.add_argument("--extend", help="continue this video: its last frames are the first context")
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out: every setting comes from its state file; --chunks or --seconds may change the length")
-    parser.add_argument("--scheduler", choices=["sde-dpmsolver++", "dpmsolver++"], help="default: the checkpoint's (the original setup)")
     parser.add_argument("--transition", type=int, help=f"chunks over which timeline prompts blend (default {Settings.transition})")
     parser.add_argument("--lora", action="append", metavar="FILE[:STRENGTHS]",
                         help=f"a LoRA (kohya-ss or diffusers/PEFT .safetensors) merged into the UNet and both text "
@@ -228,11 +230,28 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: preflight (every check, under the output's lock), load, then the loop
+
+
+@dataclass
+class Plan:
+    """What `preflight` checked and read: all that `load` and `write_video` need."""
+
+    out: str
+    settings: Settings  # complete: the model's defaults and size filled in, the device resolved
+    state: "endless.VideoState"  # a new video's, or the state file's with --resume
+    state_file: Path
+    chunks_to_write: int | None  # None: until Ctrl-C
+    offload: str  # one of OFFLOAD_MODES
+    vae_dtype: str | None  # --vae-dtype
+    vae_tiles: bool | None  # None: as the VAE decides
+    image: "torch.Tensor | None"  # --image (3, H, W) in [-1, 1], for a video's first chunk
+    video: "torch.Tensor | None"  # --extend's last frames (3, context_frames, H, W) in [-1, 1]
 
 
 def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> None:
-    """Check the files, lock the output, load the model, then write chunk after chunk.
+    """Check everything and lock the output (`preflight`), load the model (`load`), then write chunk
+    after chunk (`write_video`).
 
     settings: from the command line, or None with --resume (they come from the state file).
     on_chunk: passed to endless.generate_latents (called before every chunk).
@@ -240,20 +259,45 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
     # Imported here, once the options are checked, so that --help and option errors are instant.
     import torch
 
+    from infra.run_state import default_threads, format_seconds
+
+    torch.set_num_threads(args.threads or default_threads())
+    with torch.no_grad(), preflight(args, settings) as plan:  # the output stays locked until the end
+        started = time.time()
+        pipeline = load(plan)
+        in_place = write_video(pipeline, plan, on_chunk)
+    if in_place:
+        out, frames, fps = plan.out, plan.state.frames_written, plan.settings.fps
+        print(f"\n{out}: {frames} frames, {frames / fps:.1f} s at {fps:g} fps, "
+              f"made in {format_seconds(time.time() - started)}; state in {plan.state_file}: "
+              f"`python sample.py --out {out} --resume --chunks N` continues it", file=sys.stderr)
+
+
+@contextmanager
+def preflight(args: argparse.Namespace, settings: Settings | None):
+    """Every check that can refuse the run, before any work, and the output's lock: yields the Plan
+    while the lock is held.
+
+    In order: the output's format and folder; the lock; the state file (--resume) or the model's
+    defaults; that no input is the output; the sampler, the checkpoint's files, the output's frames,
+    the length, the device, the memory a chunk needs; then --image or --extend is read.
+    """
     import endless
     from infra import memory
-    from pipeline import DTYPES, StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config, vae_dtype_name
-    from infra.video_io import check_output_path, open_writer, read_image, read_video
+    from infra.checkpoint import check_checkpoint_files, load_checkpoint_config
+    from infra.files import remove_stale_temporaries
+    from infra.run_state import OutputLock, resolve_device
+    from infra.video_io import check_output_path, read_image, read_video
+    from pipeline import vae_dtype_name
+    from scheduler import SAMPLERS
 
-    torch.set_num_threads(args.threads or endless.default_threads())
-    # 2. Files, before any is written: the model, the inputs, the output and its lock.
     out = args.out
     check_output_path(out)  # its format and folder, before the lock is made next to it
     if settings is not None:  # and that it is no input (its lock would go inside --model)
         check_not_an_input(out, settings)
-    with endless.OutputLock(out), torch.no_grad():
+    with OutputLock(out):
         state_file = endless.state_path(out)
-        endless.remove_stale_state_temporaries(state_file)
+        remove_stale_temporaries(state_file)
         if args.resume:
             settings, state, pending = endless.load_state(state_file)
             if conflicts := resume_conflicts(args, settings):
@@ -271,10 +315,11 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
                 raise ValueError(f"--out {out} exists: give --overwrite to replace it, or --resume to continue it")
             state = endless.VideoState()
         check_not_an_input(out, settings)
+        check_sampler(settings, SAMPLERS)
         check_checkpoint_files(settings.model)
         check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
-        settings.device = device = endless.resolve_device(settings.device)  # stored as it is run
+        settings.device = device = resolve_device(settings.device)  # stored as it is run
         vae_dtype = vae_dtype_name(settings.dtype, args.vae_dtype, model_config["vae"].get("force_upcast", True))
         vae_tiles = {"auto": None, "on": True, "off": False}[args.vae_tiles]
         memory.check_memory(model_config, settings.model, device, height=settings.height, width=settings.width,
@@ -290,81 +335,93 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
                                   option="--extend")
         if chunks_to_write is None:
             print("no --chunks or --seconds: running until Ctrl-C", file=sys.stderr)
+        yield Plan(out, settings, state, state_file, chunks_to_write, args.offload, args.vae_dtype, vae_tiles,
+                   image, video)
 
-        # 3. Load the model and encode the prompts, once.
-        started = time.time()
-        load_on = device if args.offload == "none" else "cpu"  # offloaded models wait on the CPU
-        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, load_on, DTYPES[settings.dtype])
-        pipeline.set_vae_dtype(args.vae_dtype, settings.dtype)
-        pipeline.vae_tiles = vae_tiles
-        if args.offload != "none":
-            pipeline.enable_offload(args.offload, device)
-        if settings.scheduler:
-            pipeline.scheduler_config = type(pipeline.scheduler_config)(
-                **{**pipeline.scheduler_config.to_dict(), "algorithm_type": settings.scheduler}
-            )
-        endless.load_loras(pipeline, settings, state.chunk_index)  # before the prompts: the text encoders have LoRAs too
-        embeddings = pipeline.encode_prompts([text for _, text in settings.timeline], settings.negative_prompt,
-                                             settings.guidance > 1)  # then the text encoders leave the device
-        generator = torch.Generator().manual_seed(settings.seed)
-        if state.generator_state is not None:
-            generator.set_state(state.generator_state)
-        latent_image = endless.starting_point(pipeline, state, image, video)
-        for name in ("context", "anchor", "reference_statistics"):
-            if getattr(state, name) is not None:
-                setattr(state, name, getattr(state, name).to(pipeline.device, pipeline.dtype))
-        print_timeline(settings, chunks_to_write)
-        warn_unknown_words(pipeline.text_encoder.tokenizer, settings)
 
-        # 4. Chunk after chunk: denoise, decode, write, save the state.
-        dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
-        written_chunks = state.frames_written // settings.frames
-        progress = endless.Progress(chunks_to_write, written_chunks)
-        old_state = []  # the old output's state file (its bytes, or None), once `placing` replaced it
+def load(plan: Plan):
+    """The model on the device (offloaded: waiting on the CPU), its VAE's dtype and tiling, and the
+    LoRAs merged at their strengths where the run starts."""
+    import endless
+    from infra.checkpoint import DTYPES
+    from pipeline import StableDiffusionXLVideoPipeline
 
-        def placing(temporary: str | None) -> None:
-            """The first chunk of a new output is complete, about to replace any old output: record it
-            (a crash between the two renames is finished by --resume), or, for a PNG folder whose old
-            frames go one by one, drop the old state so that it never describes the new frames."""
-            if temporary is None:
-                state_file.unlink(missing_ok=True)
-                return
-            previous = state_file.read_bytes() if state_file.is_file() else None
-            endless.save_state(state_file, settings, state, pending_output=temporary)
-            old_state.append(previous)
+    settings = plan.settings
+    load_on = settings.device if plan.offload == "none" else "cpu"  # offloaded models wait on the CPU
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(settings.model, load_on, DTYPES[settings.dtype])
+    pipeline.set_vae_dtype(plan.vae_dtype, settings.dtype)
+    pipeline.vae_tiles = plan.vae_tiles
+    if plan.offload != "none":
+        pipeline.enable_offload(plan.offload, settings.device)
+    endless.load_loras(pipeline, settings, plan.state.chunk_index)  # before the prompts: the text encoders have LoRAs too
+    return pipeline
 
-        writer = open_writer(out, settings.fps, crf=settings.crf, resume_frames=state.frames_written or None,
-                             before_placing=placing)
-        try:
-            chunks = endless.generate_latents(pipeline, settings, embeddings, state, generator, latent_image,
-                                              progress.step, on_chunk)
-            while chunks_to_write is None or written_chunks < chunks_to_write:
-                latents = next(chunks)
-                state.generator_state = generator.get_state()
-                if not (dropping_first_chunk and state.chunk_index == 1):
-                    frames = pipeline.decode_video(latents, frames_per_batch=settings.decode_frames)
-                    state.frames_written += settings.frames
-                    writer.write_chunk(endless.to_uint8_frames(frames[0]))  # a new output's first: `placing`
-                    written_chunks += 1
-                    progress.chunk = written_chunks
-                if writer.in_place:
-                    endless.save_state(state_file, settings, state)
-        except KeyboardInterrupt:
+
+def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
+    """Encode the prompts and start from --image or --extend, then chunk after chunk: denoise,
+    decode, write, save the state; until --chunks or --seconds, or Ctrl-C. Returns whether the output
+    is in place (a new one's first chunk was complete)."""
+    import torch
+
+    import endless
+    from infra.run_state import Progress
+    from infra.video_io import open_writer
+
+    settings, state, state_file, out = plan.settings, plan.state, plan.state_file, plan.out
+    prompts = endless.timeline_prompts(pipeline, settings)  # then the text encoders leave the device
+    generator = torch.Generator().manual_seed(settings.seed)
+    if state.generator_state is not None:
+        generator.set_state(state.generator_state)
+    latent_image = endless.starting_point(pipeline, state, plan.image, plan.video)
+    state.to(pipeline.device, pipeline.dtype)  # a resumed state's tensors, from the CPU
+    print_timeline(settings, plan.chunks_to_write)
+    warn_unknown_words(pipeline.text_encoder.tokenizer, settings)
+
+    dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
+    written_chunks = state.frames_written // settings.frames
+    progress = Progress(plan.chunks_to_write, written_chunks)
+    old_state = []  # the old output's state file (its bytes, or None), once `placing` replaced it
+
+    def placing(temporary: str | None) -> None:
+        """The first chunk of a new output is complete, about to replace any old output: record it
+        (a crash between the two renames is finished by --resume), or, for a PNG folder whose old
+        frames go one by one, drop the old state so that it never describes the new frames."""
+        if temporary is None:
+            state_file.unlink(missing_ok=True)
+            return
+        previous = state_file.read_bytes() if state_file.is_file() else None
+        endless.save_state(state_file, settings, state, pending_output=temporary)
+        old_state.append(previous)
+
+    writer = open_writer(out, settings.fps, crf=settings.crf, resume_frames=state.frames_written or None,
+                         before_placing=placing)
+    try:
+        chunks = endless.generate_latents(pipeline, settings.chunk, settings.drift, prompts, state, generator,
+                                          latent_image, settings.image_strength, progress.step, on_chunk)
+        while plan.chunks_to_write is None or written_chunks < plan.chunks_to_write:
+            latents = next(chunks)
+            state.generator_state = generator.get_state()
+            if not (dropping_first_chunk and state.chunk_index == 1):
+                frames = endless.frames_of(pipeline, latents, settings.decode_frames)[0]  # (frames, H, W, 3)
+                state.frames_written += settings.frames
+                writer.write_chunk(frames)  # a new output's first: `placing`
+                written_chunks += 1
+                progress.chunk = written_chunks
             if writer.in_place:
-                print(f"\nstopped: {out} ends at its last complete chunk; --resume continues it", file=sys.stderr)
-            else:
-                print(f"\nstopped before the first chunk was complete: nothing was written"
-                      f"{'; the old ' + out + ' is kept' if os.path.lexists(out) else ''}", file=sys.stderr)
-        finally:
-            writer.close()
-            if old_state and not writer.in_place and writer.temporary is not None:
-                # The state file names a temporary that was never placed (and is gone): the old
-                # output is still there, so its state file goes back.
-                endless.restore_state(state_file, old_state[0])
-    if writer.in_place:
-        print(f"\n{out}: {state.frames_written} frames, {state.frames_written / settings.fps:.1f} s at {settings.fps:g} fps, "
-              f"made in {endless.format_seconds(time.time() - started)}; state in {state_file}: "
-              f"`python sample.py --out {out} --resume --chunks N` continues it", file=sys.stderr)
+                endless.save_state(state_file, settings, state)
+    except KeyboardInterrupt:
+        if writer.in_place:
+            print(f"\nstopped: {out} ends at its last complete chunk; --resume continues it", file=sys.stderr)
+        else:
+            print(f"\nstopped before the first chunk was complete: nothing was written"
+                  f"{'; the old ' + out + ' is kept' if os.path.lexists(out) else ''}", file=sys.stderr)
+    finally:
+        writer.close()
+        if old_state and not writer.in_place and writer.temporary is not None:
+            # The state file names a temporary that was never placed (and is gone): the old
+            # output is still there, so its state file goes back.
+            endless.restore_state(state_file, old_state[0])
+    return writer.in_place
 
 
 def warn_unknown_words(tokenizer, settings: Settings) -> None:

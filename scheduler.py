@@ -1,25 +1,43 @@
-"""DPM-Solver++ multistep sampler (orders 1 and 2) and its SDE variant, for SDXL-style models.
+"""The noise schedule, the training maths, and the samplers: a registry of step functions.
 
 The model is trained on a discrete schedule of `num_train_timesteps` noise levels, where the noisy
 sample is `x_t = alpha_t * x_0 + std_t * noise` with `alpha_t**2 + std_t**2 = 1`. We index noise
 levels by `sigma = std_t / alpha_t`, so `alpha_t = 1 / sqrt(1 + sigma**2)`, `std_t = sigma * alpha_t`
-and the half log signal-to-noise ratio is `lambda = -log(sigma)`. Each solver step moves from sigma
-to the next, smaller sigma using the model's prediction of the clean sample (the "denoised" x_0):
-DPM-Solver++ (Lu et al., 2022, arXiv:2211.01095) and its SDE form, which adds fresh noise each step.
+and the half log signal-to-noise ratio is `lambda = -log(sigma)`.
 
+Training uses the schedule functions (`add_noise`, `training_target`, `denoised_from`). Sampling
+runs `make_schedule`'s sigmas down to zero; at each one the model's output gives the denoised
+estimate (the clean x_0), and a sampler's step function moves the sample to the next sigma:
+
+    step(sample, denoised, sigma, sigma_next, history, noise) -> the sample at sigma_next
+
+sample, denoised, noise: float32 tensors of one shape, e.g. (batch, channels, frames, height, width);
+sigma > sigma_next >= 0, floats (0 at the last step); history: a `History`, which the caller
+updates after each step; noise: None for deterministic samplers.
+
+`SAMPLERS` names each step function and says whether it takes fresh noise each step (`stochastic`:
+the pipeline draws that noise, and only for those). A new sampler is one function and one entry.
+
+    "dpmsolver++"      DPM-Solver++ 2M (Lu et al., 2022, arXiv:2211.01095), midpoint form
+    "sde-dpmsolver++"  its SDE form, which adds fresh noise each step
+    "euler"            Euler's method on the probability-flow ODE (Karras et al., 2022, arXiv:2206.00364)
+    "euler-ancestral"  Euler steps down to below sigma_next, then fresh noise back up to it
+
+The Euler samplers work in k-diffusion's scaling, `x = x_0 + sigma * noise = sample / alpha_t`.
 Schedules, timesteps and results match diffusers' `DPMSolverMultistepScheduler` with the same
-settings and its defaults otherwise (no Karras sigmas, a final sigma of zero, midpoint solver).
+settings and its defaults otherwise (no Karras sigmas, a final sigma of zero, midpoint solver); the
+Euler steps match its `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler` on our sigmas.
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
-ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SOLVER_ORDERS = (1, 2)
@@ -54,7 +72,8 @@ def _check_choice(name, value, allowed):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Settings of the sampler; field names and meanings are diffusers' own."""
+    """Settings of the schedule and the sampler; field names and meanings are diffusers' own, but
+    `algorithm_type` names any sampler of `SAMPLERS`."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -72,7 +91,7 @@ class SchedulerConfig:
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
+        _check_choice("algorithm_type", self.algorithm_type, SAMPLERS)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("solver_order", self.solver_order, SOLVER_ORDERS)
@@ -154,10 +173,87 @@ def make_timesteps(config, num_inference_steps):
     return np.arange(steps, 0, -steps / count).round()[:count].astype(np.int64) - 1
 
 
+def make_schedule(config, num_inference_steps):
+    """What a sampling run steps through: (timesteps (num_inference_steps,) int64, sigmas
+    (num_inference_steps + 1,) float32 ending in 0), on the CPU; the model is called at timesteps[i],
+    whose noise level is sigmas[i], and step i goes from sigmas[i] to sigmas[i + 1].
+
+    ValueError for a step count outside [1, num_train_timesteps], or one that repeats a noise level.
+    """
+    steps = config.num_train_timesteps
+    if type(num_inference_steps) is not int or not 1 <= num_inference_steps <= steps:
+        raise ValueError(f"num_inference_steps must be an int in [1, {steps}], got {num_inference_steps!r}")
+    timesteps = torch.from_numpy(make_timesteps(config, num_inference_steps))
+    training_sigmas = make_training_sigmas(make_alphas_cumprod(make_betas(config)))
+    sigmas = training_sigmas[timesteps.clamp(0, steps - 1)]  # diffusers interpolates, clamping the ends
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"num_inference_steps={num_inference_steps} with timestep_spacing="
+                         f"{config.timestep_spacing!r} repeats a noise level; use fewer steps")
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
 def vp_coefficients(sigma):
     """(alpha_t, std_t) of the noisy sample x_t = alpha_t * x_0 + std_t * noise at noise level sigma."""
     alpha = 1 / math.sqrt(1 + sigma**2)
     return alpha, sigma * alpha
+
+
+# Training maths: at training timesteps, one per batch item.
+
+
+def training_coefficients(config, timesteps, like):
+    """(alpha_t, std_t) at each training timestep, shaped (batch, 1, ...) to broadcast over `like`
+    and in its device and dtype. timesteps: int tensor (batch,) or scalar, each in
+    [0, num_train_timesteps) (ValueError otherwise)."""
+    timesteps, steps = torch.as_tensor(timesteps).cpu(), config.num_train_timesteps
+    if timesteps.is_floating_point() or timesteps.min() < 0 or timesteps.max() >= steps:
+        raise ValueError(f"timesteps must be integers in [0, {steps}), got {timesteps.tolist()}")
+    alphas_cumprod = make_alphas_cumprod(make_betas(config))[timesteps]
+    alphas_cumprod = alphas_cumprod.reshape(-1, *[1] * (like.dim() - 1))  # (batch, 1, ...)
+    alpha = alphas_cumprod.sqrt().to(like.device, like.dtype)
+    std = (1 - alphas_cumprod).sqrt().to(like.device, like.dtype)
+    return alpha, std
+
+
+def add_noise(config, original, noise, timesteps):
+    """Noise clean samples to training timesteps: alpha_t * original + std_t * noise.
+
+    original, noise: (batch, ...); timesteps as `training_coefficients` takes them. Returns original's
+    shape and dtype. Equals diffusers' `DDPMScheduler.add_noise`.
+    """
+    alpha, std = training_coefficients(config, timesteps, original)
+    return alpha * original + std * noise
+
+
+def velocity(config, sample, noise, timesteps):
+    """The v of v-prediction (Salimans & Ho, 2022, arXiv:2202.00512): alpha_t * noise - std_t * sample.
+
+    Arguments as `add_noise`'s (`sample` is the clean sample). Equals diffusers'
+    `DDPMScheduler.get_velocity`.
+    """
+    alpha, std = training_coefficients(config, timesteps, sample)
+    return alpha * noise - std * sample
+
+
+def training_target(config, sample, noise, timesteps):
+    """What the model learns to output for `add_noise(config, sample, noise, timesteps)`: the noise
+    (epsilon) or `velocity` (v_prediction), as config.prediction_type says."""
+    if config.prediction_type == "epsilon":
+        return noise
+    return velocity(config, sample, noise, timesteps)
+
+
+def denoised_from(config, model_output, sample, alpha, std):
+    """The clean sample x_0 that the model's output (the noise, or v, as config.prediction_type says)
+    implies for `sample` = alpha * x_0 + std * noise: (sample - std * noise) / alpha, or
+    alpha * sample - std * v. alpha, std: floats (`vp_coefficients`), or tensors that broadcast over
+    the sample (`training_coefficients`)."""
+    if config.prediction_type == "epsilon":
+        return (sample - std * model_output) / alpha
+    return alpha * sample - std * model_output
+
+
+# The samplers: step functions over the denoised estimate.
 
 
 def first_order_update(sample, denoised, sigma, sigma_next, noise=None):
@@ -193,131 +289,60 @@ def second_order_update(sample, denoised, previous_denoised, sigma_previous, sig
             + std_next * math.sqrt(-math.expm1(-2 * step)) * noise)
 
 
-class DPMSolverMultistepScheduler:
-    """Stateful sampler with diffusers' interface: `set_timesteps`, then `step` once per timestep."""
+@dataclass
+class History:
+    """What multistep samplers keep between the steps of one run: the highest solver order they may
+    use, and the last step's noise level and denoised estimate (None before the first step)."""
 
-    def __init__(self, config):
-        self.config = config
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(config))  # (num_train_timesteps,)
-        self.timesteps = None  # (num_inference_steps,) int64, after set_timesteps
-        self.sigmas = None  # (num_inference_steps + 1,) float32 on the CPU, ending in 0
+    order: int = 2
+    sigma: float | None = None
+    denoised: torch.Tensor | None = None
 
-    @property
-    def init_noise_sigma(self):
-        """Standard deviation of the starting noise: 1, as the model's inputs are variance preserving."""
-        return 1.0
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        """Choose the timesteps to sample at and forget the multistep history."""
-        steps = self.config.num_train_timesteps
-        if type(num_inference_steps) is not int or not 1 <= num_inference_steps <= steps:
-            raise ValueError(f"num_inference_steps must be an int in [1, {steps}], got {num_inference_steps!r}")
-        timesteps = torch.from_numpy(make_timesteps(self.config, num_inference_steps))
-        training_sigmas = make_training_sigmas(self.alphas_cumprod)
-        sigmas = training_sigmas[timesteps.clamp(0, steps - 1)]  # diffusers interpolates, clamping the ends
-        if not bool((sigmas[1:] < sigmas[:-1]).all()):
-            raise ValueError(f"num_inference_steps={num_inference_steps} with timestep_spacing="
-                             f"{self.config.timestep_spacing!r} repeats a noise level; use fewer steps")
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-        self._timesteps_cpu = timesteps
-        self.timesteps = timesteps.to(device)
-        self._step_index = None
-        self._previous = None  # (sigma, denoised) of the last step taken
+def dpm_solver_plus_plus(sample, denoised, sigma, sigma_next, history, noise=None):
+    """DPM-Solver++(2M): second order over the history's denoised estimate, but first order at the
+    first step, at the last one (to sigma 0) and at solver order 1; the SDE form when noise is given."""
+    if history.order == 1 or history.denoised is None or sigma_next == 0:
+        return first_order_update(sample, denoised, sigma, sigma_next, noise)
+    return second_order_update(sample, denoised, history.denoised, history.sigma, sigma, sigma_next, noise)
 
-    def scale_model_input(self, sample, timestep):
-        """The model's input at this timestep: the sample itself for this sampler."""
-        return sample
 
-    def _denoised(self, model_output, sample, sigma):
-        alpha, std = vp_coefficients(sigma)
-        if self.config.prediction_type == "epsilon":
-            return (sample - std * model_output) / alpha
-        return alpha * sample - std * model_output  # v_prediction
+def euler(sample, denoised, sigma, sigma_next, history, noise=None):
+    """One Euler step of the probability-flow ODE dx/dsigma = (x - denoised) / sigma in k-diffusion's
+    x = sample / alpha_t = x_0 + sigma * noise, as our latents are variance preserving."""
+    alpha, _ = vp_coefficients(sigma)
+    alpha_next, _ = vp_coefficients(sigma_next)
+    x = sample / alpha
+    return alpha_next * (denoised + (sigma_next / sigma) * (x - denoised))
 
-    def _index_of(self, timestep):
-        timestep = int(timestep)
-        if self._step_index is None:
-            matches = (self._timesteps_cpu == timestep).nonzero()
-            if len(matches) == 0:
-                raise ValueError(f"timestep {timestep} is not in the schedule {self._timesteps_cpu.tolist()}")
-            return int(matches[0])
-        if self._step_index >= len(self._timesteps_cpu):
-            raise ValueError("all timesteps were stepped; call set_timesteps again")
-        expected = int(self._timesteps_cpu[self._step_index])
-        if timestep != expected:
-            raise ValueError(f"timestep {timestep} given where the schedule's next one is {expected}")
-        return self._step_index
 
-    def step(self, model_output, timestep, sample, generator=None, noise=None):
-        """Take one step from `timestep` to the next one in the schedule, returning the new sample.
+def euler_ancestral(sample, denoised, sigma, sigma_next, history, noise):
+    """Euler ancestral (k-diffusion's, eta 1): an Euler step in x = sample / alpha_t down to
+    sigma_down = sigma_next**2 / sigma, then fresh noise of std sqrt(sigma_next**2 - sigma_down**2)
+    back up to sigma_next."""
+    alpha, _ = vp_coefficients(sigma)
+    alpha_next, _ = vp_coefficients(sigma_next)
+    sigma_down = sigma_next**2 / sigma
+    sigma_up = sigma_next * math.sqrt(1 - (sigma_next / sigma) ** 2)
+    x = sample / alpha
+    return alpha_next * (denoised + (sigma_down / sigma) * (x - denoised) + sigma_up * noise)
 
-        model_output, sample: same shape, e.g. (batch, channels, frames, height, width). The SDE variant
-        draws its noise (float32, on the generator's device, as diffusers does) from `generator`, or
-        uses `noise` of the sample's shape. Computes in float32, returns the sample's dtype.
-        """
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        stochastic = self.config.algorithm_type == "sde-dpmsolver++"
-        if stochastic and generator is None and noise is None:
-            raise ValueError("the sde-dpmsolver++ step needs a generator or noise")
-        if noise is not None and noise.shape != sample.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} differs from sample shape {tuple(sample.shape)}")
-        index = self._index_of(timestep)
-        sigma, sigma_next = float(self.sigmas[index]), float(self.sigmas[index + 1])
-        original_dtype, sample = sample.dtype, sample.float()
-        denoised = self._denoised(model_output.float(), sample, sigma)
-        if not stochastic:
-            noise = None
-        elif noise is None:
-            noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        if noise is not None:
-            noise = noise.to(device=sample.device, dtype=torch.float32)
 
-        if self.config.solver_order == 1 or self._previous is None or sigma_next == 0:
-            new_sample = first_order_update(sample, denoised, sigma, sigma_next, noise)
-        else:
-            sigma_previous, previous_denoised = self._previous
-            new_sample = second_order_update(sample, denoised, previous_denoised, sigma_previous, sigma,
-                                             sigma_next, noise)
-        self._previous = (sigma, denoised)
-        self._step_index = index + 1
-        return new_sample.to(original_dtype)
+class Sampler(NamedTuple):
+    """An entry of SAMPLERS: the step function, and whether its steps take fresh noise."""
 
-    def _training_coefficients(self, timesteps, like):
-        """(alpha_t, std_t) at each training timestep, shaped (batch, 1, ...) to broadcast over `like`
-        and in its device and dtype; ValueError for a timestep outside [0, num_train_timesteps)."""
-        timesteps, steps = torch.as_tensor(timesteps).cpu(), self.config.num_train_timesteps
-        if timesteps.is_floating_point() or timesteps.min() < 0 or timesteps.max() >= steps:
-            raise ValueError(f"timesteps must be integers in [0, {steps}), got {timesteps.tolist()}")
-        alphas_cumprod = self.alphas_cumprod[timesteps].reshape(-1, *[1] * (like.dim() - 1))  # (batch, 1, ...)
-        alpha = alphas_cumprod.sqrt().to(like.device, like.dtype)
-        std = (1 - alphas_cumprod).sqrt().to(like.device, like.dtype)
-        return alpha, std
+    step: Callable  # step(sample, denoised, sigma, sigma_next, history, noise) -> the sample at sigma_next
+    stochastic: bool  # noise: float32 normal noise of the sample's shape for these, None for the others
 
-    def add_noise(self, original, noise, timesteps):
-        """Noise clean samples to training timesteps: alpha_t * original + std_t * noise.
 
-        original, noise: (batch, ...); timesteps: int tensor (batch,) or scalar, each in
-        [0, num_train_timesteps). Returns original's shape and dtype. Equals diffusers'
-        `DDPMScheduler.add_noise`.
-        """
-        alpha, std = self._training_coefficients(timesteps, original)
-        return alpha * original + std * noise
+SAMPLERS = {
+    "dpmsolver++": Sampler(dpm_solver_plus_plus, stochastic=False),
+    "sde-dpmsolver++": Sampler(dpm_solver_plus_plus, stochastic=True),
+    "euler": Sampler(euler, stochastic=False),
+    "euler-ancestral": Sampler(euler_ancestral, stochastic=True),
+}
 
-    def velocity(self, sample, noise, timesteps):
-        """The v of v-prediction (Salimans & Ho, 2022, arXiv:2202.00512): alpha_t * noise - std_t * sample.
 
-        Arguments as `add_noise`'s (`sample` is the clean sample). Equals diffusers'
-        `DDPMScheduler.get_velocity`.
-        """
-        alpha, std = self._training_coefficients(timesteps, sample)
-        return alpha * noise - std * sample
-
-    def training_target(self, sample, noise, timesteps, prediction_type=None):
-        """What the model learns to output for `add_noise(sample, noise, timesteps)`: the noise
-        (epsilon) or `velocity` (v_prediction); `prediction_type` defaults to the config's."""
-        prediction_type = self.config.prediction_type if prediction_type is None else prediction_type
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        if prediction_type == "epsilon":
-            return noise
-        return self.velocity(sample, noise, timesteps)
+def with_sampler(config, name):
+    """`config` sampling with SAMPLERS[name] (as its algorithm_type); `config` itself for None."""
+    return config if name is None else dataclasses.replace(config, algorithm_type=name)

@@ -15,7 +15,7 @@ One process on a CPU, or several under `torchrun --nproc_per_node N train.py ...
 --fsdp the UNet sharded by FSDP2; gloo on CPU, nccl on GPU). Every random draw of the loss is a
 function of the seed and the step, the same on any number of processes (self-made contexts too).
 Checkpoints resume exactly: model, optimiser, schedule, weight average and data position
-(training/loop.py). --plan prints the memory a run needs per process, before any work (training/plan.py). Every --validate-every steps a
+(training/loop.py). --plan prints the memory a run needs per process, before any work (infra/memory.py). Every --validate-every steps a
 validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
 and OUT/curves.png (training/validation.py). The same command (or only --out) resumes a run: options not given take the values
 stored in OUT/train_config.json, and a changed option that would change the result is refused.
@@ -34,20 +34,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from video_settings import OneLineParser, Settings
+from infra.cli import OneLineParser, of_type, option_name
+from infra.files import read_json_object
+from training.baby_sizes import BABY_VAE_CHANNELS
+from video_settings import ChunkSpec, DriftControls
 
 # What a run resumed in the same --out may do with a setting (TrainConfig's `resume`).
 FIXED = "fixed"  # it shapes the trained model: it must keep its stored value
 EXTEND = "extend"  # it may grow (more steps): the run goes on
 FREE = "free"  # logging, speed, the machine, the sample defaults written with the model: it may change
-# baby_configs' VAE widths by how much it downsamples: 4 is the three levels of the shipped baby (32x32
-# frames), 8 four levels in SDXL's proportions (its 128, 256, 512, 512 over 16).
-BABY_VAE_CHANNELS = {4: (16, 32, 32), 8: (8, 16, 32, 32)}
 STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
 # Settings added since runs were stored without them: the value those runs had.
-ADDED_SETTINGS = {"vae_downsampling": 4}
+ADDED_SETTINGS = {"vae_downsampling": 4, "shapes": 1}
 # Settings per process: a run resumed on another number of processes keeps their product with it (the
 # global batch), which train_config.json's "world_size" (the processes that started the run) gives.
 PER_PROCESS = ("batch_size", "vae_batch_size")
@@ -73,6 +73,9 @@ class TrainConfig:
     data: str = setting("shapes", '"shapes" (the shapes world), a folder of videos with captions, or one of shards '
                                   "(tools/prepare_data.py; mode temporal)", FIXED)
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
+    shapes: int = setting(1, 'shapes world: shapes per clip, of distinct colours, one over the other, captioned "a red '
+                             'circle moving left and a blue square moving up" (two shapes are 13 tokens of the '
+                             "baby's 16)", FIXED, minimum=1, maximum=2)
     out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
                        FREE)
     size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
@@ -194,17 +197,6 @@ class TrainConfig:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
 
 
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def of_type(value, kind: type) -> bool:
-    """isinstance, with an int taken as a float and a bool as nothing but a bool."""
-    if isinstance(value, bool):
-        return kind is bool
-    return isinstance(value, (int, float) if kind is float else kind)
-
-
 def literal_choices(field: dataclasses.Field) -> tuple:
     """The values of a Literal[...] field; () for any other."""
     return get_args(field.type) if get_origin(field.type) is Literal else ()
@@ -223,17 +215,6 @@ def shown(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return '""' if value == "" else str(value)
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object from a file; ValueError naming the file otherwise."""
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON ({error})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
-    return values
 
 
 def vae_factor(config: TrainConfig) -> int:
@@ -358,50 +339,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from shapes import world
-from endless import VideoState, generate_latents, to_uint8_frames
-from model import UNet, UNetConfig
-from pipeline import StableDiffusionXLVideoPipeline, fsync_tree, micro_conditioning, model_configs, writing
-from scheduler import DPMSolverMultistepScheduler, SchedulerConfig
+from endless import Prompts, VideoState, decoded_chunks
+from infra.checkpoint import model_configs
+from infra.files import atomic_file, fsync_tree, naming
+from infra.run_state import resolve_device
+from model import UNet, micro_conditioning
+from pipeline import StableDiffusionXLVideoPipeline
+from scheduler import SchedulerConfig, add_noise, training_target
 from training.self_context import SelfContext
-from text import TextEncoder, clip_tokenizers
-from vae import AutoencoderKL, VAEConfig
-from training.data import Batches, ShapesData, batch_of, encoded_batch, make_data
+from vae import AutoencoderKL
+from training.baby import baby_configs, baby_text_encoder
+from training.data import Batches, batch_of, encoded_batch, make_data
 from infra.video_io import open_writer
-from training.loop import (AUTOCAST_DTYPES, Stage, Stopped, append_log, atomic_file, gathered, read_checkpoint,
+from training.loop import (AUTOCAST_DTYPES, Stage, Stopped, append_log, gathered, read_checkpoint,
                       replace_folder, shard)
-from training.plan import Sample, plan_table, training_flops, unet_units
-from training.validation import HeldOutShapes, plot_curves, shapes_metrics, validation_loss
-
-
-# The baby model ---------------------------------------------------------------------------------
-
-
-def baby_text_encoder(folder: Path, seed: int) -> TextEncoder:
-    """Frozen random CLIP encoders (hidden 32, projection 32) and a tokenizer of the world's words."""
-    tokenizer, tokenizer_2 = clip_tokenizers(world.write_tokenizer_files(folder), 16)
-    common = dict(vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **common))
-    return TextEncoder(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
-
-
-def baby_configs(size: int, conditioner: str = "transformer",
-                 vae_downsampling: int = TrainConfig.vae_downsampling) -> tuple[UNetConfig, VAEConfig]:
-    """The UNet in three levels, 3.0 M parameters, 1.3 M of them temporal (with the transformer
-    conditioner); the VAE in three levels (downsampling by 4, 0.24 M parameters) or four (by 8,
-    0.25 M)."""
-    vae = VAEConfig(block_out_channels=BABY_VAE_CHANNELS[vae_downsampling], layers_per_block=1, norm_num_groups=8,
-                    force_upcast=False)
-    unet = UNetConfig(
-        block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(0, 1, 1), head_dim=16,
-        cross_attention_dim=64, pooled_text_dim=32, addition_time_embed_dim=16, norm_num_groups=8,
-        sample_size=size // vae.downsample_factor, temporal_layers=1, conditioner_dim=64, conditioner=conditioner,
-    )
-    return unet, vae
+from infra.memory import Sample, plan_table, training_flops, unet_units
+from training.validation import SHAPES_PROMPTS, HeldOutShapes, plot_curves, shapes_metrics, validation_loss
 
 
 # Losses ----------------------------------------------------------------------------------------
@@ -438,12 +391,12 @@ def vae_loss(data, config: TrainConfig, rank: int, world_size: int, latent_shape
 def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, rank: int, world_size: int):
     """The denoising loss on the chunk frames, conditioned on the clean (or noised, or no) context: the
     model predicts the noise, or v = alpha * noise - sigma * latents, as its scheduler's prediction_type says
-    (`DPMSolverMultistepScheduler.add_noise` and `.training_target`, in float32). Every draw is made
+    (scheduler.add_noise and scheduler.training_target, in float32). Every draw is made
     for the global batch (`generator` is the same in every process) and each process takes its slice,
     so that a run gives the same numbers on any number of processes with the same global batch."""
     device = pipeline.device
-    scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
-    train_steps = pipeline.scheduler_config.num_train_timesteps
+    scheduler_config = pipeline.scheduler_config
+    train_steps = scheduler_config.num_train_timesteps
     k = config.context_frames
     mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)  # this process's samples of a global batch
     self_context = SelfContext(config.self_context, config.self_context_probability, config.self_context_steps,
@@ -472,8 +425,8 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
         timesteps = torch.randint(0, train_steps, (every,), generator=generator)[mine]
         noise = torch.randn((every, *chunk.shape[1:]), generator=generator)[mine].to(chunk)
         chunk, noise = chunk.float(), noise.float()  # (b, 4, f, h, w), the noising and target in float32
-        noisy = scheduler.add_noise(chunk, noise, timesteps)
-        target = scheduler.training_target(chunk, noise, timesteps)
+        noisy = add_noise(scheduler_config, chunk, noise, timesteps)
+        target = training_target(scheduler_config, chunk, noise, timesteps)
         time_ids = micro_conditioning(batch, config.size, config.size, dtype=text.dtype, device=text.device)
         prediction = unet(noisy, timesteps.to(device), text, pooled, time_ids, context)
         return F.mse_loss(prediction.float(), target.float())
@@ -503,13 +456,14 @@ def write_samples(pipeline, config: TrainConfig, step: int, write: bool = True,
     pipeline.unet.eval()
     with torch.no_grad():
         for index, prompt in enumerate(prompts):
-            settings = Settings.from_options(timeline=[(0, prompt)], **sample_defaults(config))
-            chunks = generate_latents(pipeline, settings, [pipeline.encode_prompt(prompt)], VideoState(),
-                                      torch.Generator().manual_seed(index))
-            frames = [to_uint8_frames(pipeline.vae.decode_video(next(chunks))[0]) for _ in range(4)]
+            defaults = sample_defaults(config)
+            chunks = decoded_chunks(pipeline, ChunkSpec.from_options(defaults), DriftControls.from_options(defaults),
+                                    Prompts([(0, pipeline.encode_prompt(prompt))]), VideoState(),
+                                    torch.Generator().manual_seed(index))
+            frames = [next(chunks)[0] for _ in range(4)]
             if write:
                 path = folder / f"step{step:06d}_{index}.gif"
-                with writing(path), open_writer(str(path), fps=6) as writer:
+                with naming(path), open_writer(str(path), fps=6) as writer:
                     for chunk in frames:
                         writer.write_chunk(chunk)
     pipeline.unet.train(was_training)
@@ -524,7 +478,7 @@ def save_model(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) ->
     if config.mode == "temporal":
         provenance["base"] = pipeline.provenance  # the --model it was trained from
     try:
-        with writing(folder):
+        with naming(folder):
             shutil.rmtree(temporary, ignore_errors=True)  # left by a save that was killed
             pipeline.save_pretrained(temporary, provenance=provenance, sample_defaults=sample_defaults(config))
             fsync_tree(temporary)
@@ -549,13 +503,19 @@ def write_curves(config: TrainConfig) -> None:
             image.save(file, format="PNG")
 
 
+# The shapes metrics' prompts with --shapes 2, as validation.SHAPES_PROMPTS: two shapes the baby trains on,
+# and two it never sees (world.HELD_OUT).
+TWO_SHAPES_PROMPTS = ("a red circle moving left and a blue square moving up",
+                      "a red triangle moving up and a green circle moving left")
+
+
 def validation_clips(config: TrainConfig):
     """The held-out clips of the validation loss: --validation-data, or the shapes world's own
     (`HeldOutShapes`); None for a run on videos without --validation-data."""
     if config.validation_data:
         return make_data(dataclasses.replace(config, data=config.validation_data))
     if config.data == "shapes":
-        return HeldOutShapes(ShapesData(config.size, config.context_frames + config.frames, config.seed))
+        return HeldOutShapes(make_data(dataclasses.replace(config, clips=0)))  # not cycling: -1 - i is never trained on
     return None
 
 
@@ -570,22 +530,11 @@ def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfi
                                          world_size)
     if config.data == "shapes" and (rank == 0 or config.fsdp):
         with gathered(pipeline.unet):
-            record["shapes"] = shapes_metrics(pipeline, sample_defaults(config))
+            prompts = SHAPES_PROMPTS if config.shapes == 1 else TWO_SHAPES_PROMPTS
+            record["shapes"] = shapes_metrics(pipeline, sample_defaults(config), prompts)
     if rank == 0:
         append_log(config.out, record)
         write_curves(config)
-
-
-def resolve_device(name: str) -> str:
-    """--device, with auto the GPU when there is one, and under torchrun "cuda" the process's own
-    (cuda:LOCAL_RANK); ValueError for a device this machine lacks."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    elif name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device (give --device auto or cpu)")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return name
 
 
 def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
@@ -604,7 +553,7 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
         return pipeline
     unet_config, vae_config = baby_configs(config.size, config.conditioner, config.vae_downsampling)
     torch.manual_seed(config.seed)
-    text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed)
+    text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed, config.shapes)
     scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
     pipeline = StableDiffusionXLVideoPipeline(UNet(unet_config), AutoencoderKL(vae_config), text_encoder,
                                               scheduler_config)
@@ -661,7 +610,7 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline |
         if (out / "train_config.json").exists():
             found = ", ".join(f"{paths[name].name} at step {step}" for name, step in steps.items()) or "no checkpoint yet"
             print(f"resuming {out} ({found})" + (f"; accepted {', '.join(changes)}" if changes else ""), flush=True)
-        with writing(out):
+        with naming(out):
             out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "train_config.json") as file:  # and the processes that train it
             file.write((json.dumps({**asdict(config), "world_size": world_size}, indent=2) + "\n").encode())
@@ -727,7 +676,7 @@ def text_encoder_parameters(folder: Path) -> int:
 
 
 def plan(config: TrainConfig) -> str:
-    """The --plan table (training/plan.py plan_table) for the run's UNet: --model's (mode temporal: from
+    """The --plan table (infra/memory.py plan_table) for the run's UNet: --model's (mode temporal: from
     its config.json alone, no weights are read) or the baby's, over --processes (or WORLD_SIZE)."""
     processes = config.processes or int(os.environ.get("WORLD_SIZE", "1"))
     if config.mode == "temporal":

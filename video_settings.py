@@ -9,35 +9,51 @@ and checked against the model here too, from their headers (formats/lora_files.p
 import argparse
 import math
 import os
-import types
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from formats import lora_files
+from infra.cli import of_type, option_name
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# scheduler.SAMPLERS' own samplers, for --help without torch (tests/test_scheduler.py holds them equal);
+# --scheduler takes any name of the registry, `check_sampler` checks it.
+SAMPLER_NAMES = ("dpmsolver++", "sde-dpmsolver++", "euler", "euler-ancestral")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse for every script: a usage error is one line (`error: ...`, exit status 2), not the
-    whole usage."""
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What every chunk of a video is: its size, its frames, the context it sees and how it is
+    sampled (`Settings.chunk`; endless.generate_latents and the drift controls read it)."""
 
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+    height: int  # pixels
+    width: int
+    frames: int  # frames per chunk
+    context_frames: int  # latents of the last frames each chunk sees
+    steps: int  # denoising steps per chunk
+    guidance: float  # classifier-free guidance scale; 1 or less: none
+    scheduler: str | None = None  # the sampler, a name of scheduler.SAMPLERS; None: the model's scheduler config's
+
+    @classmethod
+    def from_options(cls, options: dict) -> "ChunkSpec":
+        """The ChunkSpec of flat options (Settings' names, as a model's `sample_defaults` gives them);
+        a field with a default may be missing; other names are ignored."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
-def control(default, help: str, low: float = -math.inf, high: float = math.inf):
-    """A field of DriftControls: its default (off), its --help, and for a number its range [low, high]."""
-    return field(default=default, metadata={"help": help, "range": (low, high)})
+def control(default, help: str, low: float = -math.inf, high: float = math.inf, spans_batch: bool = False):
+    """A field of DriftControls: its default (off), its --help, for a number its range [low, high],
+    and whether its statistics span the batch (then a batch of videos differs from each made alone)."""
+    return field(default=default, metadata={"help": help, "range": (low, high), "spans_batch": spans_batch})
 
 
 @dataclass
 class DriftControls:
     """The controls against drift over a long video. Each is a field (its command-line option, help
     and range come from the field, in sample.py and evaluate.py alike) and one step of the two
-    methods below, which endless.generate_latents calls around every chunk, in this order:
+    methods below, which endless.generate_latents calls around every chunk with the chunk's
+    `ChunkSpec` (its frames and context_frames), in this order:
 
     `next_context`, before a chunk: its context, from the last latents made
         1. anchor_frame: the first frame replaces the oldest frame of the context
@@ -48,19 +64,31 @@ class DriftControls:
         5. anchor_frame: at the first chunk, the first frame is kept (in `state.anchor`)
 
     Every control defaults to off, so a default video is made without any of them. `state` is
-    endless.VideoState: what the controls keep between chunks lives there.
+    endless.VideoState: what the controls keep between chunks lives there, a field each (its
+    tensors are saved, checked and moved to the device with the state's others).
     """
 
     context_noise: float = control(0.0, "std of noise added to the context", 0)
     anchor_frame: bool = control(False, "keep the first frame in the context")
-    renormalize: bool = control(False, "the original's latent renormalisation")
+    renormalize: bool = control(False, "the original's latent renormalisation", spans_batch=True)
     statistics_lock: float = control(
         0.0, "closed loop: move each finished chunk's per-channel latent mean and std this far, in [0, 1], "
              "toward the first chunk's", 0, 1)
 
-    def next_context(self, state, noise) -> "torch.Tensor | None":
+    @classmethod
+    def from_options(cls, options: dict) -> "DriftControls":
+        """The controls given in flat options (as a model's `sample_defaults` gives them), the others
+        off; other names are ignored."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+    def spanning_batch(self) -> list[str]:
+        """The names of the controls that are on and whose statistics span the batch."""
+        return [f.name for f in fields(self) if f.metadata["spans_batch"] and getattr(self, f.name)]
+
+    def next_context(self, state, noise, chunk: ChunkSpec) -> "torch.Tensor | None":
         """The context of the next chunk (batch, 4, k, h, w), or None before the first; `noise(shape)`
-        draws Gaussian noise from the run's generator."""
+        draws Gaussian noise from the run's generator. k is chunk.context_frames, or fewer at the first
+        chunk of --image (one frame) or --extend."""
         if state.context is None:
             return None
         context = state.context
@@ -71,9 +99,9 @@ class DriftControls:
             context = context + self.context_noise * noise(context.shape)
         return context
 
-    def finish_chunk(self, latents, state) -> "torch.Tensor":
-        """A finished chunk's latents (batch, 4, frames, h, w), post-processed; called before
-        `state.context` moves on to them."""
+    def finish_chunk(self, latents, state, chunk: ChunkSpec) -> "torch.Tensor":
+        """A finished chunk's latents (batch, 4, chunk.frames, h, w), post-processed; called before
+        `state.context` moves on to their last chunk.context_frames."""
         if self.renormalize:
             latents = renormalize(latents, state.latent_statistics)
         if self.statistics_lock > 0:
@@ -197,14 +225,15 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drift"}
         return {**values, **asdict(self.drift)}
 
+    @property
+    def chunk(self) -> ChunkSpec:
+        """What every chunk of the video is (a None height and width are filled in by `check_settings`)."""
+        return ChunkSpec.from_options(vars(self))
+
 
 # Every setting's flat name but the timeline's and the LoRAs' (sample.py parses those from --prompt,
 # --timeline and --lora): what the command line and `sample_defaults` may give.
 SETTING_NAMES = tuple(name for name in Settings.from_options(timeline=[]).options() if name not in ("timeline", "loras"))
-
-
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_drift_options(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +260,8 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
                         help=f"classifier-free guidance scale, >= 0, 1 or less: none (default: the model's, else {Settings.guidance:g})")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
+    parser.add_argument("--scheduler", metavar="SAMPLER",
+                        help=f"the sampler: {', '.join(SAMPLER_NAMES)} (default: the model's, else its scheduler config's)")
     add_drift_options(parser)
     parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
     parser.add_argument("--threads", type=int,
@@ -284,6 +315,13 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
         if value < factor or value % factor:
             raise ValueError(f"{option} must be a positive multiple of {factor} (the VAE's downsampling), got {value}")
     check_lora_files(settings)
+
+
+def check_sampler(settings: Settings, samplers) -> None:
+    """ValueError naming --scheduler unless settings.scheduler is None or a name in `samplers`
+    (scheduler.SAMPLERS, which the caller passes once torch may be imported)."""
+    if settings.scheduler is not None and settings.scheduler not in samplers:
+        raise ValueError(f"--scheduler {settings.scheduler!r} is not a sampler; choose one of {', '.join(samplers)}")
 
 
 def check_lora_values(loras: list[LoraSetting]) -> None:
@@ -351,10 +389,3 @@ def check_fields(cls, values: dict, prefix: str = "") -> None:
     for f in fields(cls):
         if f.name not in ("timeline", "drift", "loras", "strengths") and not of_type(values[f.name], f.type):
             raise TypeError(prefix + f.name)
-
-
-def of_type(value, annotation) -> bool:
-    """Whether `value` is of the annotation `int`, `float`, `str`, `bool` or `X | None` (an int is a float)."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    return any(value is None if option is type(None) else isinstance(value, (int, float) if option is float else option)
-               for option in options)

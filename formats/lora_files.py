@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 from formats.sdxl_layout import source_name, unet_rules
+from infra.files import listing
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -80,10 +81,6 @@ class LoraFile(NamedTuple):
 
     path: str
     modules: list[LoraModule]
-
-
-def listing(what: str, names: list[str]) -> str:
-    return f"{len(names)} {what}: " + ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
 
 # 1. The file: a safetensors header.
@@ -269,7 +266,7 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
             alpha = peft_alpha(config, name.removeprefix(f"{component}."))
         modules.append(LoraModule(component, module, parts["down"], parts["up"], alpha, bool(config.get("use_rslora"))))
     if unmatched:
-        problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched)))
+        problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched), SHOWN))
     if problems:
         raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems))
     return LoraFile(str(path), modules)

@@ -1,1 +1,2 @@
-"""Machinery a fork rarely opens: crash-safe video files, memory counting and the memory modes."""
+"""Machinery a fork rarely opens: crash-safe video files, the checkpoint folder, durable writes, the
+run's lock, device and progress, the command lines' helpers, memory counting and the memory modes."""

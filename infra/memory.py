@@ -1,15 +1,21 @@
-"""How much accelerator memory a video needs, counted before any model is loaded.
+"""What a run needs in memory, counted before any model is loaded, on PyTorch's meta device
+(tensors with shapes and no data: no weights, no time): the estimate that sample.py checks (sampling)
+and the --plan table of train.py (training).
 
-The estimate has two parts, both counted, not guessed:
+One mechanism counts both. The code runs on the meta device under `FusedAttention`, which runs
+`scaled_dot_product_attention` as the fused kernel (flash / memory-efficient SDPA, and PyTorch's CPU
+kernel): its output and its log-sum-exp, never the (tokens x tokens) matrix of the math path that
+meta would otherwise take. Sampling adds up the bytes alive at once (`LiveBytes`, `peak_bytes`);
+training adds up what autograd saves for the backward (`saved_bytes`). `unet_inputs` makes a UNet
+call's inputs for both, and for tools/bench.py.
+
+Sampling (`estimate`, `check_memory`) has two parts:
 - weights: the parameters of the UNet and the VAE built from the checkpoint's config.json on the
   meta device, and of the text encoders from their safetensors headers, at the dtype they run in;
 - activations: the peak of the bytes alive at once while one denoising step runs (`prepare_chunk`
   and one UNet call on the guidance-doubled batch), while the VAE decodes a chunk, and while the
-  text encoders run. The step and the decode are run on the meta device, where every op makes
-  tensors with shapes and no data, under `LiveBytes`, which adds up the bytes of every new storage
-  and takes them off when the storage is freed. Attention is counted as a fused kernel does it
-  (flash / memory-efficient SDPA, and PyTorch's CPU kernel): the output and its log-sum-exp, no
-  (tokens x tokens) matrix (`FusedAttention`).
+  text encoders run. `LiveBytes` adds up the bytes of every new storage and takes them off when
+  the storage is freed.
 
 Which parts are on the accelerator together depends on the offload mode (infra/offload.py):
 - "none": everything is loaded onto the device; the text encoders leave it once the prompts are
@@ -17,6 +23,23 @@ Which parts are on the accelerator together depends on the offload mode (infra/o
 - "model": one of text encoders, UNet, VAE at a time;
 - "sequential": as "model", and the UNet's levels one at a time (its small stem stays).
 The peak is the largest phase, times ALLOCATOR_MARGIN.
+
+Training (`plan_table`): bytes per process under DDP and under FSDP, and model FLOPs:
+    weights          DDP: every parameter, float32. FSDP: this process's shard of every parameter,
+                     float32 (FSDP2 cuts dim 0 into `processes` parts of ceil(dim 0 / processes) rows,
+                     the last ones padded)
+    gathered         the weights in the compute dtype while they are used. DDP with autocast: a copy of
+                     every weight, saved for the backward. FSDP: the root's weights (never freed) and
+                     two units' (the one running and the one prefetched: at most the two largest), and the largest unit's whole
+                     float32 gradients while they are reduced
+    gradients        of the trained parameters, float32: all of them under DDP, the shard under FSDP
+    optimizer        AdamW's two moments and step of the trained parameters, float32 (whole / shard)
+    activations      per sample: what autograd saves for the backward of one sample's forward (not the
+                     weights), in the compute dtype, attention as the fused kernel keeps it (its inputs,
+                     output and log-sum-exp); with gradient checkpointing, the
+                     inputs of the checkpointed units, what is saved outside them, and the largest
+                     unit's own (recomputed during the backward)
+Not counted: the allocator's fragmentation, the CUDA context and communication buffers (a few GB).
 """
 
 import functools
@@ -31,9 +54,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
-from model import UNet, UNetConfig
-from pipeline import DTYPES, micro_conditioning, safetensors_header
+from infra.checkpoint import DTYPES, safetensors_header
+from model import UNet, UNetConfig, micro_conditioning
 from vae import TILE, TILES_ABOVE, AutoencoderKL, VAEConfig
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -43,6 +67,11 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 ALLOCATOR_MARGIN = 1.1
 TEXT_TOKENS = 77
 GIB = 2**30
+UNITS = {"GB": 1e9, "MB": 1e6, "kB": 1e3}  # of the --plan table
+ROWS = ("weights", "gathered", "gradients", "optimizer")  # the --plan table's rows per process
+
+
+# Counting on the meta device -------------------------------------------------------------------
 
 
 class LiveBytes(TorchDispatchMode):
@@ -80,15 +109,15 @@ class LiveBytes(TorchDispatchMode):
 
 
 class FusedAttention(TorchFunctionMode):
-    """`scaled_dot_product_attention` as a fused kernel allocates it: its output (..., queries,
-    value_dim) and a float32 log-sum-exp (..., queries), instead of the math path's matrix."""
+    """`scaled_dot_product_attention` run as the fused (flash) kernel, whatever the device: its op
+    returns the output (..., queries, value_dim) and a float32 log-sum-exp (..., queries), and under
+    autograd saves its inputs, output and log-sum-exp, as a GPU's kernels do; never the (queries x
+    keys) matrix of the math path, which meta takes by default."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, value = args[0], args[2]
-            torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)  # log-sum-exp, freed at once
-            return query.new_empty((*query.shape[:-1], value.shape[-1]))
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **kwargs)[0]
         return func(*args, **kwargs)
 
 
@@ -99,6 +128,80 @@ def peak_bytes(function) -> int:
     with torch.no_grad(), FusedAttention(), counter:
         function()
     return counter.peak
+
+
+def saved_bytes(model: torch.nn.Module, units: list[torch.nn.Module], forward) -> tuple[int, int]:
+    """Bytes autograd keeps for the backward of `forward()` (saved tensors that are not `model`'s
+    parameters, each storage once): (without, with) gradient checkpointing of `units`. With it,
+    a unit keeps only its inputs, and the largest unit's own saved tensors come back while its
+    backward runs."""
+    parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    storages: dict[int, tuple[int, int]] = {}  # storage -> (bytes, the unit that saved it or -1)
+    inputs: set[int] = set()  # storages of the units' tensor inputs
+    alive = []  # keeps every counted tensor, so that no storage address is reused
+    current = [-1]
+
+    def note(tensor: torch.Tensor, unit: int) -> int:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameter_storages and storage._cdata not in storages:
+            storages[storage._cdata] = (storage.nbytes(), unit)
+            alive.append(tensor)
+        return storage._cdata
+
+    def pack(tensor):
+        note(tensor, current[0])
+        return tensor
+
+    def enter(index):
+        def hook(module, args):
+            tensors = [a for a in tree_leaves(args) if isinstance(a, torch.Tensor)]
+            inputs.update(note(tensor, -1) for tensor in tensors if tensor.is_floating_point())
+            current[0] = index
+        return hook
+
+    def leave(module, args, output):
+        current[0] = -1
+
+    handles = [h for index, unit in enumerate(units)
+               for h in (unit.register_forward_pre_hook(enter(index)), unit.register_forward_hook(leave))]
+    try:
+        with FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept_inputs = sum(storages[key][0] for key in inputs)
+    outside, per_unit = 0, [0] * len(units)
+    for key, (size, unit) in storages.items():
+        if key in inputs:
+            continue
+        if unit >= 0:
+            per_unit[unit] += size
+        else:
+            outside += size
+    return outside + kept_inputs + sum(per_unit), outside + kept_inputs + max(per_unit, default=0)
+
+
+def unet_inputs(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,
+                device, dtype: torch.dtype, text_tokens: int = TEXT_TOKENS, seed: int = 0) -> dict:
+    """The keyword arguments of a UNet call: random latents (batch, in_channels, frames, height,
+    width), timestep 500, random text (batch, text_tokens, cross_attention_dim) and pooled text,
+    the micro-conditioning of 8 * height x 8 * width frames, and a random context (1, in_channels,
+    context_frames, height, width), None without context frames. Drawn on the CPU from `seed`, so
+    that every device gets the same numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(shape, generator=generator).to(device, dtype)
+    return dict(
+        sample=draw(batch, config.in_channels, frames, height, width),
+        timestep=torch.tensor(500.0, device=device),
+        encoder_hidden_states=draw(batch, text_tokens, config.cross_attention_dim),
+        text_embeds=draw(batch, config.pooled_text_dim),
+        time_ids=micro_conditioning(batch, 8 * height, 8 * width, dtype=dtype, device=device),
+        previous_latents=draw(1, config.in_channels, context_frames, height, width) if context_frames else None,
+    )
+
+
+# Sampling: the estimate that sample.py checks ----------------------------------------------------
 
 
 def memoised(function):
@@ -127,7 +230,7 @@ def step_activations(config: UNetConfig, batch: int, frames: int, context_frames
     with torch.device("meta"):
         unet = UNet(config).to(dtype)
 
-    def step():
+    def step():  # its inputs made inside the count, as a step makes them (not `unet_inputs`, which draws on the CPU)
         draw = lambda *shape: torch.empty(shape, dtype=dtype, device="meta")
         latents = draw(batch, config.in_channels, frames, height, width)
         text = draw(batch, TEXT_TOKENS, config.cross_attention_dim)
@@ -234,7 +337,7 @@ def estimate(model_config: dict, folder, height: int, width: int, frames: int, c
              vae_tiles: bool | None = False) -> MemoryEstimate:
     """The memory estimate of a run (see the module's docstring). model_config: a checkpoint's
     config.json; folder: the checkpoint (its text encoders' headers and configs); height, width in
-    pixels; dtype and vae_dtype: names of pipeline.DTYPES; vae_tiles None: as `decode_video` decides."""
+    pixels; dtype and vae_dtype: names of infra.checkpoint.DTYPES; vae_tiles None: as `decode_video` decides."""
     unet_config, vae_config = UNetConfig(**model_config["unet"]), VAEConfig(**model_config["vae"])
     element, vae_element = ELEMENT_BYTES[dtype], ELEMENT_BYTES[vae_dtype]
     factor = vae_config.downsample_factor
@@ -309,3 +412,128 @@ def check_memory(model_config: dict, folder, device: str, **settings) -> MemoryE
             f"--height {settings['height']} --width {settings['width']} --frames {settings['frames']}: a chunk needs "
             f"{found.describe()} and {device} has {gib(free)} free; {what_would_fit(found, free, model_config, folder)}")
     return found
+
+
+# Training: the --plan table of train.py -------------------------------------------------------------
+
+
+def shard_numel(shape: torch.Size, processes: int) -> int:
+    """Elements of one process's FSDP2 shard of a parameter of `shape` (padded: the largest)."""
+    if len(shape) == 0:
+        return 1
+    return math.ceil(shape[0] / processes) * math.prod(shape[1:])
+
+
+def memory_plan(model: torch.nn.Module, units: list[torch.nn.Module], processes: int,
+                compute_dtype: torch.dtype | None) -> dict[str, dict[str, int]]:
+    """{"ddp": {row: bytes}, "fsdp": {row: bytes}} per process for the ROWS of the module docstring,
+    for `model` (meta or not) whose trained parameters require grad, sharded as `units` then the
+    whole model (the root: the parameters outside every unit). `compute_dtype`: autocast's (and
+    FSDP's param_dtype), None for float32."""
+    compute = (compute_dtype or torch.float32).itemsize
+    in_unit = {id(p): index for index, unit in enumerate(units) for p in unit.parameters()}
+    parameters = list(model.parameters())
+    trained = [p for p in parameters if p.requires_grad]
+    unit_numel = [0] * len(units)
+    unit_trained = [0] * len(units)
+    root_numel = 0
+    for p in parameters:
+        if id(p) in in_unit:
+            unit_numel[in_unit[id(p)]] += p.numel()
+            unit_trained[in_unit[id(p)]] += p.numel() if p.requires_grad else 0
+        else:
+            root_numel += p.numel()
+    numel, trained_numel = sum(p.numel() for p in parameters), sum(p.numel() for p in trained)
+    shard_all = sum(shard_numel(p.shape, processes) for p in parameters)
+    shard_trained = sum(shard_numel(p.shape, processes) for p in trained)
+    step_bytes = 4 * len(trained)  # AdamW's step, a float32 scalar per parameter
+    ddp = {"weights": 4 * numel, "gathered": compute * numel if compute_dtype else 0,
+           "gradients": 4 * trained_numel, "optimizer": 8 * trained_numel + step_bytes}
+    two_largest = sum(sorted(unit_numel)[-2:])
+    gathered = compute * (root_numel + two_largest) + 4 * max(unit_trained, default=0)
+    fsdp = {"weights": 4 * shard_all, "gathered": gathered, "gradients": 4 * shard_trained,
+            "optimizer": 8 * shard_trained + step_bytes}
+    return {"ddp": ddp, "fsdp": fsdp}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample's UNet input: chunk frames and context frames of latents, text tokens."""
+
+    frames: int
+    context_frames: int
+    latent_size: int  # latent height and width
+    text_tokens: int = TEXT_TOKENS
+
+
+def one_sample_inputs(config: UNetConfig, sample: Sample, dtype: torch.dtype, device="meta") -> dict:
+    """`unet_inputs` for a batch of one training `sample` on `device`."""
+    size = sample.latent_size
+    return unet_inputs(config, 1, sample.frames, size, size, sample.context_frames, device, dtype, sample.text_tokens)
+
+
+def meta_unet(config: UNetConfig, temporal_only: bool, dtype: torch.dtype = torch.float32) -> UNet:
+    """The UNet on the meta device, its trained parameters requiring grad: the temporal ones
+    (`temporal_only`, mode temporal) or all (mode baby)."""
+    with torch.device("meta"):
+        unet = UNet(config).to(dtype)
+    if temporal_only:
+        unet.requires_grad_(False)
+        for parameter in unet.temporal_parameters():
+            parameter.requires_grad_(True)
+    return unet
+
+
+def unet_units(unet: UNet) -> list[torch.nn.Module]:
+    """What --fsdp shards one by one (and checkpoints): each level and the mid block."""
+    return [block for block, _ in unet.levels()]
+
+
+def activation_bytes(config: UNetConfig, temporal_only: bool, sample: Sample,
+                     compute_dtype: torch.dtype | None) -> tuple[int, int]:
+    """Bytes saved for the backward of one sample: (without, with) gradient checkpointing."""
+    dtype = compute_dtype or torch.float32
+    unet = meta_unet(config, temporal_only, dtype)
+    inputs = one_sample_inputs(config, sample, dtype)
+    return saved_bytes(unet, unet_units(unet), lambda: unet(**inputs))
+
+
+def training_flops(config: UNetConfig, temporal_only: bool, sample: Sample) -> int:
+    """Model FLOPs of one sample's forward and backward (no recomputation), counted on meta; the
+    backward computes no gradients for frozen weights."""
+    unet = meta_unet(config, temporal_only)
+    inputs = one_sample_inputs(config, sample, torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        unet(**inputs).float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+def plan_table(config: UNetConfig, temporal_only: bool, sample: Sample, processes: int, batch_size: int,
+               compute_dtype: torch.dtype | None, gradient_checkpointing: bool, frozen_bytes: int) -> str:
+    """The --plan table: bytes per process (in GB, MB or kB, as the totals need) under DDP and FSDP
+    for one UNet, with `frozen_bytes` of other frozen modules (VAE, text encoders) on every process."""
+    unet = meta_unet(config, temporal_only)
+    plans = memory_plan(unet, unet_units(unet), processes, compute_dtype)
+    without, with_checkpointing = activation_bytes(config, temporal_only, sample, compute_dtype)
+    activations = with_checkpointing if gradient_checkpointing else without
+    parameters = sum(p.numel() for p in unet.parameters())
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    dtype = str(compute_dtype or torch.float32).removeprefix("torch.")
+    letter, scale = ("B", 1e9) if parameters >= 1e8 else ("M", 1e6)
+    lines = [f"UNet: {parameters / scale:.2f} {letter} parameters, {trained / scale:.2f} {letter} trained; "
+             f"processes: {processes}, "
+             f"compute in {dtype}, batch {batch_size} per process, {sample.frames} + {sample.context_frames} "
+             f"context frames of {sample.latent_size}x{sample.latent_size} latents; gradient checkpointing "
+             f"{'on' if gradient_checkpointing else 'off'}",
+             ""]
+    rows = {name: (plans["ddp"][name], plans["fsdp"][name]) for name in ROWS}
+    rows["activations per sample"] = (activations, activations)
+    rows["VAE and text encoders (frozen, float32)"] = (frozen_bytes, frozen_bytes)
+    totals = [sum(plans[kind].values()) + batch_size * activations + frozen_bytes for kind in ("ddp", "fsdp")]
+    rows[f"total at batch {batch_size}"] = tuple(totals)
+    unit = next((name for name, size in UNITS.items() if max(totals) >= size), "kB")
+    lines += [f"| {unit} per process | DDP | FSDP |", "|---|---:|---:|"]
+    lines += [f"| {name} | {ddp / UNITS[unit]:.2f} | {fsdp / UNITS[unit]:.2f} |" for name, (ddp, fsdp) in rows.items()]
+    other, value = ("without", without) if gradient_checkpointing else ("with", with_checkpointing)
+    lines.append(f"\nactivations per sample {other} gradient checkpointing: {value / UNITS[unit]:.2f} {unit}")
+    return "\n".join(lines)

@@ -33,11 +33,13 @@ the writer before it leaves `path` as it was and removes the temporary; what a k
 leaves, the next `open_writer` for that path removes.
 
 A full disk (or any OSError) in `write_chunk` raises OSError with its errno and `filename` set to
-the output path; the output still holds the previous complete chunks and can be resumed once
-there is space. Resuming keeps the first N frames' bytes as they are (cut at a chunk boundary) and
-appends after them. MP4 chunks are encoded independently and deterministically, and a GIF frame's
-bytes depend only on its pixels, index and the fps, so a resumed file is byte for byte the file an
-uninterrupted run writes (for MP4: with the same ffmpeg build).
+the output path (infra/files.naming: one that names a file already, such as a failed rename's
+temporary or `before_placing`'s own file, keeps that name); the output still holds the previous
+complete chunks and can be resumed once there is space. Resuming keeps the first N frames' bytes
+as they are (cut at a chunk boundary) and appends after them. MP4 chunks are encoded
+independently and deterministically, and a GIF frame's bytes depend only on its pixels, index and
+the fps, so a resumed file is byte for byte the file an uninterrupted run writes (for MP4: with
+the same ffmpeg build).
 """
 
 import contextlib
@@ -55,6 +57,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from infra.files import fsync, naming, process_alive
 
 FRAME_NAME = "frame_{:06d}.png"
 _FRAME_RE = re.compile(r"frame_(\d{6,})\.png")
@@ -198,7 +202,7 @@ class VideoWriter:
         if self.frame_size not in (None, frames.shape[1:3]):
             raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} (height x width) but "
                              f"{self.path!r} holds {self.frame_size[0]}x{self.frame_size[1]}")
-        with _naming(self.path):
+        with naming(self.path):
             self._write(np.ascontiguousarray(frames))
         if not self.in_place:
             try:
@@ -230,19 +234,15 @@ class VideoWriter:
         """Rename `temporary` (after `before_placing`) to `path`, on disk."""
         if self.temporary is not None:
             self._before_placing(self.temporary)
-            with _naming(self.path):
+            with naming(self.path):
                 os.replace(self.temporary, os.path.abspath(self.path))
                 self.temporary = None
-                _fsync_parent(self.path)
+                fsync(os.path.dirname(os.path.abspath(self.path)))  # the rename, on disk
 
     def _before_placing(self, temporary):
-        """Call `before_placing`; an OSError from it keeps its own filename (not the output's)."""
+        """Call `before_placing`; an OSError from it that names its own file keeps that name (`naming`)."""
         if self.before_placing is not None:
-            try:
-                self.before_placing(temporary)
-            except OSError as error:
-                error.from_caller = True
-                raise
+            self.before_placing(temporary)
 
     def _close(self):
         pass
@@ -408,7 +408,7 @@ class PngFolderWriter(VideoWriter):
                 _remove_frames(self.path, 0)  # the old video
             for temporary, final in reversed(list(zip(temporaries, finals))):
                 os.replace(temporary, final)
-            _fsync_folder(folder)
+            fsync(folder)
         except BaseException:
             for name in temporaries + finals if self.in_place else temporaries:
                 with contextlib.suppress(OSError):
@@ -431,7 +431,7 @@ def _remove_frames(folder, start):
               if match and int(match.group(1)) >= start]
     for _, name in sorted(frames):
         os.remove(os.path.join(folder, name))
-    _fsync_folder(folder)
+    fsync(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,30 +442,6 @@ def _temporary(path):
     """This process's hidden temporary for `path`: `.NAME.<pid>.partial` in the same folder."""
     parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(parent, f".{name}.{os.getpid()}.partial")
-
-
-def _fsync_folder(folder):
-    """Flush a folder's entries (names created, renamed, removed) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_parent(path):
-    _fsync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-@contextlib.contextmanager
-def _naming(path):
-    """Raise an OSError from inside again with its errno and `filename` set to `path`."""
-    try:
-        yield
-    except OSError as error:
-        if getattr(error, "from_caller", False):
-            raise
-        raise OSError(error.errno, error.strerror or str(error), path) from error
 
 
 def _pwrite_all(fd, data, offset):
@@ -497,17 +473,6 @@ def _remove_stale_temporaries(path):
     remove(os.path.dirname(target), re.escape(os.path.basename(target)))
     if os.path.isdir(target):
         remove(target, _FRAME_RE.pattern)
-
-
-def process_alive(pid):
-    """Whether process `pid` runs (signal 0 checks without sending anything; another user's runs too)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_temporary_folder(folder):

@@ -27,6 +27,12 @@ The numbers of one video (`VideoScore`):
 Jumps and displacements count only pairs of frames that both have a shape; a number with nothing to
 count (no pair, no shape in the first or last chunk, no motion inside chunks for continuity) is NaN
 (null in JSON) and skipped by the means.
+
+A video of several shapes ("a red circle moving left and a blue square moving up", `parse_scene`;
+their colours are distinct) is scored by `SceneScore`: each shape is looked for by its colour
+(`detect` with a colour: the pixels off the background nearest to it), so its `found` and `colour`
+are the same number, and scored as a video of its own; the video's numbers are the means over its
+shapes, but for `survival`: a chunk is right when it is right for every shape.
 """
 
 import math
@@ -80,10 +86,15 @@ def unwrapped_coordinates(occupied: np.ndarray) -> np.ndarray:
     return start + (np.arange(n) - start) % n  # (n,)
 
 
-def detect(frame) -> Detection:
-    """frame: (H, W, 3) RGB in 0..255 (uint8 or float) -> the shape on it, if any."""
+def detect(frame, colour: str | None = None) -> Detection:
+    """frame: (H, W, 3) RGB in 0..255 (uint8 or float) -> the shape on it, if any: its pixels off the
+    background, or with a `colour` (one shape among others) those of them nearest to that colour."""
     rgb = np.asarray(frame, dtype=np.float32)
-    mask = remove_specks(np.linalg.norm(rgb - BACKGROUND_RGB, axis=-1) > THRESHOLD)  # (H, W)
+    foreground = np.linalg.norm(rgb - BACKGROUND_RGB, axis=-1) > THRESHOLD  # (H, W)
+    if colour is not None:
+        nearest = np.linalg.norm(rgb[..., None, :] - PALETTE, axis=-1).argmin(axis=-1)  # (H, W)
+        foreground &= nearest == list(COLOURS).index(colour)
+    mask = remove_specks(foreground)  # (H, W)
     area = int(mask.sum())
     if area < MIN_AREA * mask.size:
         return Detection(found=False, area=area)
@@ -161,10 +172,12 @@ class VideoScore:
     """Running tallies over one video that should show a `colour` `shape` moving `direction`, fed
     chunk by chunk; it keeps a fixed handful of numbers, whatever the number of chunks, and says
     for each chunk what it was (`add_chunk`'s record) and whether the video survives
-    (survival.Survival with `window`)."""
+    (survival.Survival with `window`). With `by_colour`, the shape is one among others of other
+    colours, looked for by its colour (`detect`)."""
 
-    def __init__(self, colour: str, shape: str, direction: str, window: int = 3):
+    def __init__(self, colour: str, shape: str, direction: str, window: int = 3, by_colour: bool = False):
         self.expected = (colour, shape, direction)
+        self.by_colour = by_colour
         self.frames = self.found = self.right_colour = self.right_shape = 0
         self.chunks = self.right_direction = 0
         self.inside = [0.0, 0]  # [sum, count] of centroid jumps between consecutive frames of a chunk
@@ -178,9 +191,9 @@ class VideoScore:
         chunk (1-based); found, colour, shape (fractions of its frames); direction (1 if it moves the
         prompt's way); right (1 if more than half of its frames show the prompt's colour and shape and
         it moves the prompt's way); alive (survival); colour_drift and size_ratio against chunk 1."""
-        detections = [detect(frame) for frame in frames]
-        size = (frames.shape[2], frames.shape[1])  # (W, H)
         colour, shape, way = self.expected
+        detections = [detect(frame, colour if self.by_colour else None) for frame in frames]
+        size = (frames.shape[2], frames.shape[1])  # (W, H)
         counts = [sum(d.found for d in detections), sum(d.colour == colour for d in detections),
                   sum(d.shape == shape for d in detections)]
         both = sum(d.colour == colour and d.shape == shape for d in detections)
@@ -235,14 +248,61 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     return match[1], match[2], match[3]
 
 
-def caption(combination: tuple[str, str, str]) -> str:
+def parse_scene(text: str) -> tuple[tuple[str, str, str], ...]:
+    """"a red circle moving left and a blue square moving up" -> (("red", "circle", "left"),
+    ("blue", "square", "up")): each shape of a caption (one or several, joined by "and", of distinct
+    colours); ValueError for anything else."""
+    combinations = tuple(parse_caption(part) for part in re.split(r"\s+and\s+", text.strip()))
+    colours = [combination[0] for combination in combinations]
+    repeated = [colour for colour in colours if colours.count(colour) > 1]
+    if repeated:
+        raise ValueError(f"{text!r} has {colours.count(repeated[0])} {repeated[0]} shapes; the shapes of a caption "
+                         f"must have distinct colours (the scorer tells them apart by colour)")
+    return combinations
+
+
+def caption(combination) -> str:
+    """(colour, shape, direction) -> "a red circle moving left"; a tuple of them -> their captions joined by "and"."""
+    if isinstance(combination[0], tuple):
+        return " and ".join(caption(part) for part in combination)
     return "a {} {} moving {}".format(*combination)
+
+
+def mean_skipping_nan(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
 
 
 def mean_over(results: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each metric over videos, skipping NaN (NaN if all are)."""
-    def mean(values):
-        values = [v for v in values if not math.isnan(v)]
-        return sum(values) / len(values) if values else math.nan
+    return {name: mean_skipping_nan([result[name] for result in results]) for name in METRICS}
 
-    return {name: mean([result[name] for result in results]) for name in METRICS}
+
+class SceneScore:
+    """Running tallies over one video that should show several shapes, each (colour, shape,
+    direction) of `combinations` with its own colour: a VideoScore per shape (by colour), and the
+    video's survival (`window`), a chunk being right when it is right for every shape."""
+
+    def __init__(self, combinations, window: int = 3):
+        self.shapes = [VideoScore(*combination, window, by_colour=True) for combination in combinations]
+        self.survival = Survival(window)
+
+    def add_chunk(self, frames: np.ndarray) -> dict:
+        """frames: (frames, H, W, 3) RGB in 0..255. Returns VideoScore.add_chunk's record, each number
+        the mean over the shapes (NaN skipped), but right (1 if right for every shape) and alive."""
+        records = [score.add_chunk(frames) for score in self.shapes]
+        right = all(record["right"] for record in records)
+        record = {name: mean_skipping_nan([one[name] for one in records]) for name in SCORE_COLUMNS}
+        record.update(chunk=records[0]["chunk"], right=int(right), alive=int(self.survival.add(right)))
+        return record
+
+    def result(self) -> dict[str, float]:
+        """VideoScore.result's numbers, the mean over the shapes, but survival (the video's)."""
+        return {**mean_over([score.result() for score in self.shapes]),
+                "survival": float(self.survival.lost_at is None)}
+
+
+def video_score(text: str, window: int = 3) -> VideoScore | SceneScore:
+    """The score of a video of caption `text` (`parse_scene`): a VideoScore for one shape, else a SceneScore."""
+    combinations = parse_scene(text)
+    return VideoScore(*combinations[0], window) if len(combinations) == 1 else SceneScore(combinations, window)

@@ -4,6 +4,11 @@ Every clip is fixed by its seed: a shape ("circle", "square", "triangle") of a c
 ("left", "right", "up", "down") at a constant speed, wrapping around the edges, so it keeps moving
 for as long as the video runs. Its caption says so: "a red circle moving left". This is the data
 of the baby model, which `python sample.py` uses by default, and the yardstick of `shapes/scoring.py` and `evaluate.py`.
+A `Scene` holds several clips of distinct colours, drawn one over the other and captioned
+"a red circle moving left and a blue square moving up".
+
+The baby's tokenizer (`write_tokenizer_files`) knows every word of VOCABULARY as one token;
+`check_vocabulary` says so of a tokenizer, and that the longest caption fits its text encoder.
 """
 
 import json
@@ -23,7 +28,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (24, 24, 32)
-VOCABULARY = ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
+VOCABULARY = ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS, "and"]
 # Never trained on: the evaluation asks for these combinations of words the model knows separately.
 HELD_OUT = {("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
             ("yellow", "triangle", "right"), ("white", "circle", "down")}
@@ -45,13 +50,38 @@ class Clip:
     def caption(self) -> str:
         return f"a {self.colour} {self.shape} moving {self.direction}"
 
+    @property
+    def clips(self) -> tuple["Clip", ...]:
+        """A clip is a scene of one (`render` takes either)."""
+        return (self,)
 
-def random_clip(seed: int, size: int, held_out: bool = False) -> Clip:
+
+@dataclass(frozen=True)
+class Scene:
+    """Clips of distinct colours in one video, drawn one over the other (the last on top)."""
+
+    clips: tuple[Clip, ...]
+
+    @property
+    def caption(self) -> str:
+        return " and ".join(clip.caption for clip in self.clips)
+
+
+def random_clip(seed: int, size: int, held_out: bool = False, shapes: int = 1) -> Clip | Scene:
     """The clip of `seed` for frames of size x size pixels: a training clip (never a HELD_OUT
-    combination), or with `held_out` one of the HELD_OUT combinations."""
+    combination), or with `held_out` one of the HELD_OUT combinations. With `shapes` > 1, a Scene of
+    that many such clips of distinct colours, each drawn after the one before (with 1, the same clip
+    as a Scene's first)."""
+    if not 1 <= shapes <= len(COLOURS):
+        raise ValueError(f"shapes must be in [1, {len(COLOURS)}] (one colour each), got {shapes}")
     rng = random.Random(seed)
-    combinations = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if ((c, s, d) in HELD_OUT) == held_out]
-    return placed_clip(*rng.choice(combinations), rng, size)
+    clips = []
+    for _ in range(shapes):
+        used = {clip.colour for clip in clips}
+        combinations = [(c, s, d) for c in COLOURS if c not in used for s in SHAPES for d in DIRECTIONS
+                        if ((c, s, d) in HELD_OUT) == held_out]
+        clips.append(placed_clip(*rng.choice(combinations), rng, size))
+    return clips[0] if shapes == 1 else Scene(tuple(clips))
 
 
 def placed_clip(colour: str, shape: str, direction: str, rng: random.Random, size: int) -> Clip:
@@ -65,6 +95,11 @@ def placed_clip(colour: str, shape: str, direction: str, rng: random.Random, siz
         radius=rng.uniform(0.14, 0.2) * size,
         speed=rng.uniform(0.08, 0.12) * size,
     )
+
+
+def placed_scene(combinations, rng: random.Random, size: int) -> Scene:
+    """A Scene of these (colour, shape, direction) combinations, placed by `placed_clip` in turn."""
+    return Scene(tuple(placed_clip(*combination, rng, size) for combination in combinations))
 
 
 def shape_mask(clip: Clip, frame: int, size: int) -> torch.Tensor:
@@ -84,22 +119,61 @@ def shape_mask(clip: Clip, frame: int, size: int) -> torch.Tensor:
     return (dy >= top) & (dy <= bottom) & (dx.abs() <= (dy - top) / (bottom - top) * r)
 
 
-def render(clip: Clip, num_frames: int, size: int, first_frame: int = 0) -> torch.Tensor:
-    """(3, frames, size, size) in [-1, 1]: frames first_frame ... first_frame + num_frames - 1."""
-    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
-    colour = torch.tensor(COLOURS[clip.colour], dtype=torch.float32)[:, None, None]
-    frames = [
-        torch.where(shape_mask(clip, first_frame + index, size), colour, background)  # (3, size, size)
-        for index in range(num_frames)
-    ]
+def render(scene: Clip | Scene, num_frames: int, size: int, first_frame: int = 0) -> torch.Tensor:
+    """(3, frames, size, size) in [-1, 1]: frames first_frame ... first_frame + num_frames - 1 of a
+    clip, or of a scene's clips drawn one over the other."""
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None].expand(3, size, size)
+    frames = []
+    for index in range(num_frames):
+        frame = background  # (3, size, size)
+        for clip in scene.clips:
+            colour = torch.tensor(COLOURS[clip.colour], dtype=torch.float32)[:, None, None]
+            frame = torch.where(shape_mask(clip, first_frame + index, size), colour, frame)  # (3, size, size)
+        frames.append(frame)
     return torch.stack(frames, dim=1) / 127.5 - 1
+
+
+def characters_of(word: str) -> list[str]:
+    """A word as BPE starts it: its characters, the last with the end-of-word mark ("red" -> r, e, d</w>)."""
+    return list(word[:-1]) + [word[-1] + "</w>"]
+
+
+def merge_chain(word: str) -> list[str]:
+    """The merges that build `word` left to right: "red" -> "r e", "re d</w>"."""
+    pieces, chain = characters_of(word), []
+    while len(pieces) > 1:
+        chain.append(f"{pieces[0]} {pieces[1]}")
+        pieces = [pieces[0] + pieces[1]] + pieces[2:]  # (pieces - 1,)
+    return chain
+
+
+def splits(word: str, other: str) -> bool:
+    """Whether `word`'s first merge joins two characters inside `other` (not at its start): ranked
+    before `other`'s merges, it would cut `other` into pieces ("r e" of "red" in "green")."""
+    pieces, chain = characters_of(other), merge_chain(word)
+    inside = {f"{a} {b}" for a, b in zip(pieces[1:], pieces[2:])}  # the pairs after the first
+    return word != other and bool(chain) and chain[0] in inside
+
+
+def merge_order(words) -> list[str]:
+    """`words` in the order of their merge chains: each after every word it would split (`splits`),
+    otherwise in the given order. Words that would split each other (a cycle) stay in the given
+    order, and `check_vocabulary` refuses them."""
+    remaining, ordered = list(dict.fromkeys(words)), []
+    while remaining:
+        ready = [word for word in remaining if not any(splits(word, other) for other in remaining)]
+        ordered.append((ready or remaining)[0])
+        remaining.remove(ordered[-1])
+    return ordered
 
 
 def write_tokenizer_files(folder, words=VOCABULARY) -> Path:
     """vocab.json and merges.txt of a CLIP BPE tokenizer whose whole words are `words`.
 
-    Byte-level characters (OpenAI CLIP's order), each again with the end-of-word mark, a merge
-    chain for every world word, then the start and end tokens; any text still tokenizes.
+    Byte-level characters (OpenAI CLIP's order), each again with the end-of-word mark, the pieces of
+    every world word (in the order of `words`), then the start and end tokens; any text still
+    tokenizes. The merges are each word's chain, the words in `merge_order`, so that no word's
+    merges cut another.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,15 +181,35 @@ def write_tokenizer_files(folder, words=VOCABULARY) -> Path:
     others = [byte for byte in range(256) if byte not in printable]
     characters = [chr(byte) for byte in printable] + [chr(256 + index) for index in range(len(others))]
     tokens = characters + [character + "</w>" for character in characters]
-    merges = []
     for word in words:  # "r e" -> "re", "re d</w>" -> "red</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in tokens:
-                tokens.append(pieces[0])
+        for merge in merge_chain(word):
+            if merge.replace(" ", "") not in tokens:
+                tokens.append(merge.replace(" ", ""))
+    merges = list(dict.fromkeys(merge for word in merge_order(words) for merge in merge_chain(word)))
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
+
+
+def longest_caption(shapes: int) -> str:
+    """The longest caption of a scene of `shapes` shapes: the longest words, the longest colours."""
+    shape, direction = max(SHAPES, key=len), max(DIRECTIONS, key=len)
+    colours = sorted(COLOURS, key=len, reverse=True)[:shapes]
+    return " and ".join(f"a {colour} {shape} moving {direction}" for colour in colours)
+
+
+def check_vocabulary(tokenizer, shapes: int = 1, words=VOCABULARY) -> None:
+    """ValueError, one line, unless `tokenizer` (a CLIP tokenizer, as text.clip_tokenizers makes of
+    write_tokenizer_files' folder) takes every word of `words` as one token and the longest caption
+    of `shapes` shapes (`longest_caption`) in its model_max_length."""
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) != 1:
+            raise ValueError(f"the world's word {word!r} is {len(pieces)} tokens ({' '.join(pieces)}), not one: "
+                             f"another word's merges cut it (world.merge_order)")
+    caption = longest_caption(shapes)
+    length = len(tokenizer(caption, verbose=False).input_ids)
+    if length > tokenizer.model_max_length:
+        raise ValueError(f"the caption {caption!r} is {length} tokens, more than the text encoder's "
+                         f"{tokenizer.model_max_length}")

@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import pipeline
-from pipeline import StableDiffusionXLVideoPipeline, check_checkpoint_files, load_checkpoint_config
+from infra import checkpoint as checkpoint_files
+from infra.checkpoint import check_checkpoint_files, load_checkpoint_config
+from pipeline import StableDiffusionXLVideoPipeline
 from tiny_pipeline import tiny_video_pipeline
 
 
@@ -149,7 +150,7 @@ def test_a_failed_save_leaves_no_config_json_and_names_the_file(checkpoint, tmp_
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         save_file(tensors, path, *arguments, **keywords)
 
-    monkeypatch.setattr(pipeline, "save_file", disk_full_at_vae)
+    monkeypatch.setattr(checkpoint_files, "save_file", disk_full_at_vae)
     with pytest.raises(OSError) as error:
         ours.save_pretrained(tmp_path / "model")
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "model" / "vae.safetensors")

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import convert_weights
-import pipeline
+from infra import checkpoint as checkpoint_files
 from convert_weights import (
     SDXL_CONFIGS,
     ConversionError,
@@ -51,7 +51,8 @@ from convert_weights import (
     read_video_unet,
 )
 from model import UNet, UNetConfig
-from pipeline import CHECKPOINT_FORMAT, StableDiffusionXLVideoPipeline, load_checkpoint_config
+from infra.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_config
+from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from test_checkpoint_files import fsync_recorder
 from tiny_pipeline import UNET_CONFIG, VAE_CONFIG, diffusers_tiny_pipeline, diffusers_unet, diffusers_vae, perturbed
@@ -723,7 +724,7 @@ def test_disk_full_names_the_file_and_keeps_out(sdxl_folders, tmp_path, monkeypa
     out = tmp_path / "out"
     convert(folder, out)
     before = tree(tmp_path)
-    save_file, write_text = pipeline.save_file, Path.write_text
+    save_file, write_text = checkpoint_files.save_file, Path.write_text
 
     def save_file_or_fail(tensors, path, *arguments, **keywords):
         if Path(path).name == name:
@@ -735,7 +736,7 @@ def test_disk_full_names_the_file_and_keeps_out(sdxl_folders, tmp_path, monkeypa
             raise DISK_FULL[name]
         return write_text(path, *arguments, **keywords)
 
-    monkeypatch.setattr(pipeline, "save_file", save_file_or_fail)
+    monkeypatch.setattr(checkpoint_files, "save_file", save_file_or_fail)
     monkeypatch.setattr(Path, "write_text", write_text_or_fail)
     with pytest.raises(SystemExit) as exit_:
         main([str(folder), str(out), "--overwrite"])

@@ -2,7 +2,7 @@
 from the fields, the order of the steps, the state file, and the statistics lock."""
 
 import argparse
-from dataclasses import asdict, fields
+from dataclasses import asdict, field, fields, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+import endless
 import evaluate
 import sample
-from endless import VideoState, generate_latents, load_state, state_path
-from video_settings import (DRIFT_NAMES, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
+from endless import Prompts, VideoState, generate_latents, load_state, state_path
+from video_settings import (DRIFT_NAMES, SETTING_NAMES, ChunkSpec, DriftControls, Settings, add_chunk_options,
                             settings_from_dict)
 
 FAST = ["--steps", "2", "--frames", "3", "--context-frames", "2", "--height", "32", "--width", "48"]
+CHUNK = ChunkSpec(height=16, width=16, frames=3, context_frames=3, steps=1, guidance=1.0)  # the unit tests' chunks
 
 
 def channel_statistics(latents: torch.Tensor) -> torch.Tensor:
@@ -90,21 +92,21 @@ def test_the_state_files_drift_controls_are_checked(edit, message):
 def test_the_context_is_anchored_then_noised():
     controls = DriftControls(anchor_frame=True, context_noise=0.5)
     state = VideoState(context=torch.zeros(1, 4, 3, 2, 2), anchor=torch.full((1, 4, 1, 2, 2), 2.0))
-    context = controls.next_context(state, noise=lambda shape: torch.ones(shape))
+    context = controls.next_context(state, lambda shape: torch.ones(shape), CHUNK)
     assert torch.equal(context[:, :, 0], torch.full((1, 4, 2, 2), 2.5))  # the anchor, noised too
     assert torch.equal(context[:, :, 1:], torch.full((1, 4, 2, 2, 2), 0.5))
     assert torch.equal(state.context, torch.zeros(1, 4, 3, 2, 2))  # the state is not changed
-    assert controls.next_context(VideoState(), noise=None) is None
+    assert controls.next_context(VideoState(), None, CHUNK) is None
 
 
 def test_a_finished_chunk_is_renormalised_then_locked_then_anchored():
     controls = DriftControls(renormalize=True, statistics_lock=1.0, anchor_frame=True)
     state = VideoState()
     generator = torch.Generator().manual_seed(0)
-    first = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 3 + 1, state)
+    first = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 3 + 1, state, CHUNK)
     assert torch.equal(state.anchor, first[:, :, :1])  # the anchor is the post-processed first frame
     assert torch.allclose(state.reference_statistics.flatten(1), channel_statistics(first).flatten(1))
-    second = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 5 - 2, state)
+    second = controls.finish_chunk(torch.randn(1, 4, 3, 4, 4, generator=generator) * 5 - 2, state, CHUNK)
     assert torch.allclose(channel_statistics(second), channel_statistics(first), atol=1e-5)  # locked last
 
 
@@ -119,8 +121,8 @@ def test_the_statistics_lock_pulls_each_channel_toward_the_first_chunks_by_its_s
     for strength in (0.0, 0.5, 1.0):
         state = VideoState()
         controls = DriftControls(statistics_lock=strength)
-        assert torch.equal(controls.finish_chunk(first, state), first)  # the first chunk is the reference
-        results[strength] = controls.finish_chunk(drifted, state)
+        assert torch.equal(controls.finish_chunk(first, state, CHUNK), first)  # the first chunk is the reference
+        results[strength] = controls.finish_chunk(drifted, state, CHUNK)
     assert torch.equal(results[0.0], drifted)  # 0 is off
     assert torch.allclose(channel_statistics(results[1.0]), channel_statistics(first), atol=1e-5)
     assert torch.allclose(results[0.5], (drifted + results[1.0]) / 2, atol=1e-6)
@@ -130,14 +132,15 @@ def test_the_lock_reaches_the_next_context_and_each_chunk_keeps_the_first_chunks
     settings = Settings.from_options(timeline=[(0, "a red circle")], model=str(model), height=32, width=48, frames=3,
                                      context_frames=2, steps=2, statistics_lock=1.0)
     contexts = []
-    chunks = generate_latents(pipeline, settings, [pipeline.encode_prompt("a red circle")], VideoState(),
+    prompts = Prompts([(0, pipeline.encode_prompt("a red circle"))])
+    chunks = generate_latents(pipeline, settings.chunk, settings.drift, prompts, VideoState(),
                               torch.Generator().manual_seed(0), on_chunk=lambda i, context, e: contexts.append(context))
     made = [next(chunks) for _ in range(3)]
     for latents in made[1:]:
         assert torch.allclose(channel_statistics(latents), channel_statistics(made[0]), atol=1e-4)
     assert contexts[0] is None and torch.equal(contexts[2], made[1][:, :, -2:])  # the locked chunk is the context
-    unlocked = generate_latents(pipeline, Settings.from_options(**{**settings.options(), "statistics_lock": 0.0}),
-                                [pipeline.encode_prompt("a red circle")], VideoState(), torch.Generator().manual_seed(0))
+    unlocked = generate_latents(pipeline, settings.chunk, DriftControls(statistics_lock=0.0), prompts, VideoState(),
+                                torch.Generator().manual_seed(0))
     assert torch.equal(next(unlocked), made[0]) and not torch.equal(next(unlocked), made[1])
 
 
@@ -158,3 +161,58 @@ def test_evaluate_takes_the_lock_and_reports_every_control(model, capsys):
     report = evaluate.main(["--model", str(model), "--prompts", "a red circle moving left", "--seeds", "1",
                             "--chunks", "2", *FAST, "--statistics-lock", "0.5"])
     assert {name: report[name] for name in DRIFT_NAMES} == asdict(DriftControls(statistics_lock=0.5))
+
+
+def test_evaluate_refuses_a_batch_only_for_the_controls_whose_statistics_span_it(model):
+    assert [f.name for f in fields(DriftControls) if f.metadata["spans_batch"]] == ["renormalize"]
+    assert DriftControls(renormalize=True, statistics_lock=0.5).spanning_batch() == ["renormalize"]
+    with pytest.raises(ValueError, match="--batch must be 1 with --renormalize, whose statistics span the batch"):
+        evaluate.main(["--model", str(model), "--prompts", "a red circle moving left", "--seeds", "2", "--batch", "2",
+                       "--chunks", "1", *FAST, "--renormalize"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The state the controls keep, and the geometry they see
+
+
+def test_the_controls_see_each_chunks_geometry(pipeline, model):
+    seen = []
+
+    class Recording(DriftControls):
+        def next_context(self, state, noise, chunk):
+            seen.append(("next_context", chunk))
+            return super().next_context(state, noise, chunk)
+
+        def finish_chunk(self, latents, state, chunk):
+            seen.append(("finish_chunk", chunk, latents.shape[2]))
+            return super().finish_chunk(latents, state, chunk)
+
+    settings = Settings.from_options(timeline=[(0, "a red circle")], model=str(model), height=32, width=48, frames=3,
+                                     context_frames=2, steps=1)
+    chunks = generate_latents(pipeline, settings.chunk, Recording(), Prompts([(0, pipeline.encode_prompt("a"))]),
+                              VideoState(), torch.Generator().manual_seed(0))
+    next(chunks), next(chunks)
+    assert seen == [("next_context", settings.chunk), ("finish_chunk", settings.chunk, 3)] * 2
+    assert settings.chunk == ChunkSpec(height=32, width=48, frames=3, context_frames=2, steps=1, guidance=9.0)
+
+
+def test_a_new_tensor_field_of_the_state_is_found_moved_and_optional_in_older_state_files(monkeypatch):
+    """A drift control's new state is one field: the state's tensors, its move to the device and the
+    state file's check find it, and a state file written before it existed loads with its default."""
+    older = vars(VideoState(chunk_index=2, frames_written=6, context=torch.zeros(1, 4, 2, 2, 2),
+                            generator_state=torch.Generator().get_state()))
+    Later = make_dataclass("Later", [("first_context", torch.Tensor | None, field(default=None))], bases=(VideoState,))
+    monkeypatch.setattr(endless, "VideoState", Later)
+    state = endless.state_from_dict(dict(older))
+    assert isinstance(state, Later) and state.first_context is None and state.chunk_index == 2
+    assert list(state.tensors()) == ["context", "anchor", "reference_statistics", "generator_state", "first_context"]
+    state.first_context = torch.ones(1, 4, 2, 2, 2)
+    state.to("cpu", torch.float64)
+    assert state.first_context.dtype == torch.float64 and state.context.dtype == torch.float64
+    assert state.generator_state.dtype == torch.uint8  # the generator's state stays bytes
+    with pytest.raises(TypeError, match="first_context"):
+        endless.state_from_dict({**older, "first_context": [1.0]})
+    with pytest.raises(TypeError, match=r"unknown ones \['unknown'\]"):
+        endless.state_from_dict({**older, "unknown": None})
+    with pytest.raises(TypeError, match=r"lacks the fields \['anchor'\]"):
+        endless.state_from_dict({name: value for name, value in older.items() if name != "anchor"})

@@ -342,7 +342,7 @@ def test_timeline_strengths_are_pure_at_their_places_and_blend_between(files):
                                         "--lora", f"{files['peft']}:0.5@1,-1@3s,2@9"])
     settings = sample.settings_from_arguments(arguments)
     assert settings.loras[0].strengths == [(0, 0.0), (1, 0.5), (6, -1.0), (9, 2.0)]  # 3 s = chunk 6; off before 1
-    strengths = [endless.lora_strengths(settings, chunk)[0] for chunk in range(11)]
+    strengths = [endless.lora_strengths(settings.loras, chunk, settings.transition)[0] for chunk in range(11)]
     pure = {0: 0.0, 1: 0.5, 2: 0.5, 3: 0.5, 6: -1.0, 9: 2.0, 10: 2.0}  # exactly, at and after each place
     assert {chunk: strengths[chunk] for chunk in pure} == pure
     # over the 2 chunks before a place: 1/3 and 2/3 of the way (none before chunk 1: no room)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from infra import memory
 import sample
 from infra.offload import Offload
-from pipeline import StableDiffusionXLVideoPipeline, safetensors_header, vae_dtype_name
+from infra.checkpoint import safetensors_header
+from pipeline import StableDiffusionXLVideoPipeline, vae_dtype_name
 from vae import AutoencoderKL, blend_tiles
 
 HEIGHT, WIDTH, FRAMES = 64, 48, 3  # latents 8 x 6

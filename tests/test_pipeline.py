@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline import StableDiffusionXLVideoPipeline, micro_conditioning
+from model import micro_conditioning
+from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from tiny_pipeline import diffusers_tiny_pipeline, ours_from_diffusers
 

@@ -174,7 +174,7 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(reference, videos, shard
 
     def killed_after_one(pipeline, args, items, path, *rest):
         if made:  # killed while writing the second shard: its temporary file is left
-            path.with_name(path.name + ".tmp-99999").write_bytes(b"half a shard")
+            path.with_name(path.name + ".99999.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt
         made.append(path)
         return make_shard(pipeline, args, items, path, *rest)

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 import sample
-from pipeline import StableDiffusionXLVideoPipeline, load_checkpoint_config
-from endless import VideoState, generate_latents, mix_embeddings, prompt_weights, state_path
+from infra.checkpoint import load_checkpoint_config
+from pipeline import StableDiffusionXLVideoPipeline
+from endless import Prompts, VideoState, decoded_chunks, generate_latents, mix_embeddings, prompt_weights, state_path
 from video_settings import Settings
 from tiny_pipeline import tiny_video_pipeline
 from vae import AutoencoderKL
@@ -60,7 +61,7 @@ def test_streamed_chunks_equal_one_call_with_the_same_context(pipeline, model):
     embeddings = [pipeline.encode_prompt("a red circle moving left")]
     generator = torch.Generator().manual_seed(0)
     state = VideoState()
-    chunks = generate_latents(pipeline, config, embeddings, state, generator)
+    chunks = generate_latents(pipeline, config.chunk, config.drift, Prompts([(0, embeddings[0])]), state, generator)
     first = next(chunks)
     random_state = generator.get_state()
     second = next(chunks)
@@ -77,18 +78,38 @@ def test_streamed_chunks_equal_one_call_with_the_same_context(pipeline, model):
 
 
 def test_batch_of_two_equals_two_single_runs(model):
-    """In float64, so that batched and single matrix products agree to far below the tolerance."""
+    """In float64, so that batched and single matrix products agree to far below the tolerance. The
+    statistics lock keeps each video's own statistics (DriftControls' spans_batch)."""
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(model, dtype=torch.float64)
-    config = settings(model, context_noise=0.1)
+    config = settings(model, context_noise=0.1, statistics_lock=0.5)
     prompts = ["a red circle moving left", "a blue square moving up"]
-    batch = generate_latents(pipeline, config, [pipeline.encode_prompt(prompts)], VideoState(),
-                             [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
-    singles = [generate_latents(pipeline, config, [pipeline.encode_prompt(p)], VideoState(), torch.Generator().manual_seed(s))
+    batch = generate_latents(pipeline, config.chunk, config.drift, Prompts([(0, pipeline.encode_prompt(prompts))]),
+                             VideoState(), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    singles = [generate_latents(pipeline, config.chunk, config.drift, Prompts([(0, pipeline.encode_prompt(p))]), VideoState(),
+                                torch.Generator().manual_seed(s))
                for p, s in zip(prompts, (1, 2))]
     for _ in range(3):
         together = next(batch)
         alone = torch.cat([next(chunks) for chunks in singles])
         assert (together - alone).abs().max() <= 1e-9 * alone.abs().max()
+
+
+def test_decoded_chunks_decode_with_the_pipelines_tiles(pipeline, model, monkeypatch):
+    """The one way from latents to frames (evaluate, training's samples and validation, bench) goes
+    through pipeline.decode_video: its tiling is honoured."""
+    config = settings(model)
+    prompts = Prompts([(0, pipeline.encode_prompt("a red circle"))])
+    latents = next(generate_latents(pipeline, config.chunk, config.drift, prompts, VideoState(), torch.Generator().manual_seed(0)))
+    tiled = []
+    decode_tiled = AutoencoderKL.decode_tiled
+    monkeypatch.setattr(AutoencoderKL, "decode_tiled", lambda self, z: tiled.append(z.shape[0]) or decode_tiled(self, z))
+    monkeypatch.setattr(pipeline, "vae_tiles", True)
+    frames = next(decoded_chunks(pipeline, config.chunk, config.drift, prompts, VideoState(),
+                                 torch.Generator().manual_seed(0), decode_frames=2))
+    assert tiled == [2, 1]  # 3 frames, 2 at a time, each in tiles
+    video = pipeline.vae.decode_video(latents, tiles=True)[0].detach()  # (3, frames, H, W) in [-1, 1]
+    expected = ((video.permute(1, 2, 3, 0).numpy() / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
+    assert len(frames) == 1 and frames[0].dtype == np.uint8 and np.array_equal(frames[0], expected)
 
 
 def tensor_bytes() -> int:
@@ -102,8 +123,8 @@ def tensor_bytes() -> int:
 
 def test_memory_does_not_grow_with_chunks(pipeline, model):
     config = settings(model, steps=1, anchor_frame=True, context_noise=0.05, renormalize=True)
-    chunks = generate_latents(pipeline, config, [pipeline.encode_prompt("a red circle")], VideoState(),
-                              torch.Generator().manual_seed(0))
+    chunks = generate_latents(pipeline, config.chunk, config.drift, Prompts([(0, pipeline.encode_prompt("a red circle"))]),
+                              VideoState(), torch.Generator().manual_seed(0))
     held = {}
     for index in range(1, 51):
         latents = next(chunks)

@@ -26,6 +26,7 @@ from PIL import Image
 import endless
 import sample
 import vae
+from infra.run_state import OutputLock
 from pipeline import StableDiffusionXLVideoPipeline
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def gif_frames(path) -> int:
 
 def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(model, tmp_path):
     out = tmp_path / "video.gif"
-    with endless.OutputLock(str(out)):
+    with OutputLock(str(out)):
         with pytest.raises(ValueError, match=rf"being written by process {os.getpid()}\b.*video\.gif\.sample\.lock"):
             run(model, out, "--chunks", "1")
         assert sorted(os.listdir(tmp_path)) == ["video.gif.sample.lock"]  # nothing but the holder's lock
@@ -467,7 +468,7 @@ def test_the_command_line_prints_one_error_line_and_exits_1(model, tmp_path, arg
     out = tmp_path / "video.gif"
     command = [sys.executable, str(REPOSITORY / "sample.py"), "--model", str(model), *FAST, *PROMPT,
                "--out", str(out), *arguments]
-    with endless.OutputLock(str(out)):
+    with OutputLock(str(out)):
         result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     lines = result.stderr.splitlines()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from scheduler import DPMSolverMultistepScheduler
-from training.self_context import SelfContext, denoised_estimate
+from scheduler import denoised_from, make_alphas_cumprod, make_betas, training_coefficients, training_target
+from training.self_context import SelfContext
 from text import PromptEmbeddings
 from tiny_pipeline import tiny_video_pipeline
 
@@ -103,7 +103,6 @@ def test_sampled_context_is_the_chunk_the_pipeline_makes_after_the_frames_before
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_one_step_estimate_matches_diffusers(tiny, prediction_type):
     config = dataclasses.replace(tiny.scheduler_config, prediction_type=prediction_type)
-    ours = DPMSolverMultistepScheduler(config)
     reference = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start,
                               beta_end=config.beta_end, beta_schedule=config.beta_schedule,
                               prediction_type=prediction_type, clip_sample=False)
@@ -112,7 +111,7 @@ def test_one_step_estimate_matches_diffusers(tiny, prediction_type):
     prediction = torch.randn((1, 4, 2, 4, 4), generator=generator)
     for timestep in (0, 1, 250, 999):
         expected = reference.step(prediction, timestep, noisy).pred_original_sample
-        got = denoised_estimate(ours, prediction, noisy, torch.tensor([timestep]))
+        got = denoised_from(config, prediction, noisy, *training_coefficients(config, torch.tensor([timestep]), noisy))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -120,15 +119,15 @@ def test_one_step_of_a_perfect_model_gives_back_the_clean_context(tiny, monkeypa
     settings = settings_of(tiny, "one-step", probability=1.0)
     latents, text, pooled = inputs(tiny, settings)
     clean = latents[:, :, :settings.context_frames]
-    scheduler = DPMSolverMultistepScheduler(tiny.scheduler_config)
+    alphas_cumprod = make_alphas_cumprod(make_betas(tiny.scheduler_config))
     calls = []
 
     def perfect(noisy, timesteps, *rest):
         # The noise is what makes `noisy` from the clean context at these timesteps; the model's ideal output.
-        alpha = scheduler.alphas_cumprod[timesteps].sqrt().reshape(-1, 1, 1, 1, 1)
+        alpha = alphas_cumprod[timesteps].sqrt().reshape(-1, 1, 1, 1, 1)
         noise = (noisy - alpha * clean) / (1 - alpha**2).sqrt()
         calls.append((timesteps, rest[-1]))
-        return scheduler.training_target(clean, noise, timesteps)
+        return training_target(tiny.scheduler_config, clean, noise, timesteps)
 
     monkeypatch.setattr(tiny, "unet", perfect)
     context, _ = settings.split(tiny, latents, text, pooled, index=0)

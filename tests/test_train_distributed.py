@@ -2,7 +2,7 @@
 batch ends (float32, within 1e-5, validation loss included), a run interrupted and resumed from its
 sharded checkpoint (torch.distributed.checkpoint) ends exactly where the uninterrupted one does, and
 the checkpoint resumes on one process too. The shards' sizes are those --plan counts
-(training/plan.py memory_plan). Mode temporal on a tiny checkpoint: frozen spatial weights, trained
+(infra/memory.py memory_plan). Mode temporal on a tiny checkpoint: frozen spatial weights, trained
 temporal ones, a weight average, the default context and text drops."""
 
 import dataclasses
@@ -35,7 +35,7 @@ import json, shutil, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {repository!r})
 import train
-from training import plan as training_plan
+from infra import memory
 
 settings, folder, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 measured = {{}}
@@ -142,8 +142,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs):
 
 
 def test_the_shards_are_the_sizes_the_plan_counts(runs):
-    from training.plan import memory_plan, meta_unet, unet_units
-    from pipeline import model_configs
+    from infra.memory import memory_plan, meta_unet, unet_units
+    from infra.checkpoint import model_configs
 
     unet = meta_unet(model_configs(runs / "checkpoint")["unet"], temporal_only=True)
     planned = memory_plan(unet, unet_units(unet), processes=2, compute_dtype=None)["fsdp"]

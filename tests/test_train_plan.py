@@ -1,4 +1,4 @@
-"""train.py --plan and training_plan: bytes per process against a hand count on a tiny module (FSDP2's
+"""train.py --plan and its counts (infra/memory.py): bytes per process against a hand count on a tiny module (FSDP2's
 shards of ceil(rows / processes) rows), saved activations against a hand count of an MLP's
 backward, the table of the command line against the counts, before any work. The shards of a real
 FSDP run: test_train_distributed.py."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from training import plan as training_plan
-from training.plan import memory_plan, saved_bytes
+from infra import memory
+from infra.memory import memory_plan, saved_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -58,16 +58,16 @@ def test_saved_activations_are_the_hand_count():
 def test_on_meta_the_unet_counts_as_on_the_cpu():
     from model import UNetConfig
 
-    config, sample = UNetConfig.tiny(), training_plan.Sample(frames=3, context_frames=2, latent_size=4, text_tokens=5)
+    config, sample = UNetConfig.tiny(), memory.Sample(frames=3, context_frames=2, latent_size=4, text_tokens=5)
     counts = {}
     for device in ("meta", "cpu"):
         with torch.device(device):
-            unet = training_plan.UNet(config)
+            unet = memory.UNet(config)
         unet.requires_grad_(False)
         for parameter in unet.temporal_parameters():
             parameter.requires_grad_(True)
-        inputs = training_plan.unet_inputs(config, sample, torch.float32, device)
-        counts[device] = saved_bytes(unet, training_plan.unet_units(unet), lambda: unet(*inputs))
+        inputs = memory.one_sample_inputs(config, sample, torch.float32, device)
+        counts[device] = saved_bytes(unet, memory.unet_units(unet), lambda: unet(**inputs))
     assert counts["meta"] == counts["cpu"] and counts["cpu"][1] < counts["cpu"][0]
 
 
@@ -78,13 +78,13 @@ def test_the_command_line_prints_the_counts_and_exits(model, tmp_path):
                             cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert not out.exists()  # no work, no folder
-    from pipeline import model_configs
+    from infra.checkpoint import model_configs
 
-    unet = training_plan.meta_unet(model_configs(model)["unet"], temporal_only=True)
-    plan = memory_plan(unet, training_plan.unet_units(unet), 2, torch.bfloat16)
+    unet = memory.meta_unet(model_configs(model)["unet"], temporal_only=True)
+    plan = memory_plan(unet, memory.unet_units(unet), 2, torch.bfloat16)
     rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in result.stdout.splitlines() if line.startswith("| ")}
     unit = next(name.split()[0] for name in rows if name.endswith("per process"))
     assert unit == "MB"
-    for name in training_plan.ROWS:
+    for name in memory.ROWS:
         assert [float(value) for value in rows[name]] == [round(plan[kind][name] / 1e6, 2) for kind in ("ddp", "fsdp")]
     assert "processes: 2, compute in bfloat16, batch 3 per process" in result.stdout

@@ -54,17 +54,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from shapes import world
+from infra.checkpoint import DTYPES
+from infra.cli import OneLineParser
+from infra.memory import unet_inputs
 from model import UNet, UNetConfig
-from pipeline import DTYPES, StableDiffusionXLVideoPipeline, micro_conditioning
+from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
+from training.baby import baby_configs, baby_text_encoder
 from vae import TILE, TILE_OVERLAP, AutoencoderKL, VAEConfig
-from video_settings import OneLineParser
 
-try:  # the reference, a test-only dependency, and its builder in tests/: needed only by unet_vs_diffusers
+try:  # the reference, a test-only dependency: needed only by the rows and parts that compare with diffusers
     from diffusers import UNet2DConditionModel
 
-    from tests.diffusers_oracle import diffusers_unet, diffusers_vae
+    from tools.diffusers_models import diffusers_unet, diffusers_vae
 except ImportError:
     UNet2DConditionModel = diffusers_unet = diffusers_vae = None
 
@@ -161,8 +164,6 @@ def build_pipeline(args, folder: Path, scale: str) -> StableDiffusionXLVideoPipe
             unet_config, vae_config = bench_unet_config(), bench_vae_config()
             encoder = text_encoder((128, 256), (12, 32), 256, folder)
         else:
-            from train import baby_configs, baby_text_encoder
-
             unet_config, vae_config = baby_configs(32, vae_downsampling=4)
             encoder = baby_text_encoder(folder, seed=0)
         unet, vae = randomise_temporal(UNet(unet_config)), AutoencoderKL(vae_config)
@@ -177,21 +178,6 @@ def randomise_temporal(unet: UNet) -> UNet:
         if ".temp_" in name and "proj_out" in name:
             parameter.normal_(0.0, 0.02)
     return unet
-
-
-def unet_inputs(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,
-                device, dtype, seed: int = 0) -> dict:
-    """Random inputs of a UNet call on latents of height x width (context: `context_frames`, batch 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda *shape: torch.randn(shape, generator=generator).to(device, dtype)
-    return dict(
-        sample=draw(batch, config.in_channels, frames, height, width),
-        timestep=torch.tensor(500.0, device=device),
-        encoder_hidden_states=draw(batch, 77, config.cross_attention_dim),
-        text_embeds=draw(batch, config.pooled_text_dim),
-        time_ids=micro_conditioning(batch, 8 * height, 8 * width, dtype=dtype, device=device),
-        previous_latents=draw(1, config.in_channels, context_frames, height, width) if context_frames else None,
-    )
 
 
 def as_images(inputs: dict) -> tuple:
@@ -587,35 +573,35 @@ def vae_decode(args) -> dict:
 def endless_child(args) -> dict:
     """`args.child` chunks as sample.py makes them (prompt once, context between chunks, decode
     each chunk), in this fresh process; peak memory at the end."""
-    from endless import VideoState, generate_latents, to_uint8_frames
-    from video_settings import Settings
+    from dataclasses import asdict
+
+    from endless import Prompts, VideoState, decoded_chunks
+    from video_settings import ChunkSpec, DriftControls
 
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as folder:
         pipeline = build_pipeline(args, Path(folder), "sdxl" if cuda else "baby")
     size = (768, 768) if cuda else (32, 32)
-    settings = Settings(timeline=[(0, PROMPT)], height=size[0], width=size[1], frames=8 if cuda else 4,
-                        context_frames=4 if cuda else 2, steps=args.endless_steps, guidance=9.0)
-    embeddings = [pipeline.encode_prompt(PROMPT, "", True)]
+    chunk = ChunkSpec(height=size[0], width=size[1], frames=8 if cuda else 4, context_frames=4 if cuda else 2,
+                      steps=args.endless_steps, guidance=9.0)
+    prompts = Prompts([(0, pipeline.encode_prompt(PROMPT, "", True))])
     generator = torch.Generator().manual_seed(0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = peak_memory(args.device)
-    chunks = generate_latents(pipeline, settings, embeddings, VideoState(), generator)
+    chunks = decoded_chunks(pipeline, chunk, DriftControls(), prompts, VideoState(), generator, decode_frames=2)
     seconds, resident = [], []
     for _ in range(args.child):
         synchronize(args.device)
         start = time.perf_counter()
-        frames = to_uint8_frames(pipeline.vae.decode_video(next(chunks), frames_per_batch=2)[0])
+        frames = next(chunks)[0]
         synchronize(args.device)
         seconds.append(time.perf_counter() - start)
         resident.append(current_rss())
     return {
-        "chunks": args.child, "frames": args.child * settings.frames, "seconds": rounded(seconds),
+        "chunks": args.child, "frames": args.child * chunk.frames, "seconds": rounded(seconds),
         "peak_bytes": peak_memory(args.device), "peak_bytes_before_loop": before, "rss_after_each_chunk": resident,
-        "settings": {"height": settings.height, "width": settings.width, "frames": settings.frames,
-                     "context_frames": settings.context_frames, "steps": settings.steps, "guidance": settings.guidance,
-                     "shape": list(frames.shape)},
+        "settings": {**asdict(chunk), "shape": list(frames.shape)},
     }
 
 
@@ -631,7 +617,7 @@ def endless(args) -> list[dict]:
     counts = sorted(runs)
     longest = runs[counts[-1]]
     per_chunk = longest["seconds"][1:]  # the first chunk also warms up
-    baby = "baby (train.baby_configs(32, vae_downsampling=4), random weights)"
+    baby = "baby (training.baby.baby_configs(32, vae_downsampling=4), random weights)"
     config = "sdxl" if args.device.startswith("cuda") else baby
     memory_unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     return [
@@ -747,8 +733,6 @@ def random_diffusers_folder(args, folder: Path) -> Path:
     GPU, tiny ones on a CPU; a tokenizer of the world's words (no download)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
-
-    from train import baby_text_encoder
 
     cuda = args.device.startswith("cuda")
     encoder = sdxl_text_encoder(folder / "tokenizer-files") if cuda else baby_text_encoder(folder / "tokenizer-files", 0)

@@ -32,7 +32,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are at the repository's root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from video_settings import DTYPE_NAMES, OneLineParser
+from infra.cli import OneLineParser
+from infra.files import atomic_file
+from video_settings import DTYPE_NAMES
 
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
 PREPARE_FORMAT = "sdxl-video-prepare/1"
@@ -123,23 +125,11 @@ def settings_of(args) -> dict:
             "videos_per_shard": args.videos_per_shard, "dtype": args.dtype}
 
 
-def atomic_write(path: Path, write, remove_stale: bool = False) -> None:
-    """write(temporary path), fsynced, then renamed to `path`: it is whole or absent, even after a
-    crash. The temporary name is this process's (two processes may write the same index); with
-    `remove_stale` (a shard, which one process writes), those of `path` left by a crash go first."""
-    from pipeline import fsync
-
-    for stale in path.parent.glob(path.name + ".tmp-*") if remove_stale else ():
-        stale.unlink(missing_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(temporary)
-    fsync(temporary)
-    os.replace(temporary, path)
-    fsync(path.parent)
-
-
 def write_json(path: Path, values: dict) -> None:
-    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(values, indent=2) + "\n"))
+    """Write `values` to `path` whole or not at all (`atomic_file`: each process its own temporary,
+    since two processes may write the same index)."""
+    with atomic_file(path) as file:
+        file.write((json.dumps(values, indent=2) + "\n").encode())
 
 
 def check_resume(out: Path, plan: dict) -> bool:
@@ -190,7 +180,7 @@ def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) ->
     import torch
     from safetensors.torch import save_file
 
-    from pipeline import DTYPES
+    from infra.checkpoint import DTYPES
     from training.data import encode_captions
 
     dtype = DTYPES[args.dtype]
@@ -212,8 +202,8 @@ def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) ->
                "text": text, "pooled": pooled}  # (clips, c, f, h, w), (videos, tokens, dim), (videos, p)
     tensors = {key: value.to("cpu", dtype).contiguous() for key, value in tensors.items()}
     contents = {"videos": [[name, clips] for name, _, clips in used], "skipped": skipped}
-    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata={"contents": json.dumps(contents)}),
-                 remove_stale=True)
+    with atomic_file(path) as file:  # safetensors writes by name
+        save_file(tensors, file.name, metadata={"contents": json.dumps(contents)})
     return tensors["latents"].shape[0], len(skipped)
 
 

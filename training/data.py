@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from shapes import world
-from pipeline import safetensors_header
+from infra.checkpoint import safetensors_header
 from text import SUBFOLDERS
 from infra.video_io import _to_model_frames
 
@@ -164,15 +164,16 @@ def captioned_videos(folder: str) -> list[tuple[Path, str]]:
 
 class ShapesData:
     """Clips of the shapes world; sample `index` is always the same clip. With `num_clips` > 0
-    the samples cycle over that many clips."""
+    the samples cycle over that many clips; with `shapes` > 1 each is a scene of that many shapes."""
 
-    def __init__(self, size: int, num_frames: int, seed: int, num_clips: int = 0):
+    def __init__(self, size: int, num_frames: int, seed: int, num_clips: int = 0, shapes: int = 1):
         self.size, self.num_frames, self.seed, self.num_clips = size, num_frames, seed, num_clips
+        self.shapes = shapes
 
     def __getitem__(self, index: int) -> VideoClip:
         """(3, frames, size, size) in [-1, 1] and its caption."""
         index = index % self.num_clips if self.num_clips else index
-        clip = world.random_clip(self.seed * 1_000_003 + index, self.size)
+        clip = world.random_clip(self.seed * 1_000_003 + index, self.size, shapes=self.shapes)
         start = (index * 7919) % 64  # any stretch of the endless clip
         return VideoClip(world.render(clip, self.num_frames, self.size, first_frame=start), clip.caption)
 
@@ -288,7 +289,7 @@ def make_data(config):
     clip_frames = config.context_frames + config.frames
     folder = Path(config.data)
     if config.data == "shapes":
-        return ShapesData(config.size, clip_frames, config.seed, config.clips)
+        return ShapesData(config.size, clip_frames, config.seed, config.clips, config.shapes)
     if (folder / INDEX_FILE).exists():
         data = ShardData(config.data, config.seed)
         data.check(config, checkpoint_fingerprints(config.model) if config.mode == "temporal" else {})

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import fsync, fsync_tree, writing
+from infra.files import atomic_file, fsync, fsync_tree, naming
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.autocast's choices
 CHECKPOINT_KEYS = {"step", "module", "optimizer", "schedule"}  # of a NAME.pt (older ones also hold "generators")
@@ -43,23 +43,6 @@ SHARDED_STATE = "train_state.json"  # in a NAME.dcp folder: step, schedule and o
 
 
 # Files ------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_file(path: Path):
-    """Open NAME.tmp next to `path` for writing; once the body is done, fsync it and rename it to
-    `path`, so that a kill leaves the old file or the new one, never part of one. An error is an
-    OSError naming `path`, and the temporary file is removed."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with writing(path), open(temporary, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-            os.replace(temporary, path)
-            fsync(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def replace_folder(temporary: Path, folder: Path) -> None:
@@ -334,14 +317,14 @@ class Stage:
             shutil.rmtree(temporary, ignore_errors=True)  # left by a save that was killed
         dist.barrier()
         tensors, param_groups = self.sharded_state()
-        with writing(self.path):
+        with naming(self.path):
             dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(temporary), save_distributed=True))
         if self.rank == 0:
             try:
                 state = {"step": self.step, "schedule": self.schedule.state_dict(), "param_groups": param_groups}
                 with atomic_file(temporary / SHARDED_STATE) as file:
                     file.write((json.dumps(state, indent=1) + "\n").encode())
-                with writing(self.path):
+                with naming(self.path):
                     fsync_tree(temporary)
                     replace_folder(temporary, self.path)
             finally:
@@ -469,7 +452,7 @@ class Stage:
 def append_log(out, record: dict) -> None:
     """One JSON line in out/log.jsonl."""
     path = Path(out) / "log.jsonl"
-    with writing(path), open(path, "a") as log:
+    with naming(path), open(path, "a") as log:
         log.write(json.dumps(record) + "\n")
 
 

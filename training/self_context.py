@@ -7,7 +7,7 @@ place of the clip's clean context, what the model makes of it, without gradient:
 
     "sampled"   the clip is longer by one chunk: the model makes that chunk (`frames` frames) from
                 the `context_frames` clean frames before it, as sample.py makes the next chunk
-                (DPM-Solver++ of the model's scheduler, `steps` steps, the sample's text, no
+                (the sampler of the model's scheduler config, `steps` steps, the sample's text, no
                 guidance); its last `context_frames` frames are the context
     "one-step"  the clean context is noised to a random training timestep in [0, level * T) and
                 denoised by the model in one call (as a first chunk: no context of its own)
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import micro_conditioning, randn
-from scheduler import DPMSolverMultistepScheduler
+from model import micro_conditioning
+from pipeline import randn
+from scheduler import add_noise, denoised_from, make_schedule, training_coefficients
 from training.loop import seeded_generator
 
 MODES = ("off", "sampled", "one-step")
@@ -93,35 +94,22 @@ class SelfContext:
     def sampled(self, pipeline, history, text, pooled, generators) -> torch.Tensor:
         """history: (n, 4, k, h, w) -> the chunk (n, 4, frames, h, w) the model makes after it in
         `steps` steps without guidance, each sample drawing its noise from its own of `generators`."""
-        scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
-        scheduler.set_timesteps(self.steps, device=history.device)
+        timesteps, sigmas = make_schedule(pipeline.scheduler_config, self.steps)
         shape = (history.shape[0], history.shape[1], self.frames, *history.shape[-2:])
-        noise = randn(shape, generators, history.device, history.dtype) * scheduler.init_noise_sigma
+        noise = randn(shape, generators, history.device, history.dtype)
         time_ids = micro_conditioning(shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
-        return pipeline.denoise(scheduler, scheduler.timesteps, noise, text, pooled, time_ids, history, 1.0,
-                                generators)
+        return pipeline.denoise(pipeline.scheduler_config, timesteps.to(history.device), sigmas, noise, text, pooled,
+                                time_ids, history, 1.0, generators)
 
     def one_step(self, pipeline, context, text, pooled, generators) -> torch.Tensor:
         """context: (n, 4, k, h, w) clean -> noised to a random timestep each and denoised in one
         model call: the model's estimate of the clean latents (n, 4, k, h, w); sample i draws from
         generators[i]."""
-        scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
-        top = max(1, int(self.level * pipeline.scheduler_config.num_train_timesteps))
+        config = pipeline.scheduler_config
+        top = max(1, int(self.level * config.num_train_timesteps))
         timesteps = torch.cat([torch.randint(0, top, (1,), generator=generator) for generator in generators])  # (n,)
         noise = randn(context.shape, generators, context.device, torch.float32)
-        noisy = scheduler.add_noise(context.float(), noise, timesteps)  # (n, 4, k, h, w)
+        noisy = add_noise(config, context.float(), noise, timesteps)  # (n, 4, k, h, w)
         time_ids = micro_conditioning(context.shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
         prediction = pipeline.unet(noisy.to(context.dtype), timesteps.to(context.device), text, pooled, time_ids, None)
-        return denoised_estimate(scheduler, prediction.float(), noisy, timesteps)
-
-
-def denoised_estimate(scheduler, prediction, noisy, timesteps) -> torch.Tensor:
-    """The clean sample a prediction (of the noise or of v, as the scheduler's prediction_type
-    says) implies at training timesteps (b,): noisy = alpha * x + std * noise, v = alpha * noise -
-    std * x, so x = (noisy - std * noise) / alpha = alpha * noisy - std * v."""
-    alphas_cumprod = scheduler.alphas_cumprod[timesteps.cpu()].reshape(-1, *[1] * (noisy.dim() - 1))  # (b, 1, ...)
-    alpha = alphas_cumprod.sqrt().to(noisy)
-    std = (1 - alphas_cumprod).sqrt().to(noisy)
-    if scheduler.config.prediction_type == "epsilon":
-        return (noisy - std * prediction) / alpha
-    return alpha * noisy - std * prediction
+        return denoised_from(config, prediction.float(), noisy, *training_coefficients(config, timesteps, noisy))

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from endless import VideoState, generate_latents, to_uint8_frames
-from pipeline import micro_conditioning
-from scheduler import DPMSolverMultistepScheduler
-from shapes.scoring import VideoScore, mean_over, parse_caption
+from endless import Prompts, VideoState, decoded_chunks
+from infra.cli import without_nan
+from model import micro_conditioning
+from scheduler import add_noise, training_target
+from shapes.scoring import mean_over, video_score
 from training.data import batch_of, encoded_batch
-from video_settings import Settings
+from video_settings import ChunkSpec, DriftControls
 
 VALIDATION_SEED = 1_000_000_007  # of the validation noise, the same in every run
 # A combination the baby trains on and one it never sees (world.HELD_OUT), scored over a few chunks.
@@ -66,8 +67,8 @@ def validation_loss(unet, pipeline, clips, count: int, config, rank: int = 0, wo
     docstring says. `config` gives context_frames, size, batch_size and autocast. Every process calls it and
     gets the same number (each process makes the same number of UNet calls, as FSDP needs)."""
     device = pipeline.device
-    scheduler = DPMSolverMultistepScheduler(pipeline.scheduler_config)
-    timesteps = fixed_timesteps(count, pipeline.scheduler_config.num_train_timesteps)
+    scheduler_config = pipeline.scheduler_config
+    timesteps = fixed_timesteps(count, scheduler_config.num_train_timesteps)
     k, batch = config.context_frames, config.batch_size
     mine = list(range(rank, count, world_size))
     calls = math.ceil(math.ceil(count / world_size) / batch)
@@ -83,8 +84,8 @@ def validation_loss(unet, pipeline, clips, count: int, config, rank: int = 0, wo
         context, chunk = latents[:, :, :k], latents[:, :, k:].float()  # (b, 4, k, h, w), (b, 4, f, h, w)
         noise = torch.stack([clip_noise(i, chunk.shape[1:]) for i in indices]).to(chunk)  # (b, 4, f, h, w)
         steps = timesteps[indices]
-        noisy = scheduler.add_noise(chunk, noise, steps)
-        target = scheduler.training_target(chunk, noise, steps)
+        noisy = add_noise(scheduler_config, chunk, noise, steps)
+        target = training_target(scheduler_config, chunk, noise, steps)
         time_ids = micro_conditioning(batch, config.size, config.size, dtype=text.dtype, device=text.device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             prediction = unet(noisy, steps.to(device), text, pooled, time_ids, context)
@@ -105,22 +106,16 @@ def shapes_metrics(pipeline, sample_defaults: dict, prompts=SHAPES_PROMPTS, chun
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     scores = {}
+    chunk, drift = ChunkSpec.from_options(sample_defaults), DriftControls.from_options(sample_defaults)
     for index, prompt in enumerate(prompts):
-        settings = Settings.from_options(timeline=[(0, prompt)], **sample_defaults)
-        stream = generate_latents(pipeline, settings, [pipeline.encode_prompt(prompt)], VideoState(),
-                                  torch.Generator().manual_seed(index))
-        score = VideoScore(*parse_caption(prompt))
+        stream = decoded_chunks(pipeline, chunk, drift, Prompts([(0, pipeline.encode_prompt(prompt))]), VideoState(),
+                                torch.Generator().manual_seed(index))
+        score = video_score(prompt)
         for _ in range(chunks):
-            score.add_chunk(to_uint8_frames(pipeline.vae.decode_video(next(stream))[0]))
+            score.add_chunk(next(stream)[0])
         scores[prompt] = score.result()
     pipeline.unet.train(was_training)
     return without_nan({"all": mean_over(list(scores.values())), **scores})
-
-
-def without_nan(value):
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 # The plot ---------------------------------------------------------------------------------------

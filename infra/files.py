@@ -1,0 +1,121 @@
+"""Durable writes and the small file helpers every script shares; torch-free.
+
+- `fsync`, `fsync_tree`: put a file, a folder's names, or a whole tree on disk.
+- `naming`: an OSError (or safetensors' I/O error) raised inside names the file being written.
+- `atomic_file`: write a file whole or not at all, even across a crash, a power loss or a full disk;
+  `remove_stale_temporaries`: what it left behind in processes that were killed.
+- `read_json_object`, `listing`: a JSON object read with its path in every error; "3 missing keys: a, b, c".
+"""
+
+import glob
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError  # the Rust extension only, not torch
+
+
+def fsync(path) -> None:
+    """Flush one file or folder (its list of names) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder) -> None:
+    """Flush every file and folder under `folder`, `folder` itself and its parent (which holds its
+    name) to disk: what was written there then survives a crash or a power loss."""
+    folder = Path(folder)
+    for path in [*folder.rglob("*"), folder, folder.parent]:
+        fsync(path)
+
+
+@contextmanager
+def naming(path):
+    """Raise an OSError from inside again naming `path`, unless it names a file already (a file
+    inside a folder being written, a caller's own file); safetensors reports an I/O error as a
+    SafetensorError ending in "(os error N)", which becomes an OSError of errno N naming `path`."""
+    try:
+        yield path
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), error.filename or str(path)) from error
+    except SafetensorError as error:
+        if not (match := re.search(r"\(os error (\d+)\)", str(error))):
+            raise
+        raise OSError(int(match[1]), os.strerror(int(match[1])), str(path)) from error
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (signal 0 checks without sending anything; another user's runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temporary_path(path: Path) -> Path:
+    """This process's temporary for `path`: `NAME.<pid>.tmp` in the same folder (so that the rename
+    stays on one file system, and two processes writing the same file never share one)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(path) -> None:
+    """Remove the `NAME.<pid>.tmp` files of `path` that `atomic_file` left in processes that were
+    killed. This process's own pid counts as gone: a restarted container often reuses it, and this
+    process is not writing `path` while it calls this."""
+    path = Path(path)
+    for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+        pid = stale.name[len(path.name) + 1 : -len(".tmp")]
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+            stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path):
+    """Open `temporary_path(path)` for binary writing and yield the file; when the body is done,
+    flush and fsync it, rename it to `path` and fsync the folder (the rename, durable). A crash, a
+    kill or a full disk leaves the old file or the new one, never part of one; an error removes the
+    temporary and is an OSError naming `path` (`naming`), and the temporaries of killed processes
+    go at the next write (`remove_stale_temporaries`). A writer that takes a path rather than a
+    file writes to `file.name`: the fsync of `file` puts its bytes on disk all the same."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    temporary = temporary_path(path)
+    try:
+        with naming(path), open(temporary, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+            os.replace(temporary, path)
+            fsync(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_json_object(path) -> dict:
+    """A JSON object from a file; ValueError naming the file if it is missing, unreadable, not JSON
+    or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    try:
+        values = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); is it truncated?") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
+    return values
+
+
+def listing(what: str, names: list[str], shown: int) -> str:
+    """"2 missing keys: a, b": the count, then the first `shown` of `names` in their order."""
+    return f"{len(names)} {what}: " + ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
