@@ -57,11 +57,14 @@ class DriftControls:
 
     `next_context`, before a chunk: its context, from the last latents made
         1. anchor_frame: the first frame replaces the oldest frame of the context
-        2. context_noise: Gaussian noise of this std is added to the context
+        2. empty_restart: a video whose newest context frame is empty (its spatial latent std below
+           this fraction of the first frame's) starts again from the first frame: every context
+           frame becomes it
+        3. context_noise: Gaussian noise of this std is added to the context
     `finish_chunk`, after it: its latents, before they are decoded and kept as the next context
-        3. renormalize: the original's renormalisation over every latent made so far
-        4. statistics_lock: each channel's mean and std move this far toward the first chunk's
-        5. anchor_frame: at the first chunk, the first frame is kept (in `state.anchor`)
+        4. renormalize: the original's renormalisation over every latent made so far
+        5. statistics_lock: each channel's mean and std move this far toward the first chunk's
+        6. anchor_frame, empty_restart: at the first chunk, the first frame is kept (in `state.anchor`)
 
     Every control defaults to off, so a default video is made without any of them. `state` is
     endless.VideoState: what the controls keep between chunks lives there, a field each (its
@@ -74,6 +77,9 @@ class DriftControls:
     statistics_lock: float = control(
         0.0, "closed loop: move each finished chunk's per-channel latent mean and std this far, in [0, 1], "
              "toward the first chunk's", 0, 1)
+    empty_restart: float = control(
+        0.0, "restart a video from its first frame when its newest frame is empty: its spatial latent std "
+             "below this fraction, in [0, 1], of the first frame's", 0, 1)
 
     @classmethod
     def from_options(cls, options: dict) -> "DriftControls":
@@ -95,6 +101,11 @@ class DriftControls:
         if self.anchor_frame and state.anchor is not None:
             context = context.clone()
             context[:, :, :1] = state.anchor  # (b, 4, k, h, w)
+        if self.empty_restart > 0 and state.anchor is not None:
+            empty = is_empty(context[:, :, -1:], state.anchor, self.empty_restart)  # (b,)
+            if empty.any():
+                context = context.clone()
+                context[empty] = state.anchor[empty].expand_as(context[empty])  # (e, 4, k, h, w)
         if self.context_noise > 0:
             context = context + self.context_noise * noise(context.shape)
         return context
@@ -106,9 +117,17 @@ class DriftControls:
             latents = renormalize(latents, state.latent_statistics)
         if self.statistics_lock > 0:
             latents = lock_statistics(latents, state, self.statistics_lock)
-        if self.anchor_frame and state.anchor is None:
+        if (self.anchor_frame or self.empty_restart > 0) and state.anchor is None:
             state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
         return latents
+
+
+def is_empty(frame, reference, fraction: float):
+    """(b,) bool: whether each video's latent frame (b, 4, 1, h, w) is empty, its spatial standard
+    deviation (per channel, then averaged over channels) below `fraction` of the reference frame's
+    (b, 4, 1, h, w). A plain background has little spatial variation; a shape adds it."""
+    spread = lambda latents: latents.float().std(dim=(3, 4)).mean(dim=(1, 2))  # (b, 4, 1, h, w) -> (b,)
+    return spread(frame) < fraction * spread(reference)
 
 
 def renormalize(latents, statistics: list[float]):
@@ -357,9 +376,13 @@ def check_lora_files(settings: Settings) -> None:
 
 def settings_from_dict(values: dict) -> Settings:
     """Settings from a state file's dict, every field present and of its type, the drift controls'
-    too (TypeError otherwise)."""
+    too (TypeError otherwise); a drift control the file does not name was added after it was
+    written, so the video was made without it: it is off."""
     check_fields(Settings, values)
-    check_fields(DriftControls, values["drift"], "drift.")
+    drift = values["drift"]
+    if isinstance(drift, dict):
+        drift = {**asdict(DriftControls()), **drift}
+    check_fields(DriftControls, drift, "drift.")
     loras = values["loras"]
     if not isinstance(loras, list):
         raise TypeError("loras")
@@ -376,7 +399,7 @@ def settings_from_dict(values: dict) -> Settings:
     if [entry[0] for entry in timeline] != sorted({entry[0] for entry in timeline}) or timeline[0][0] != 0:
         raise ValueError("timeline: its chunks must be sorted, unique and start at 0")
     loras = [LoraSetting(lora["path"], [tuple(entry) for entry in lora["strengths"]], lora["sha256"]) for lora in loras]
-    settings = Settings(**{**values, "drift": DriftControls(**values["drift"]), "loras": loras})
+    settings = Settings(**{**values, "drift": DriftControls(**drift), "loras": loras})
     settings.timeline = [tuple(entry) for entry in settings.timeline]
     return settings
 

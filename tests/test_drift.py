@@ -73,7 +73,6 @@ def test_flat_options_and_settings_round_trip():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["drift"].update(statistics_lock="0.5"), "drift.statistics_lock"),
-    (lambda d: d["drift"].pop("anchor_frame"), "drift.DriftControls"),
     (lambda d: d["drift"].update(unknown=1.0), "drift.DriftControls"),
     (lambda d: d.update(drift=[0.0]), "drift.DriftControls"),
     (lambda d: d.update(anchor_frame=True), "Settings"),  # the old, flat layout
@@ -83,6 +82,13 @@ def test_the_state_files_drift_controls_are_checked(edit, message):
     edit(values)
     with pytest.raises(TypeError, match=message):
         settings_from_dict(values)
+
+
+def test_a_state_file_from_before_a_control_existed_loads_with_it_off():
+    settings = Settings.from_options(timeline=[(0, "a")], anchor_frame=True)
+    values = asdict(settings)
+    del values["drift"]["empty_restart"]
+    assert settings_from_dict(values) == settings and settings.drift.empty_restart == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,3 +222,25 @@ def test_a_new_tensor_field_of_the_state_is_found_moved_and_optional_in_older_st
         endless.state_from_dict({**older, "unknown": None})
     with pytest.raises(TypeError, match=r"lacks the fields \['anchor'\]"):
         endless.state_from_dict({name: value for name, value in older.items() if name != "anchor"})
+
+
+def test_an_empty_newest_frame_restarts_that_video_from_its_first_frame():
+    """Video 0's newest context frame is flat (spatial std 0: empty), video 1's has the anchor's
+    spread: with empty_restart 0.5 only video 0's context becomes its first frame, every frame."""
+    generator = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 4, 1, 3, 3, generator=generator)  # (b, 4, 1, h, w)
+    context = torch.randn(2, 4, 2, 3, 3, generator=generator)
+    context[0, :, 1] = 0.7  # flat
+    state = VideoState(context=context, anchor=anchor)
+    restarted = DriftControls(empty_restart=0.5).next_context(state, None, CHUNK)
+    assert torch.equal(restarted[0], anchor[0].expand(4, 2, 3, 3))
+    assert torch.equal(restarted[1], context[1])
+    assert torch.equal(state.context, context)  # the state is not changed
+    assert torch.equal(DriftControls().next_context(state, None, CHUNK), context)
+
+
+def test_empty_restart_keeps_the_first_frame_without_the_anchor_frame_control():
+    latents = torch.randn(1, 4, 3, 2, 2)
+    state = VideoState()
+    DriftControls(empty_restart=0.4).finish_chunk(latents, state, CHUNK)
+    assert torch.equal(state.anchor, latents[:, :, :1])
