@@ -28,27 +28,27 @@ class Conditioning(NamedTuple):
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
     """(batch, channels, frames, height, width) -> (batch * frames, channels, height, width)."""
-    return rearrange(video, "b c f h w -> (b f) c h w")
+    return rearrange(video, "b c f h w -> (b f) c h w")  # (b*f, c, h, w)
 
 
 def unfold_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch * frames, channels, height, width) -> (batch, channels, frames, height, width)."""
-    return rearrange(images, "(b f) c h w -> b c f h w", f=num_frames)
+    return rearrange(images, "(b f) c h w -> b c f h w", f=num_frames)  # (b, c, f, h, w)
 
 
 def repeat_per_frame(per_video: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch, ...) -> (batch * frames, ...): a per-video condition given to every frame."""
-    return per_video.repeat_interleave(num_frames, dim=0)
+    return per_video.repeat_interleave(num_frames, dim=0)  # (b*f, ...)
 
 
 def frames_to_tokens(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch * frames, channels, h, w) -> (batch * h * w, frames, channels): one sequence per position."""
-    return rearrange(images, "(b f) c h w -> (b h w) f c", f=num_frames)
+    return rearrange(images, "(b f) c h w -> (b h w) f c", f=num_frames)  # (b*h*w, f, c)
 
 
 def tokens_to_frames(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(batch * h * w, frames, channels) -> (batch * frames, channels, h, w): `frames_to_tokens` undone."""
-    return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)
+    return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)  # (b*f, c, h, w)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -104,7 +104,7 @@ class ResnetBlock(nn.Module):
         """x: (batch * frames, in_channels, h, w); time_embedding: (batch * frames, time_embed_dim)."""
         h = self.conv1(F.silu(self.norm1(x, num_frames)))
         if self.time_emb_proj is not None:
-            h += self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]
+            h += self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]  # (b*f, out_channels, 1, 1)
         h = self.conv2(self.dropout(F.silu(self.norm2(h, num_frames))))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut)  # in place on a fresh output (convolutions keep only their inputs for backward)
@@ -188,7 +188,8 @@ class Attention(nn.Module):
         weight = stack([layer.weight for layer in layers])
         bias = None if layers[0].bias is None else stack([layer.bias for layer in layers])
         out = F.linear(x, weight, bias)  # (b, n, len(layers) * inner)
-        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in out.chunk(len(layers), dim=-1)]
+        parts = out.chunk(len(layers), dim=-1)  # (b, n, inner) each
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in parts]  # (b, heads, n, head_dim) each
 
     def keys_values(self, context: torch.Tensor) -> KeysValues:
         """context: (batch, context_tokens, context_dim) -> its keys and values, to reuse while it is fixed."""
@@ -226,11 +227,11 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward with inner width 4 * dim (`net.0.proj`, `net.2` as in diffusers)."""
+    """GEGLU feed-forward with inner width `mult` * dim (`net.0.proj`, `net.2` as in diffusers)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -247,7 +248,8 @@ class TransformerBlock(nn.Module):
     - conditioner (`context_dim` = its width, `only_cross_attention`): both attentions attend to
       the context.
     Without `context_dim` and `double_self_attention` there is no second attention (`norm2`,
-    `attn2` absent), as in diffusers' `BasicTransformerBlock`.
+    `attn2` absent), as in diffusers' `BasicTransformerBlock`. `ff_mult`: the feed-forward's inner
+    width in multiples of `dim`.
     """
 
     def __init__(
@@ -258,6 +260,7 @@ class TransformerBlock(nn.Module):
         context_dim: int | None = None,
         only_cross_attention: bool = False,
         double_self_attention: bool = False,
+        ff_mult: int = 4,
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
@@ -269,7 +272,7 @@ class TransformerBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim)
             self.attn2 = Attention(dim, heads, head_dim, context_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, ff_mult)
 
     def cross_keys_values(self, context: torch.Tensor) -> CrossKeysValues:
         """The keys and values of `context` for the attentions that attend to it, for `forward` to

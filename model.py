@@ -138,6 +138,11 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
+    @property
+    def groupnorm_across_frames(self) -> bool:
+        """Whether the GroupNorms take statistics across the chunk's frames (`groupnorm_scope` "chunk")."""
+        return self.groupnorm_scope == "chunk"
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of (batch,) numbers -> (batch, dim), cosines first (SDXL's layout)."""
@@ -175,8 +180,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, depth: int, config: UNetConfig):
         super().__init__()
-        across_frames = config.groupnorm_scope == "chunk"
-        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, across_frames)
+        self.norm = GroupNorm(config.norm_num_groups, channels, 1e-6, config.groupnorm_across_frames)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, channels // config.head_dim, config.head_dim, config.cross_attention_dim)
@@ -187,13 +191,13 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: (batch * frames, channels, h, w)."""
         height, width = x.shape[-2:]
-        tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")
+        tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")  # (b*f, h*w, c)
         tokens = self.proj_in(tokens)
         text = self.text_keys_values(cond.text) if cond.chunk is None else cond.chunk.text[self]
         for block, keys_values in zip(self.transformer_blocks, text):
             tokens = block(tokens, keys_values)
         tokens = self.proj_out(tokens)
-        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # in x's memory format
+        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # (b*f, c, h, w) in x's memory format
 
     def text_keys_values(self, text: torch.Tensor) -> list[CrossKeysValues]:
         """text: (batch, tokens, cross_attention_dim) -> every block's keys and values of it."""
@@ -223,11 +227,9 @@ class UNetLevel(nn.Module):
 
     def __init__(self, in_channels: list[int], out_channels: int, depth: int, sampler: str | None, config: UNetConfig):
         super().__init__()
-        across_frames = config.groupnorm_scope == "chunk"
         self.resnets = nn.ModuleList(
-            ResnetBlock(
-                channels, out_channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, across_frames
-            )
+            ResnetBlock(channels, out_channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps,
+                        config.groupnorm_across_frames)
             for channels in in_channels
         )
         # One entry per resnet at an attention level (depth > 0), empty lists elsewhere.
@@ -271,9 +273,9 @@ class UNetMidBlock(nn.Module):
 
     def __init__(self, channels: int, depth: int, config: UNetConfig):
         super().__init__()
-        across_frames = config.groupnorm_scope == "chunk"
         self.resnets = nn.ModuleList(
-            ResnetBlock(channels, channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, across_frames)
+            ResnetBlock(channels, channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps,
+                        config.groupnorm_across_frames)
             for _ in range(2)
         )
         self.attentions = nn.ModuleList([SpatialTransformer(channels, depth, config)])
@@ -303,7 +305,6 @@ class UNet(nn.Module):
         # where tools/bench.py measured it; True or False to choose.
         self.channels_last: bool | None = None
         widths, depths = config.block_out_channels, config.transformer_layers_per_block
-        across_frames = config.groupnorm_scope == "chunk"
         num_levels = len(widths)
 
         self.time_embedding = TimestepEmbedding(widths[0], config.time_embed_dim)
@@ -331,7 +332,8 @@ class UNet(nn.Module):
             self.up_blocks.append(UNetLevel(in_widths, widths[level], depths[level], sampler, config))
             previous_width = widths[level]
 
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, widths[0], config.norm_eps, across_frames)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, widths[0], config.norm_eps,
+                                       config.groupnorm_across_frames)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def levels(self) -> list[tuple[nn.Module, int]]:
@@ -385,12 +387,12 @@ class UNet(nn.Module):
 
     def embed_time(self, timestep, batch: int, dtype, device) -> torch.Tensor:
         """The timestep -> (batch, time_embed_dim)."""
-        timesteps = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        timesteps = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (batch,)
         return self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
 
     def embed_added(self, text_embeds, time_ids, dtype) -> torch.Tensor:
         """Pooled text and micro-conditioning -> (batch, time_embed_dim): the same at every step."""
-        time_ids_embedding = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)
+        time_ids_embedding = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)  # (b*6, d)
         time_ids_embedding = time_ids_embedding.reshape(time_ids.shape[0], -1)  # (b, 6 * addition_time_embed_dim)
         added = torch.cat([text_embeds, time_ids_embedding.to(text_embeds.dtype)], dim=-1).to(dtype)
         return self.add_embedding(added)
@@ -470,13 +472,13 @@ class UNet(nn.Module):
         batch, _, num_frames, height, width = sample.shape
         if cache is not None:
             cache.check((batch, height, width), sample.dtype, (encoder_hidden_states, text_embeds, time_ids, previous_latents))
-        cond = Conditioning(None, encoder_hidden_states, num_frames, previous_latents, cache)
         if cache is None:
             added = self.embed_added(text_embeds, time_ids, sample.dtype)
         else:
             added = cache.added_embedding
-        time_embedding = self.embed_time(timestep, batch, sample.dtype, sample.device) + added
-        cond = cond._replace(time_embedding=repeat_per_frame(time_embedding, num_frames))  # (b*f, time_embed_dim)
+        time_embedding = self.embed_time(timestep, batch, sample.dtype, sample.device) + added  # (b, time_dim)
+        time_embedding = repeat_per_frame(time_embedding, num_frames)  # (b*f, time_embed_dim)
+        cond = Conditioning(time_embedding, encoder_hidden_states, num_frames, previous_latents, cache)
 
         x = fold_frames(sample)  # (b*f, c, h, w)
         if self.uses_channels_last(x.device):

@@ -27,9 +27,18 @@ if TYPE_CHECKING:
     from model import UNetConfig
 
 
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A linear layer built as usual (the same random draws), then zeroed: a temporal module's
+    `proj_out`, so that a freshly built module returns its input."""
+    linear = nn.Linear(in_features, out_features)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
 def frame_position_encoding(num_frames: int, dim: int, device=None) -> torch.Tensor:
     """(frames, dim): cos(p / 10000^(2i/dim)) at channel 2i and sin(...) at 2i+1, for frame p."""
-    positions = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]
+    positions = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]  # (frames, 1)
     even_channels = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
     angles = positions / 10000 ** (even_channels / dim)  # (frames, ceil(dim/2))
     encoding = torch.zeros(num_frames, dim, device=device)
@@ -59,9 +68,7 @@ class TemporalTransformer(nn.Module):
             )
             for _ in range(config.temporal_layers)
         )
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = zero_linear(channels, channels)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: (batch * frames, channels, h, w)."""
@@ -73,7 +80,7 @@ class TemporalTransformer(nn.Module):
         tokens.add_(frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype))
         for block in self.transformer_blocks:
             tokens = block(tokens)
-        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)  # (b*f, c, h, w)
 
 
 class TemporalConditionerTransformer(nn.Module):
@@ -85,7 +92,10 @@ class TemporalConditionerTransformer(nn.Module):
     exp(-p / f) to chunk frame p. Transformer blocks of width D cross-attend to the context in
     both attentions, then `proj_out` (zero when built fresh) returns to the block's width.
     Without a context, or with one frame, it returns its input.
+    A cheaper conditioner can be a subclass that sets a smaller `ff_mult`.
     """
+
+    ff_mult = 4  # the feed-forward's inner width in the transformer blocks, in multiples of D
 
     def __init__(self, channels: int, config: "UNetConfig"):
         super().__init__()
@@ -95,13 +105,16 @@ class TemporalConditionerTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, width)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
-                width, channels // config.head_dim, config.head_dim, context_dim=width, only_cross_attention=True
+                width,
+                channels // config.head_dim,
+                config.head_dim,
+                context_dim=width,
+                only_cross_attention=True,
+                ff_mult=self.ff_mult,
             )
             for _ in range(config.conditioner_layers)
         )
-        self.proj_out = nn.Linear(width, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = zero_linear(width, channels)
 
     def encode_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
         """(context_batch, in_channels, k, H, W) -> (batch * height * width, k, D)."""
@@ -113,9 +126,9 @@ class TemporalConditionerTransformer(nn.Module):
             align_corners=False,
         )  # (context_batch, c, k, h, w)
         context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)  # (b, c, k, h, w)
-        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")
+        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")  # (b*h*w, k, D)
         positions = torch.arange(context_frames, device=tokens.device, dtype=tokens.dtype)
-        return tokens + torch.exp(positions / context_frames)[:, None]
+        return tokens + torch.exp(positions / context_frames)[:, None]  # (k, 1) over (b*h*w, k, D)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: (batch * frames, channels, h, w)."""
@@ -129,11 +142,11 @@ class TemporalConditionerTransformer(nn.Module):
             context = cond.chunk.context[self]
         tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
         positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
-        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])
+        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])  # (f, 1) over (b*h*w, f, D)
         for block, keys_values in zip(self.transformer_blocks, context):
             assert keys_values.attn1.keys.shape[0] == tokens.shape[0], "context prepared for other sizes"
             tokens = block(tokens, keys_values)
-        return x + tokens_to_frames(self.proj_out(tokens), height, width)
+        return x + tokens_to_frames(self.proj_out(tokens), height, width)  # (b*f, c, h, w)
 
     def prepare_context(self, previous_latents: torch.Tensor, batch: int, height: int, width: int) -> list[CrossKeysValues]:
         """Every block's keys and values of the encoded context: what the conditioner computes

@@ -71,8 +71,8 @@ class MidBlockAttention(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, channels, h, w)."""
         h, w = x.shape[-2:]
-        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
-        return x + rearrange(super().forward(tokens), "b (h w) c -> b c h w", h=h, w=w)
+        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # (b, h*w, c)
+        return x + rearrange(super().forward(tokens), "b (h w) c -> b c h w", h=h, w=w)  # (b, c, h, w)
 
 
 class MidBlock(nn.Module):
@@ -87,35 +87,23 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-def resnet_stack(in_channels: int, out_channels: int, num_layers: int, num_groups: int) -> nn.ModuleList:
-    channels = [in_channels] + [out_channels] * num_layers
-    return nn.ModuleList(ResnetBlock(i, o, None, num_groups, EPS) for i, o in zip(channels, channels[1:]))
+class VAELevel(nn.Module):
+    """One resolution level of the encoder (diffusers' `DownEncoderBlock2D`) or the decoder
+    (`UpDecoderBlock2D`): `num_layers` resnets, then, at all but the last level, a stride-2 conv
+    padded right and bottom (`sampler="down"`) or nearest-neighbour upsampling by 2 and a conv
+    (`sampler="up"`)."""
 
-
-class DownEncoderBlock(nn.Module):
-    """Resnets, then (except at the last level) a stride-2 conv padded right and bottom."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, sampler: str | None):
         super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)]) if downsample else None
+        channels = [in_channels] + [out_channels] * num_layers
+        self.resnets = nn.ModuleList(ResnetBlock(i, o, None, groups, EPS) for i, o in zip(channels, channels[1:]))
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)]) if sampler == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if sampler == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """Resnets, then (except at the last level) nearest-neighbour upsampling by 2 and a conv."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
+        """x: (batch, in_channels, h, w) -> (batch, out_channels, h, w), halved by a downsampler,
+        doubled by an upsampler."""
+        for layer in [*self.resnets, *(self.downsamplers or []), *(self.upsamplers or [])]:
             x = layer(x)
         return x
 
@@ -123,19 +111,19 @@ class UpDecoderBlock(nn.Module):
 class Encoder(nn.Module):
     """(batch, in_channels, H, W) -> (batch, 2 * latent_channels, H / factor, W / factor)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        widths, groups = config.block_out_channels, config.norm_num_groups
         last = len(widths) - 1
-        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block, groups, downsample=i < last)
+            VAELevel(widths[max(i - 1, 0)], w, config.layers_per_block, groups, "down" if i < last else None)
             for i, w in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -147,19 +135,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(batch, latent_channels, h, w) -> (batch, out_channels, h * factor, w * factor)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        widths, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
+        widths, groups = config.block_out_channels[::-1], config.norm_num_groups
         last = len(widths) - 1
-        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups)
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block + 1, groups, upsample=i < last)
+            VAELevel(widths[max(i - 1, 0)], w, config.layers_per_block + 1, groups, "up" if i < last else None)
             for i, w in enumerate(widths)
         )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(widths[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
