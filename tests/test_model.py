@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange
 from safetensors.torch import load_file
 
-from layers import Conditioning
+from layers import Conditioning, FeedForward
 from model import UNet, UNetConfig
 import temporal
 from temporal import TemporalConditionerTransformer, TemporalTransformer
@@ -420,3 +420,25 @@ def test_the_conditioner_is_the_class_the_config_names(monkeypatch):
     saved = UNetConfig.tiny().to_dict()
     del saved["conditioner"]  # a config saved before the field existed
     assert UNetConfig(**saved).conditioner == "transformer"
+
+
+class NarrowConditioner(TemporalConditionerTransformer):
+    """The review's fork experiment: the conditioner with a feed-forward of inner width D, not 4 D."""
+
+    ff_mult = 1
+
+
+@torch.no_grad()
+def test_a_narrower_conditioner_is_a_subclass_setting_ff_mult(monkeypatch):
+    monkeypatch.setitem(temporal.CONDITIONERS, "narrow", NarrowConditioner)
+    unet = UNet(UNetConfig.tiny(conditioner="narrow", conditioner_layers=2))
+    conditioner = next(m for block, _ in unet.levels() for m in block.temp_cond_attentions)
+    feed_forwards = [m for m in conditioner.modules() if isinstance(m, FeedForward)]
+    assert len(feed_forwards) == 2 and all(  # GEGLU: D -> 2 x inner, inner = D
+        ff.net[0].proj.out_features == 2 * ff.net[0].proj.in_features == 2 * ff.net[2].in_features for ff in feed_forwards)
+    frames, context = torch.randn(2 * 4, 32, 3, 3), torch.randn(1, 4, 2, 3, 3)
+    assert torch.equal(NarrowConditioner(32, UNetConfig.tiny())(frames, conditioning(4, context)), frames)
+    module = randomise(NarrowConditioner(32, UNetConfig.tiny(conditioner_layers=2)))
+    video, context = torch.randn(2, 32, 4, 3, 5), torch.randn(1, 4, 3, 12, 20)
+    output = unfold(module(fold(video), conditioning(4, context)), 4)
+    assert (output - expected_conditioner(video, context, module, heads=32 // 8)).abs().max() <= TOLERANCE
