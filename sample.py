@@ -191,17 +191,10 @@ def check_device_name(device: str | None) -> None:
 
 def check_not_an_input(out: str, settings: Settings) -> None:
     """ValueError if --out is (or holds, or lies inside) a file this run reads, links resolved."""
-    target = os.path.realpath(out)
-    inputs = [("--extend", settings.extend), ("--image", settings.image), ("--model", settings.model),
-              *(("--lora", lora.path) for lora in settings.loras)]
-    for option, path in inputs:
-        if path is None:
-            continue
-        source = os.path.realpath(path)
-        inside = os.path.commonpath([target, source]) in (target, source)
-        if inside or (os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path)):
-            raise ValueError(f"--out {out} is {option} {path} (or contains it, or lies inside it): "
-                             f"give another --out, so that the input is not overwritten")
+    from infra.files import check_not_an_input as refuse_an_input
+
+    refuse_an_input("--out", out, [("--extend", settings.extend), ("--image", settings.image), ("--model", settings.model),
+                                   *(("--lora", lora.path) for lora in settings.loras)])
 
 
 def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:

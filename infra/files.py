@@ -119,3 +119,20 @@ def read_json_object(path) -> dict:
 def listing(what: str, names: list[str], shown: int) -> str:
     """"2 missing keys: a, b": the count, then the first `shown` of `names` in their order."""
     return f"{len(names)} {what}: " + ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def check_not_an_input(option: str, output, inputs: list[tuple[str, object]]) -> None:
+    """ValueError, naming both options, if the output (a file or folder a command writes) is one of
+    its inputs, holds one, or lies inside one (a model folder, say), links resolved.
+
+    option: the output's option ("--out"); inputs: (option, path) pairs, None paths skipped.
+    """
+    target = os.path.realpath(output)
+    for name, path in inputs:
+        if path is None:
+            continue
+        source = os.path.realpath(path)
+        inside = os.path.commonpath([target, source]) in (target, source)
+        if inside or (os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path)):
+            raise ValueError(f"{option} {output} is {name} {path} (or contains it, or lies inside it): "
+                             f"give another {option}, so that the input is not overwritten")
