@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from infra.cli import OneLineParser, of_type, option_name
-from infra.files import read_json_object
+from infra.files import check_not_an_input, read_json_object
 from training.baby_sizes import BABY_VAE_CHANNELS
 from video_settings import ChunkSpec, DriftControls
 
@@ -47,7 +47,10 @@ STAGES = ("vae", "unet")  # each checkpoints to OUT/NAME.pt
 # Settings renamed since: the old name, as a run's train_config.json may hold it -> the TrainConfig field.
 RENAMED_SETTINGS = {"steps": "unet_steps", "chunk_frames": "frames"}
 # Settings added since runs were stored without them: the value those runs had.
-ADDED_SETTINGS = {"vae_downsampling": 4, "shapes": 1}
+ADDED_SETTINGS = {"vae_downsampling": 4, "shapes": 1, "vocabulary": 1}
+# ... unless the run was stored with the setting named here, which came in with the value given: the
+# baby's vocabulary 2 came with --shapes (5b45222), so a run stored with "shapes" was trained with it.
+ADDED_WITH = {"vocabulary": ("shapes", 2)}
 # Settings per process: a run resumed on another number of processes keeps their product with it (the
 # global batch), which train_config.json's "world_size" (the processes that started the run) gives.
 PER_PROCESS = ("batch_size", "vae_batch_size")
@@ -76,7 +79,13 @@ class TrainConfig:
     shapes: int = setting(1, 'shapes world: shapes per clip, of distinct colours, one over the other, captioned "a red '
                              'circle moving left and a blue square moving up" (two shapes are 13 tokens of the '
                              "baby's 16)", FIXED, minimum=1, maximum=2)
-    out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model)",
+    vocabulary: int = setting(
+        2, "mode baby: the version of the tokenizer of the baby's text encoders (shapes/world.py VOCABULARIES), "
+           'rebuilt from it and --seed: 2, every word of the world one token, "and" too; 1, the first babies\' '
+           '(models/baby, docs/baby.md), which cuts "green" into 4 tokens and has no "and" (--shapes 1 only)',
+        FIXED, minimum=1, maximum=2)
+    out: str = setting("runs/baby", "the run's folder: checkpoints, log, samples and the trained model (OUT/model); "
+                                      "not --model, --data or --validation-data, not inside one nor holding one",
                        FREE)
     size: int = setting(32, "frame height and width in pixels, a multiple of the VAE's downsampling", FIXED, minimum=1)
     vae_downsampling: int = setting(4, "mode baby: how much the VAE downsamples each side, 8 (four levels, as "
@@ -186,9 +195,15 @@ class TrainConfig:
         if self.validation_data and not Path(self.validation_data).is_dir():
             raise ValueError(f"--validation-data must be a folder of videos or prepared shards, got "
                              f"{self.validation_data!r}")
+        check_not_an_input("--out", self.out, [("--model", self.model if self.mode == "temporal" else None),
+                                               ("--data", None if self.data == "shapes" else self.data),
+                                               ("--validation-data", self.validation_data or None)])
         if self.fsdp and self.self_context != "off":
             raise ValueError("--fsdp with --self-context: the self-made contexts call the UNet a number of times "
                              "that differs between processes, which FSDP cannot gather for; use DDP")
+        if self.shapes > 1 and self.vocabulary < 2:
+            raise ValueError(f'--shapes {self.shapes} needs --vocabulary 2 (version {self.vocabulary} has no word '
+                             f'"and"), got --vocabulary {self.vocabulary}')
         if self.vae_downsampling not in BABY_VAE_CHANNELS:
             raise ValueError(f"--vae-downsampling must be one of {', '.join(map(str, BABY_VAE_CHANNELS))}; "
                              f"got {self.vae_downsampling}")
@@ -260,7 +275,8 @@ def stored_settings(out: Path) -> dict | None:
     for old, new in RENAMED_SETTINGS.items():
         if old in values and new not in values:
             values[new] = values.pop(old)
-    values = {**ADDED_SETTINGS, **values}
+    added = {name: value for name, (since, value) in ADDED_WITH.items() if since in values}
+    values = {**ADDED_SETTINGS, **added, **values}
     names = {field.name for field in dataclasses.fields(TrainConfig)}
     return {name: value for name, value in values.items() if name in names}
 
@@ -553,7 +569,8 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
         return pipeline
     unet_config, vae_config = baby_configs(config.size, config.conditioner, config.vae_downsampling)
     torch.manual_seed(config.seed)
-    text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed, config.shapes)
+    text_encoder = baby_text_encoder(Path(config.out) / "tokenizer-files", config.seed, config.shapes,
+                                     config.vocabulary)
     scheduler_config = dataclasses.replace(SchedulerConfig.video_model(), prediction_type=config.prediction_type)
     pipeline = StableDiffusionXLVideoPipeline(UNet(unet_config), AutoencoderKL(vae_config), text_encoder,
                                               scheduler_config)

@@ -189,3 +189,48 @@ def test_the_command_line_refuses_to_change_a_run_before_importing_torch(tmp_pat
     assert "--size 16 -> 32" in error and "--learning-rate 0.001 -> 0.01" in error and marker == "torch not imported"
     assert (tmp_path / "train_config.json").read_text() == before and sorted(tmp_path.iterdir()) == [
         tmp_path / "train_config.json"]
+
+
+def a_checkpoint_folder(folder: Path) -> Path:
+    """Enough of a converted checkpoint for the option checks of mode temporal: its config.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"vae": {"block_out_channels": [8, 16, 32]}}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["out is model", "out inside model", "out is data", "out inside data",
+                                  "data inside out", "validation data inside out", "out links to model"])
+def test_an_output_that_is_or_holds_an_input_is_refused_before_anything_is_imported(tmp_path, case):
+    # Issue 22 item 1: train.py wrote OUT/model, OUT/samples, checkpoints into the folder it read.
+    model = a_checkpoint_folder(tmp_path / "checkpoint")
+    data, out = tmp_path / "videos", tmp_path / "run"
+    data.mkdir()
+    options = {"out is model": (["--mode", "temporal", "--model", str(model), "--out", str(model)], "--model"),
+               "out inside model": (["--mode", "temporal", "--model", str(model), "--out", str(model / "run")],
+                                    "--model"),
+               "out is data": (["--data", str(data), "--out", str(data)], "--data"),
+               "out inside data": (["--data", str(data), "--out", str(data / "run")], "--data"),
+               "data inside out": (["--data", str(out / "videos"), "--out", str(out)], "--data"),
+               "validation data inside out": (["--validation-data", str(out / "held-out"), "--out", str(out)],
+                                              "--validation-data"),
+               "out links to model": (["--mode", "temporal", "--model", str(model), "--out", str(tmp_path / "link")],
+                                      "--model")}
+    arguments, input_option = options[case]
+    if case in ("data inside out", "validation data inside out"):
+        (out / arguments[1].rsplit("/", 1)[1]).mkdir(parents=True)  # a run folder that holds the data
+    if case == "out links to model":
+        (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    result = run_train(*arguments, "--size", "16", "--vae-downsampling", "4")
+    assert result.returncode == 2, result.stderr
+    error, marker = result.stderr.splitlines()
+    assert error.startswith("error: --out ") and input_option in error and marker == "torch not imported", error
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
+
+
+def test_an_output_beside_its_inputs_is_accepted(tmp_path):
+    model = a_checkpoint_folder(tmp_path / "checkpoint")
+    (tmp_path / "videos").mkdir()
+    TrainConfig(mode="temporal", model=str(model), data=str(tmp_path / "videos"), out=str(tmp_path / "checkpoint-run"),
+                size=16)
+    TrainConfig(out=str(tmp_path / "shapes"))  # --data shapes is the shapes world, not a folder
