@@ -248,6 +248,7 @@ def test_resuming_with_other_settings_is_refused(reference, videos, shards, tmp_
     (dict(frames="-2"), "--frames must be at least 1"), (dict(clips="0"), "--clips-per-video must be at least 1"),
     (dict(per_shard="-1"), "--videos-per-shard must be at least 1"), (dict(size="20"), "--size must be a multiple of 8"),
     (dict(out="DATA"), "is --data"), (dict(out="MODEL"), "is --model"), (dict(out="OTHER"), "holds other files"),
+    (dict(out="IN_MODEL"), "is --model"), (dict(out="IN_DATA"), "is --data"),  # issue 22 item 1: inside an input
     (dict(out="FILE"), "is a file"), (dict(model="DATA"), "not a checkpoint folder"),
     (dict(device="gpu"), "--device must be"), (dict(threads="-1"), "--threads must be at least 0"),
     (dict(size="inf"), "argument --size: invalid int value")])
@@ -256,7 +257,8 @@ def test_bad_options_are_one_line_and_touch_nothing(reference, videos, tmp_path,
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     (tmp_path / "file").write_text("mine too")
-    names = {"DATA": str(videos), "MODEL": str(reference[1]), "OTHER": str(other), "FILE": str(tmp_path / "file")}
+    names = {"DATA": str(videos), "MODEL": str(reference[1]), "OTHER": str(other), "FILE": str(tmp_path / "file"),
+             "IN_MODEL": str(reference[1] / "shards"), "IN_DATA": str(videos / "shards")}
     values = {"model": str(reference[1]), "data": str(videos), "out": str(tmp_path / "out"), "size": str(SIZE),
               "frames": "4", "clips": "1", "per_shard": "1", "device": "cpu", "threads": "1", **change}
     values = {key: names.get(value, value) for key, value in values.items()}
@@ -270,6 +272,7 @@ def test_bad_options_are_one_line_and_touch_nothing(reference, videos, tmp_path,
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
     assert {folder: files(folder) for folder in before} == before
     assert (tmp_path / "file").read_text() == "mine too" and not (tmp_path / "out").exists()
+    assert not (reference[1] / "shards").exists() and not (videos / "shards").exists()
 
 
 def test_a_folder_without_captioned_videos_or_with_bad_metadata_is_refused_before_anything_is_written(

@@ -18,7 +18,8 @@ The same command resumes a preparation that stopped: shards on disk are kept and
 the same bytes an uninterrupted run writes. Under torchrun process r makes shards r, r + N, ...
 Videos too short for one window, or that cannot be decoded, are skipped and listed in the index.
 Every option is checked before torch is imported; SHARDS must be new, empty, or a preparation
-begun with the same settings, and nothing in it that this script did not write is ever removed.
+begun with the same settings, and nothing in it that this script did not write is ever removed;
+it is no input: neither VIDEOS nor CHECKPOINT, nor inside or around either.
 """
 
 import argparse
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from infra.cli import OneLineParser
-from infra.files import atomic_file
+from infra.files import atomic_file, check_not_an_input
 from video_settings import DTYPE_NAMES
 
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
@@ -83,9 +84,9 @@ def check_options(args) -> None:
                          f"makes one)")
     if not data.is_dir():
         raise ValueError(f"--data {data}: not a folder of videos")
-    for option, source in (("--data", data), ("--model", model)):
-        if out.resolve() == source.resolve():
-            raise ValueError(f"--out {out} is {option}: give a new folder for the shards")
+    # The shards are no input: not --data or --model, nor inside them (a new file in --model changes nothing it
+    # reads today, but the folder is the user's model, not a scratch space), nor holding them.
+    check_not_an_input("--out", out, [("--data", data), ("--model", model)])
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a new folder for the shards")
     # Another process under torchrun may be writing prepare.json (under a temporary name) right now.
