@@ -49,13 +49,23 @@ def naming(path):
         raise OSError(int(match[1]), os.strerror(int(match[1])), str(path)) from error
 
 
+# A process id as our file names write it: ASCII digits, no leading zero, at most 9 of them (Linux's
+# largest is 4194304). A name with anything else in its place (Unicode digits, 20 digits) is not ours.
+PROCESS_ID = r"[1-9][0-9]{0,8}"
+
+
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs (signal 0 checks without sending anything; another user's runs too)."""
+    """Whether process `pid` may be running on this machine (signal 0 checks without sending
+    anything; another user's runs too). A number that no process has (0 or less, which would
+    signal a process group, or too large for an id) counts as running: what is named with it is
+    not ours to remove."""
+    if pid <= 0:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -68,12 +78,14 @@ def temporary_path(path: Path) -> Path:
 
 def remove_stale_temporaries(path) -> None:
     """Remove the `NAME.<pid>.tmp` files of `path` that `atomic_file` left in processes that were
-    killed. This process's own pid counts as gone: a restarted container often reuses it, and this
-    process is not writing `path` while it calls this."""
+    killed (a process id as `PROCESS_ID` writes it: any other name is left alone). This process's
+    own pid counts as gone: a restarted container often reuses it, and this process is not writing
+    `path` while it calls this."""
     path = Path(path)
+    ours = re.compile(re.escape(path.name) + rf"\.(?P<pid>{PROCESS_ID})\.tmp")
     for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
-        pid = stale.name[len(path.name) + 1 : -len(".tmp")]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+        if (match := ours.fullmatch(stale.name)) and (int(match["pid"]) == os.getpid()
+                                                      or not process_alive(int(match["pid"]))):
             stale.unlink(missing_ok=True)
 
 

@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from infra.files import fsync, naming, process_alive
+from infra.files import PROCESS_ID, fsync, naming, process_alive
 
 FRAME_NAME = "frame_{:06d}.png"
-_FRAME_RE = re.compile(r"frame_(\d{6,})\.png")
+_FRAME_RE = re.compile(r"frame_([0-9]{6,})\.png")  # ASCII digits: a name with others is not ours
 _ACCEPTED = "'.mp4', '.gif', or a folder of PNG frames (no extension, or a trailing '/')"
 
 # libx264 settings that make every chunk one fragment: no B-frames (no reordering, no edit
@@ -456,10 +456,11 @@ def _remove_stale_temporaries(path):
     """Remove the temporaries of `path` (and of its frames, for a PNG folder) whose process is gone.
 
     This process's own pid counts as gone: a restarted container often reuses it, and a writer
-    of this process that is still open on the same path is not supported.
+    of this process that is still open on the same path is not supported. A name whose process id
+    is not written as ours are (`PROCESS_ID`: ASCII, at most 9 digits) is left alone.
     """
     def remove(folder, name):
-        pattern = re.compile(rf"\.{name}\.(?P<pid>\d+)\.partial")
+        pattern = re.compile(rf"\.{name}\.(?P<pid>{PROCESS_ID})\.partial")
         for entry in os.listdir(folder):
             match = pattern.fullmatch(entry)
             if match and (int(match["pid"]) == os.getpid() or not process_alive(int(match["pid"]))):
@@ -478,7 +479,7 @@ def _remove_stale_temporaries(path):
 def _remove_temporary_folder(folder):
     """Remove a PNG writer's temporary folder: its frames and frame temporaries, then the folder
     (which stays if anything else is in it)."""
-    pattern = re.compile(rf"{_FRAME_RE.pattern}|\.{_FRAME_RE.pattern}\.\d+\.partial")
+    pattern = re.compile(rf"{_FRAME_RE.pattern}|\.{_FRAME_RE.pattern}\.{PROCESS_ID}\.partial")
     for name in filter(pattern.fullmatch, os.listdir(folder)):
         os.remove(os.path.join(folder, name))
     with contextlib.suppress(OSError):

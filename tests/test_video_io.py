@@ -520,6 +520,30 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", OUTPUTS)
+def test_names_that_only_look_like_temporaries_or_frames_are_left_alone(tmp_path, name):
+    """A process id of 20 digits (an OverflowError in os.kill before), Unicode digits of a dead
+    process (int() reads them), a leading zero: not names we write, so never removed."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    arabic = "".join(chr(0x660 + int(digit)) for digit in str(dead.pid))
+    path, base = tmp_path / name, name.strip("/")
+    hostile = [f".{base}.99999999999999999999.partial", f".{base}.{arabic}.partial", f".{base}.0{dead.pid}.partial"]
+    for entry in hostile:
+        (tmp_path / entry).write_bytes(b"mine")
+    if name == "frames/":  # and in the folder: a frame's temporaries, a frame numbered in Arabic-Indic digits
+        path.mkdir()
+        inside = [".frame_000000.png.99999999999999999999.partial", f".frame_000000.png.{arabic}.partial",
+                  "frame_" + chr(0x660) * 6 + ".png"]
+        for entry in inside:
+            (path / entry).write_bytes(b"mine")
+        hostile += [f"{base}/{entry}" for entry in inside]
+    write_video(path, [0])
+    write_video(path, [1])
+    assert all(snapshot(tmp_path)[entry] == b"mine" for entry in hostile)
+    assert_frames(path, [1])
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
 def test_full_disk_keeps_the_complete_chunks_and_resumes_once_there_is_space(tmp_path, monkeypatch, name):
     """ENOSPC at each os.pwrite (half written) and os.fsync of a chunk: OSError naming the output,
     nothing of the chunk left (no partial PNG frame, no temporary), and a resume completes the video."""
