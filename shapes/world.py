@@ -9,6 +9,8 @@ A `Scene` holds several clips of distinct colours, drawn one over the other and 
 
 The baby's tokenizer (`write_tokenizer_files`) knows every word of VOCABULARY as one token;
 `check_vocabulary` says so of a tokenizer, and that the longest caption fits its text encoder.
+The first babies' tokenizer is kept as version 1 of the baby's vocabulary (`VOCABULARIES`,
+`baby_tokenizer_files`), so that their runs resume with the text encoders they were trained with.
 """
 
 import json
@@ -29,6 +31,11 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (24, 24, 32)
 VOCABULARY = ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS, "and"]
+# The baby's vocabularies by version (train.py --vocabulary; its text encoders are rebuilt from them
+# and the seed, not checkpointed). 1: the first babies' (models/baby), as 797ca6f wrote it: no "and",
+# and each word's merges in the order of the words, so "r e" of "red" cuts "green" into g re e n</w>.
+# 2: VOCABULARY, its merges in merge_order, every word one token (check_vocabulary).
+VOCABULARIES = {1: ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS], 2: VOCABULARY}
 # Never trained on: the evaluation asks for these combinations of words the model knows separately.
 HELD_OUT = {("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
             ("yellow", "triangle", "right"), ("white", "circle", "down")}
@@ -167,13 +174,13 @@ def merge_order(words) -> list[str]:
     return ordered
 
 
-def write_tokenizer_files(folder, words=VOCABULARY) -> Path:
+def write_tokenizer_files(folder, words=VOCABULARY, ordered: bool = True) -> Path:
     """vocab.json and merges.txt of a CLIP BPE tokenizer whose whole words are `words`.
 
     Byte-level characters (OpenAI CLIP's order), each again with the end-of-word mark, the pieces of
     every world word (in the order of `words`), then the start and end tokens; any text still
     tokenizes. The merges are each word's chain, the words in `merge_order`, so that no word's
-    merges cut another.
+    merges cut another; not `ordered`, in the order of `words`, as version 1 wrote them (VOCABULARIES).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,30 +192,44 @@ def write_tokenizer_files(folder, words=VOCABULARY) -> Path:
         for merge in merge_chain(word):
             if merge.replace(" ", "") not in tokens:
                 tokens.append(merge.replace(" ", ""))
-    merges = list(dict.fromkeys(merge for word in merge_order(words) for merge in merge_chain(word)))
+    chained = merge_order(words) if ordered else words
+    merges = list(dict.fromkeys(merge for word in chained for merge in merge_chain(word)))
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
 
-def longest_caption(shapes: int) -> str:
-    """The longest caption of a scene of `shapes` shapes: the longest words, the longest colours."""
-    shape, direction = max(SHAPES, key=len), max(DIRECTIONS, key=len)
-    colours = sorted(COLOURS, key=len, reverse=True)[:shapes]
+def baby_tokenizer_files(folder, vocabulary: int) -> Path:
+    """write_tokenizer_files of the baby's vocabulary `vocabulary` (a version of VOCABULARIES); those of
+    version 1 are byte for byte the first babies' (tests/fixtures/baby-tokenizer-v1)."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"the baby's vocabulary is one of versions {', '.join(map(str, VOCABULARIES))}, "
+                         f"got {vocabulary!r}")
+    return write_tokenizer_files(folder, VOCABULARIES[vocabulary], ordered=vocabulary >= 2)
+
+
+def longest_caption(shapes: int, tokens=len) -> str:
+    """The longest caption of a scene of `shapes` shapes: the longest words, the longest colours, by
+    `tokens` (a word's length in tokens; letters break ties, and by default count alone)."""
+    def length(word):
+        return tokens(word), len(word)
+
+    shape, direction = max(SHAPES, key=length), max(DIRECTIONS, key=length)
+    colours = sorted(COLOURS, key=length, reverse=True)[:shapes]
     return " and ".join(f"a {colour} {shape} moving {direction}" for colour in colours)
 
 
 def check_vocabulary(tokenizer, shapes: int = 1, words=VOCABULARY) -> None:
     """ValueError, one line, unless `tokenizer` (a CLIP tokenizer, as text.clip_tokenizers makes of
     write_tokenizer_files' folder) takes every word of `words` as one token and the longest caption
-    of `shapes` shapes (`longest_caption`) in its model_max_length."""
+    of `shapes` shapes in its tokens (`longest_caption`) in its model_max_length."""
     for word in words:
         pieces = tokenizer.tokenize(word)
         if len(pieces) != 1:
             raise ValueError(f"the world's word {word!r} is {len(pieces)} tokens ({' '.join(pieces)}), not one: "
                              f"another word's merges cut it (world.merge_order)")
-    caption = longest_caption(shapes)
+    caption = longest_caption(shapes, lambda word: len(tokenizer.tokenize(word)))
     length = len(tokenizer(caption, verbose=False).input_ids)
     if length > tokenizer.model_max_length:
         raise ValueError(f"the caption {caption!r} is {length} tokens, more than the text encoder's "

@@ -4,6 +4,7 @@ tokenizer on the files the world writes), and scenes of several shapes (drawn as
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,78 @@ def test_shapes_is_a_training_setting_and_runs_stored_without_it_resume_with_one
     assert config.shapes == 1 and train.resume_changes(config) == []
     with pytest.raises(ValueError, match=r"--shapes 1 -> 2"):
         train.resume_changes(train.parse_config(["--out", str(tmp_path), "--shapes", "2"]))
+
+
+# The baby's vocabulary by version (train.py --vocabulary). Its text encoders are not checkpointed: a
+# resumed baby rebuilds them from the seed, so the version must be the one the run was trained with.
+FIXTURE = Path(__file__).parent / "fixtures" / "baby-tokenizer-v1"
+BABY = Path(__file__).resolve().parents[1] / "models" / "baby"
+
+
+def test_version_1_writes_the_first_babies_tokenizer_files_byte_for_byte(tmp_path):
+    # The fixture is what 797ca6f's world.py wrote (its README says how it was made).
+    folder = world.baby_tokenizer_files(tmp_path / "v1", 1)
+    for name in ("vocab.json", "merges.txt"):
+        assert (folder / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+    v1 = clip_tokenizers(folder, BABY_TOKENS)[0]
+    v2 = clip_tokenizers(world.baby_tokenizer_files(tmp_path / "v2", 2), BABY_TOKENS)[0]
+    assert (len(v1), len(v2)) == (565, 567)
+    assert v1.tokenize("green") == ["g", "re", "e", "n</w>"] and v2.tokenize("green") == ["green</w>"]
+    assert world.baby_tokenizer_files(tmp_path / "v2 again", 2).joinpath("merges.txt").read_bytes() == (
+        world.write_tokenizer_files(tmp_path / "today", world.VOCABULARY).joinpath("merges.txt").read_bytes())
+
+
+def test_version_1_with_seed_0_builds_the_shipped_baby_s_text_encoders_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from training.baby import baby_text_encoder
+
+    encoder = baby_text_encoder(tmp_path, seed=0, vocabulary=1)
+    for name, model in (("text_encoder", encoder.text_encoder), ("text_encoder_2", encoder.text_encoder_2)):
+        shipped, built = load_file(BABY / name / "model.safetensors"), model.state_dict()
+        assert shipped.keys() == built.keys() and all(torch.equal(shipped[key], built[key]) for key in shipped), name
+    assert encoder.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(BABY / "tokenizer").get_vocab()
+    assert baby_text_encoder(tmp_path / "v2", seed=0).text_encoder.config.vocab_size == 567  # new babies: 2
+
+
+def test_version_1_is_not_checked_for_whole_words_but_its_longest_caption_in_tokens_must_fit(tmp_path):
+    from training.baby import baby_text_encoder
+
+    baby_text_encoder(tmp_path, seed=0, vocabulary=1)  # "green" is 4 tokens: known, and accepted
+    v1 = clip_tokenizers(world.baby_tokenizer_files(tmp_path, 1), 9)[0]
+    with pytest.raises(ValueError, match=r"^the world's word 'green' is 4 tokens \(g re e n</w>\)"):
+        world.check_vocabulary(v1, words=world.VOCABULARIES[1])
+    # The longest caption in tokens, not in letters: green's 4 tokens beat yellow's 1.
+    with pytest.raises(ValueError, match=r"^the caption 'a green triangle moving right' is 10 tokens, more than "
+                                         r"the text encoder's 9$"):
+        world.check_vocabulary(v1, words=())
+    assert world.longest_caption(2) == "a yellow triangle moving right and a green triangle moving right"
+
+
+def test_a_run_stored_without_vocabulary_resumes_with_the_one_it_was_trained_with(tmp_path):
+    assert train.TrainConfig().vocabulary == max(world.VOCABULARIES) == 2  # new runs
+    values = dataclasses.asdict(train.TrainConfig(out=str(tmp_path)))
+    del values["vocabulary"], values["shapes"]  # train_config.json as runs before 5b45222 wrote it
+    (tmp_path / "train_config.json").write_text(json.dumps(values))
+    config = train.parse_config(["--out", str(tmp_path)])
+    assert config.vocabulary == 1 and train.resume_changes(config) == []
+    with pytest.raises(ValueError, match=r"--vocabulary 1 -> 2"):
+        train.resume_changes(train.parse_config(["--out", str(tmp_path), "--vocabulary", "2"]))
+    # 5b45222 brought --shapes and vocabulary 2 together: a run stored with shapes had 2.
+    values["shapes"] = 2
+    (tmp_path / "train_config.json").write_text(json.dumps(values))
+    config = train.parse_config(["--out", str(tmp_path)])
+    assert (config.shapes, config.vocabulary) == (2, 2) and train.resume_changes(config) == []
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--shapes", "2", "--vocabulary", "1"], "--shapes 2 needs --vocabulary 2"),
+    (["--vocabulary", "3"], "--vocabulary must be in [1, 2], got 3"),
+    (["--vocabulary", "0"], "--vocabulary must be in [1, 2], got 0"), (["--vocabulary", "two"], "--vocabulary")])
+def test_a_vocabulary_two_shapes_cannot_use_or_that_does_not_exist_is_one_line(tmp_path, options, expected, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.checked_config(["--out", str(tmp_path / "run"), *options])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and len(error.splitlines()) == 1 and expected in error, error
+    assert not (tmp_path / "run").exists()

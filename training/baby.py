@@ -14,11 +14,14 @@ from training.baby_sizes import BABY_VAE_CHANNELS
 from vae import VAEConfig
 
 
-def baby_text_encoder(folder: Path, seed: int, shapes: int = 1) -> TextEncoder:
-    """Frozen random CLIP encoders (hidden 32, projection 32) and a tokenizer of the world's words,
-    each one token, that takes captions of `shapes` shapes (world.check_vocabulary)."""
-    tokenizer, tokenizer_2 = clip_tokenizers(world.write_tokenizer_files(folder), 16)
-    world.check_vocabulary(tokenizer, shapes)
+def baby_text_encoder(folder: Path, seed: int, shapes: int = 1,
+                      vocabulary: int = max(world.VOCABULARIES)) -> TextEncoder:
+    """Frozen random CLIP encoders (hidden 32, projection 32), drawn from `seed`, and a tokenizer of the
+    world's words in version `vocabulary` (world.VOCABULARIES), that takes captions of `shapes` shapes
+    (world.check_vocabulary). Words are checked to be one token from version 2 on: version 1, the
+    first babies', is known to cut "green" into 4, and only its longest caption is checked."""
+    tokenizer, tokenizer_2 = clip_tokenizers(world.baby_tokenizer_files(folder, vocabulary), 16)
+    world.check_vocabulary(tokenizer, shapes, world.VOCABULARIES[vocabulary] if vocabulary >= 2 else ())
     common = dict(vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
