@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,22 +71,33 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def host_name() -> str:
+    """This machine's name as temporaries carry it: [A-Za-z0-9-] only (any other character becomes
+    "-"), at most 63 characters."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
 def temporary_path(path: Path) -> Path:
-    """This process's temporary for `path`: `NAME.<pid>.tmp` in the same folder (so that the rename
-    stays on one file system, and two processes writing the same file never share one)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """This process's temporary for `path`: `NAME.<host>.<pid>.tmp` in the same folder (so that the
+    rename stays on one file system, and two processes writing the same file never share one: under
+    torchrun, on several machines over a shared file system, in containers whose pids collide)."""
+    return path.with_name(f"{path.name}.{host_name()}.{os.getpid()}.tmp")
 
 
 def remove_stale_temporaries(path) -> None:
-    """Remove the `NAME.<pid>.tmp` files of `path` that `atomic_file` left in processes that were
-    killed (a process id as `PROCESS_ID` writes it: any other name is left alone). This process's
-    own pid counts as gone: a restarted container often reuses it, and this process is not writing
-    `path` while it calls this."""
+    """Remove the temporaries of `path` that `atomic_file` left in processes that were killed:
+    `NAME.<host>.<pid>.tmp` of this host (another machine's pids mean nothing here) and
+    `NAME.<pid>.tmp` (from before the host was in the name), whose process is gone. This process's
+    own pid counts as running (another thread may be writing `path`; a temporary left by an earlier
+    process of the same id is overwritten by ours). A process id not written as ours are
+    (`PROCESS_ID`), and any other name, is left alone."""
     path = Path(path)
-    ours = re.compile(re.escape(path.name) + rf"\.(?P<pid>{PROCESS_ID})\.tmp")
+    ours = re.compile(re.escape(path.name) + rf"\.(?:(?P<host>[A-Za-z0-9-]{{1,63}})\.)?(?P<pid>{PROCESS_ID})\.tmp")
+    here = host_name()
     for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
-        if (match := ours.fullmatch(stale.name)) and (int(match["pid"]) == os.getpid()
-                                                      or not process_alive(int(match["pid"]))):
+        match = ours.fullmatch(stale.name)
+        if match and match["host"] in (None, here) and int(match["pid"]) != os.getpid() \
+                and not process_alive(int(match["pid"])):
             stale.unlink(missing_ok=True)
 
 
