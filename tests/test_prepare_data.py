@@ -318,3 +318,51 @@ def test_workers_give_the_batches_of_the_main_process_and_report_a_bad_video_in_
     short = video_data.VideoFolder(str(videos), SIZE, 30, 1, seed=0)  # every video is shorter than 30 frames
     with pytest.raises(ValueError, match=r"frames after stride 1; need 30$"):
         video_data.Batches(short, 2, 0, 1, workers=1)[0]
+
+
+def copied(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for path in folder.iterdir():
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+@pytest.mark.parametrize("key, value, message", [  # issue 22 item 11: valid JSON, damaged index
+    ("shards", [1, 2], r"shards\[0\] must be an object"), ("shards", "shard-00000", "shards must be a list"),
+    ("shards", [{"file": 3, "videos": []}], r"shards\[0\].file must be"),
+    ("shards", [{"file": "../index.json", "videos": []}], r"shards\[0\].file must be"),
+    ("shards", [{"file": "shard-00000.safetensors"}], r"shards\[0\].videos must be"),
+    ("shards", [{"file": "shard-00000.safetensors", "videos": [["a.mp4", -3]]}], r"shards\[0\].videos\[0\] must be"),
+    ("shards", [{"file": "shard-00000.safetensors", "videos": [["a.mp4", 1.5]]}], r"shards\[0\].videos\[0\] must be"),
+    ("shards", [{"file": "shard-00000.safetensors", "videos": [["a.mp4", True]]}], r"shards\[0\].videos\[0\] must be"),
+    ("shards", [{"file": "shard-00000.safetensors", "videos": [3]}], r"shards\[0\].videos\[0\] must be"),
+    ("settings", {}, "settings.size must be"), ("settings", None, "settings must be an object"),
+    ("settings", {"size": 32, "frame_stride": 1, "context_frames": "2", "frames": 4}, "settings.context_frames must"),
+    ("settings", {"size": 32, "frame_stride": 0, "context_frames": 2, "frames": 4}, "settings.frame_stride must"),
+    ("fingerprints", None, "fingerprints must be an object"), ("fingerprints", {"vae": "x"}, "fingerprints.text_encoders"),
+    ("fingerprints", {"vae": 3, "text_encoders": "x"}, "fingerprints.vae must be"), ("model", None, "model must be"),
+    ("latent_shape", "4x6x4x4", "latent_shape must be"), ("latent_shape", [4, 6, 4], "latent_shape must be"),
+    ("latent_shape", [4, 6, -4, 4], "latent_shape must be"), ("latent_shape", [4, 6, 1e300, 4], "latent_shape must be"),
+    ("latent_shape", [4, 7, 4, 4], r"latent_shape\[1\] must be settings.context_frames \+ settings.frames = 6"),
+    ("text_shape", None, "text_shape must be"), ("pooled_shape", [[32]], "pooled_shape must be")])
+def test_train_refuses_a_damaged_index_in_one_line_naming_it_and_the_key(reference, shards, tmp_path, key, value,
+                                                                        message):
+    folder = copied(shards, tmp_path / "shards")
+    index = json.loads((folder / "index.json").read_text())
+    index[key] = value
+    (folder / "index.json").write_text(json.dumps(index))
+    config = TrainConfig(**{**SMALL, "mode": "temporal", "model": str(reference[1]), "data": str(folder),
+                            "out": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match=message) as error:
+        video_data.make_data(config)
+    assert str(error.value).startswith(f"{folder / 'index.json'}: ") and "\n" not in str(error.value)
+
+
+def test_train_refuses_an_index_of_deep_or_non_object_json_in_one_line(shards, tmp_path):
+    folder = copied(shards, tmp_path / "shards")
+    for text, message in [("[" * 100_000 + "]" * 100_000, "cannot be read as JSON"), ("[1, 2]", "is not an index"),
+                          ('{"format": "sdxl-video-shards/1"}', "is not an index")]:
+        (folder / "index.json").write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            video_data.ShardData(str(folder), seed=0)
+        assert str(error.value).startswith(str(folder / "index.json")) and "\n" not in str(error.value)

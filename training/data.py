@@ -247,15 +247,18 @@ class ShardData:
 
 
 def read_index(folder: Path) -> dict:
-    """The INDEX_FILE of a shard folder, checked against each shard's header; ValueError naming the file."""
+    """The INDEX_FILE of a shard folder, checked (`check_index`) and against each shard's header;
+    ValueError naming the file."""
     path = folder / INDEX_FILE
     try:
         index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON ({error})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ValueError(f"{path} cannot be read as JSON ({reason})") from None
     keys = {"format", "shards", "settings", "fingerprints", "model", "latent_shape", "text_shape", "pooled_shape"}
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not keys <= index.keys():
         raise ValueError(f"{path} is not an index of shards ({INDEX_FORMAT}, written by tools/prepare_data.py)")
+    check_index(index, path)
     for shard in index["shards"]:
         header = safetensors_header(folder / shard["file"])
         clips, videos = sum(c for _, c in shard["videos"]), len(shard["videos"])
@@ -264,6 +267,51 @@ def read_index(folder: Path) -> dict:
         if {key: list(header.get(key, {}).get("shape", ())) for key in shapes} != shapes:
             raise ValueError(f"{folder / shard['file']} does not hold what {path} says ({shapes})")
     return index
+
+
+def whole(value, least: int = 0) -> bool:
+    """Whether `value` is a JSON whole number (not a bool, not a float) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_index(index: dict, path: Path) -> None:
+    """ValueError, one line naming `path` and the key, unless the values that training reads from an
+    index have their types: a valid JSON file can still hold `"shards": [1, 2]` or `"fingerprints": null`."""
+    def refuse(key: str, expected: str, value) -> None:
+        raise ValueError(f"{path}: {key} must be {expected}, got {json.dumps(value)[:80]}; prepare the data again "
+                         f"(tools/prepare_data.py)")
+
+    if not isinstance(index["model"], str):
+        refuse("model", "the path of a checkpoint folder", index["model"])
+    for key in ("fingerprints", "settings"):
+        if not isinstance(index[key], dict):
+            refuse(key, "an object", index[key])
+    for key in ("vae", "text_encoders"):
+        if not isinstance(index["fingerprints"].get(key), str):
+            refuse(f"fingerprints.{key}", "a SHA-256 in hex", index["fingerprints"].get(key))
+    for key in ("size", "frame_stride", "context_frames", "frames"):
+        if not whole(index["settings"].get(key), 1):
+            refuse(f"settings.{key}", "a whole number of at least 1", index["settings"].get(key))
+    for key, length in (("latent_shape", 4), ("text_shape", 2), ("pooled_shape", 1)):
+        shape = index[key]
+        if not (isinstance(shape, list) and len(shape) == length and all(whole(size, 1) for size in shape)):
+            refuse(key, f"a list of {length} whole numbers of at least 1", shape)
+    if index["latent_shape"][1] != (made := index["settings"]["context_frames"] + index["settings"]["frames"]):
+        refuse("latent_shape[1]", f"settings.context_frames + settings.frames = {made}", index["latent_shape"][1])
+    if not isinstance(index["shards"], list):
+        refuse("shards", "a list of objects", index["shards"])
+    for number, shard in enumerate(index["shards"]):
+        key = f"shards[{number}]"
+        if not isinstance(shard, dict):
+            refuse(key, "an object with file and videos", shard)
+        name = shard.get("file")
+        if not (isinstance(name, str) and Path(name).match(SHARD_PATTERN) and Path(name).name == name):
+            refuse(f"{key}.file", f"the name of a shard in the folder ({SHARD_PATTERN})", name)
+        if not isinstance(shard.get("videos"), list):
+            refuse(f"{key}.videos", "a list of [name, clips]", shard.get("videos"))
+        for row, video in enumerate(shard["videos"]):
+            if not (isinstance(video, list) and len(video) == 2 and isinstance(video[0], str) and whole(video[1])):
+                refuse(f"{key}.videos[{row}]", "[name, clips] with clips a whole number of at least 0", video)
 
 
 def checkpoint_fingerprints(folder) -> dict[str, str]:
