@@ -133,15 +133,16 @@ def seed_list(text: str) -> list[int]:
     -> those, in order, once each. ValueError naming the option for anything else, or for more than
     MOST_SEEDS seeds."""
     parts = [part.strip().partition("-") for part in text.split(",")]
-    if any(not first.isdigit() or (dash and not last.isdigit()) for first, dash, last in parts):
+    digits = lambda text: text.isascii() and text.isdigit()
+    if any(not digits(first) or (dash and not digits(last)) for first, dash, last in parts):
         raise ValueError(f"--seeds {text!r}: give a count N, a range A-B, or a comma list of seeds and ranges")
     if len(parts) == 1 and not parts[0][1]:
         parts = [("0", "-", str(int(parts[0][0]) - 1))]
     seeds = []
     for first, dash, last in parts:
         first, last = int(first), int(last if dash else first)
-        if last < first or len(seeds) + last - first + 1 > MOST_SEEDS:
-            raise ValueError(f"--seeds {text!r}: give at least one and at most {MOST_SEEDS:,} seeds, "
+        if last < first or last >= 2**63 or len(seeds) + last - first + 1 > MOST_SEEDS:
+            raise ValueError(f"--seeds {text!r}: give at least one and at most {MOST_SEEDS:,} seeds, below 2**63, "
                              "each range A-B with A <= B")
         seeds += range(first, last + 1)
     return list(dict.fromkeys(seeds))
@@ -218,6 +219,15 @@ def compare(args: argparse.Namespace) -> dict:
     return settings
 
 
+def refuse_unused(args: argparse.Namespace, mode: str, used: set[str]) -> None:
+    """ValueError naming the options given with --compare or --failures (which make no video) that
+    they would ignore."""
+    defaults = vars(parse_arguments([]))
+    unused = [option_name(name) for name, value in vars(args).items() if name not in used and value != defaults[name]]
+    if unused:
+        raise ValueError(f"--{mode} makes no video and would ignore {', '.join(unused)}: leave them out")
+
+
 def failures(args: argparse.Namespace) -> dict:
     """--failures: the failure table of scores files, each apart; returns {file: failure_rows}."""
     tables = {}
@@ -251,10 +261,10 @@ def main(argv=None) -> dict:
     """Score every (prompt, seed) video; print the tables and the JSON line; return what the JSON says."""
     args = parse_arguments(argv)
     check_outputs(args)
-    if args.compare and args.failures:
-        raise ValueError("--compare and --failures each read files; give one of them")
-    if (args.compare or args.failures) and args.ground_truth:
-        raise ValueError(f"--{'compare' if args.compare else 'failures'} makes no video; give it without --ground-truth")
+    if args.compare:
+        refuse_unused(args, "compare", {"compare", "plot", "overwrite"})
+    if args.failures:
+        refuse_unused(args, "failures", {"failures"})
     if args.compare:
         return compare(args)
     if args.failures:

@@ -81,6 +81,13 @@ def failure_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def whole_number(text: str) -> int:
+    """A non-negative integer written in ASCII digits (ValueError otherwise)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
 def read_scores(path) -> tuple[dict[tuple[str, int], Blanks], dict[int, int]]:
     """A --scores file (evaluate.py: a row per video per chunk, each video's rows in chunk order) ->
     ({(prompt, seed): Blanks}, {chunk: videos alive}); ValueError naming the file if it is not one."""
@@ -88,13 +95,16 @@ def read_scores(path) -> tuple[dict[tuple[str, int], Blanks], dict[int, int]]:
     try:
         with open(path, newline="") as file:
             for row in csv.DictReader(file):
-                key, chunk = (row["prompt"], int(row["seed"])), int(row["chunk"])
+                key, chunk = (row["prompt"], whole_number(row["seed"])), whole_number(row["chunk"])
                 video = videos.setdefault(key, Blanks())
                 if chunk != video.chunks + 1:
                     raise ValueError(f"{key}: chunk {chunk} after chunk {video.chunks}")
-                video.add(float(row["found"]))
+                found = float(row["found"])
+                if not 0 <= found <= 1 or row["alive"] not in ("0", "1"):
+                    raise ValueError(f"{key} chunk {chunk}: found must be in [0, 1] and alive 0 or 1")
+                video.add(found)
                 alive[chunk] = alive.get(chunk, 0) + int(row["alive"])
-    except (OSError, KeyError, TypeError, ValueError) as error:
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as error:
         raise ValueError(f"--failures {path}: not a scores file written by evaluate.py --scores ({error})") from None
     if not videos:
         raise ValueError(f"--failures {path}: no rows")

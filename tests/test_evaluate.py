@@ -350,13 +350,18 @@ def test_outputs_are_checked_before_any_work(tmp_path):
         (["--curves", str(tmp_path / "no" / "curves.csv")], "--curves .* existing folder"),
         (["--plot", str(tmp_path / "plot.gif")], "--plot .* .png"),
         (["--curves", str(tmp_path / "a.csv"), "--scores", str(tmp_path / "a.csv")], "--curves .* is also --scores"),
-        (["--compare", f"x={existing}", "--plot", str(tmp_path / "p.png")], "--compare .* not a curves file"),
-        (["--compare", "no-name"], "NAME=CURVES"),
         (["--batch", "0"], "--batch must be at least 1"),
         (["--survival-window", "0"], "--survival-window must be at least 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             evaluate.main(["--model", missing, *arguments])
+    for arguments, message in [
+        (["--compare", f"x={existing}", "--plot", str(tmp_path / "p.png")], "--compare .* not a curves file"),
+        (["--compare", "no-name"], "NAME=CURVES"),
+        (["--compare", f"x={existing}", "--model", missing], "--compare makes no video and would ignore --model"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.main(arguments)
     assert existing.read_text() == "mine"
 
 

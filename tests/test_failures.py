@@ -92,3 +92,28 @@ def test_failures_reads_scores_files_and_refuses_what_is_not_one(tmp_path, capsy
             read_scores(tmp_path / name)
     with pytest.raises(ValueError, match="--scores .* is also an input"):
         evaluate.main(["--failures", str(scores), "--scores", str(scores), "--overwrite"])
+
+
+def test_failures_refuses_what_it_cannot_read_and_the_options_it_would_ignore(tmp_path):
+    scores = tmp_path / "s.csv"
+    write_scores(scores, {("a red circle moving left", 0): [1, 0.5, 0]})
+    good = scores.read_text()
+    for damaged in (good.replace(",0,1,1,1", ",0,1,1,5"),             # alive 5
+                    good.replace(",0,1,1,1", ",٣,1,1,1"),             # a seed in other digits
+                    good.replace("0.5", "1.5"),                       # found above 1
+                    good + "x" * 200_000 + "\n"):                     # a field past csv's limit
+        scores.write_text(damaged)
+        with pytest.raises(ValueError, match="--failures .*s.csv: not a scores file"):
+            read_scores(scores)
+    scores.write_text(good)
+    for extra in (["--survival-window", "5"], ["--seeds", "3"], ["--ground-truth"], ["--compare", "a=b.csv"],
+                  ["--scheduler", "euler"], ["--chunks", "7"]):
+        with pytest.raises(ValueError, match="makes no video and would ignore --"):
+            evaluate.main(["--failures", str(scores), *extra])
+
+
+def test_seeds_are_ascii_digits_below_2_to_the_63():
+    for bad in ("٣", "²", "1-²", str(2**63), f"0-{2**64}"):
+        with pytest.raises(ValueError, match="--seeds"):
+            evaluate.seed_list(bad)
+    assert evaluate.seed_list(str(2**63 - 1) + "-" + str(2**63 - 1)) == [2**63 - 1]
