@@ -3,17 +3,18 @@
 - `fsync`, `fsync_tree`: put a file, a folder's names, or a whole tree on disk.
 - `naming`: an OSError (or safetensors' I/O error) raised inside names the file being written.
 - `atomic_file`: write a file whole or not at all, even across a crash, a power loss or a full disk;
-  `remove_stale_temporaries`: what it left behind in processes that were killed.
+  `remove_stale_temporaries`: what it (or an earlier version) left behind in processes that were
+  killed; `temporary_of`: whether a file name is one of those.
 - `read_json_object`, `listing`: a JSON object read with its path in every error; "3 missing keys: a, b, c".
 """
 
-import glob
 import json
 import os
 import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from safetensors import SafetensorError  # the Rust extension only, not torch
 
@@ -84,21 +85,43 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{host_name()}.{os.getpid()}.tmp")
 
 
+class Temporary(NamedTuple):
+    """What a temporary's name says: its host (None: a name from before the host was in it) and
+    its process id (None: the fixed `NAME.tmp` of earlier versions)."""
+    host: str | None
+    pid: int | None
+
+
+def temporary_of(name: str, candidate: str) -> Temporary | None:
+    """Whether the file name `candidate` is a temporary of a file named `name`: `NAME.<host>.<pid>.tmp`
+    (`temporary_path`), or as earlier versions named them, `NAME.<pid>.tmp`, prepare_data's
+    `NAME.tmp-<pid>` and training's `NAME.tmp`. Its Temporary, or None for any other name (a process
+    id not written as ours are, `PROCESS_ID`, included)."""
+    match = re.fullmatch(re.escape(name) + rf"\.(?:(?:(?P<host>[A-Za-z0-9-]{{1,63}})\.)?(?P<pid>{PROCESS_ID})\.tmp"
+                                           rf"|tmp-(?P<old>{PROCESS_ID})|tmp)", candidate)
+    if match is None:
+        return None
+    pid = match["pid"] or match["old"]
+    return Temporary(match["host"], int(pid) if pid else None)
+
+
 def remove_stale_temporaries(path) -> None:
-    """Remove the temporaries of `path` that `atomic_file` left in processes that were killed:
-    `NAME.<host>.<pid>.tmp` of this host (another machine's pids mean nothing here) and
-    `NAME.<pid>.tmp` (from before the host was in the name), whose process is gone. This process's
+    """Remove the temporaries of `path` (`temporary_of`, files only) that a killed process left:
+    those of this host (another machine's pids mean nothing here) or without a host (earlier
+    versions') whose process is gone, and the fixed `NAME.tmp` of earlier versions. This process's
     own pid counts as running (another thread may be writing `path`; a temporary left by an earlier
-    process of the same id is overwritten by ours). A process id not written as ours are
-    (`PROCESS_ID`), and any other name, is left alone."""
+    process of the same id is overwritten by ours). Nothing else next to `path` is touched."""
     path = Path(path)
-    ours = re.compile(re.escape(path.name) + rf"\.(?:(?P<host>[A-Za-z0-9-]{{1,63}})\.)?(?P<pid>{PROCESS_ID})\.tmp")
+    if not path.parent.is_dir():
+        return
     here = host_name()
-    for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
-        match = ours.fullmatch(stale.name)
-        if match and match["host"] in (None, here) and int(match["pid"]) != os.getpid() \
-                and not process_alive(int(match["pid"])):
-            stale.unlink(missing_ok=True)
+    with os.scandir(path.parent) as entries:
+        for entry in entries:
+            temporary = temporary_of(path.name, entry.name) if entry.name.startswith(path.name + ".") else None
+            if temporary is None or temporary.host not in (None, here) or not entry.is_file(follow_symlinks=False):
+                continue
+            if temporary.pid is None or (temporary.pid != os.getpid() and not process_alive(temporary.pid)):
+                Path(entry.path).unlink(missing_ok=True)
 
 
 @contextmanager

@@ -1,14 +1,19 @@
 """infra/files.py's temporaries.
 
-- A temporary is `NAME.<host>.<pid>.tmp`.
-- `remove_stale_temporaries` removes, next to the file it is about to write, the temporaries of
-  this host's processes that are gone; another host's, a live process's, this process's own and
-  every name that is not one of ours are left alone.
+- A temporary is `NAME.<host>.<pid>.tmp`; `temporary_of` also knows the names earlier versions
+  wrote (`NAME.<pid>.tmp`, prepare_data's `NAME.tmp-<pid>`, training's fixed `NAME.tmp`), and
+  nothing else.
+- `remove_stale_temporaries` removes, next to the file it is about to write and under those names
+  only, the files of this host's processes that are gone (and earlier versions' `NAME.tmp`);
+  another host's, a live process's, this process's own, a folder and every name that is not one
+  of ours are left alone.
 """
 
 import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from infra import files
 
@@ -32,10 +37,56 @@ def test_a_temporary_is_named_after_its_file_this_host_and_this_process(monkeypa
     monkeypatch.setattr(files.socket, "gethostname", lambda: "node 7.cluster_a/\u00fc")
     path = Path("/somewhere/index.json")
     assert files.temporary_path(path) == path.with_name(f"index.json.node-7-cluster-a--.{os.getpid()}.tmp")
+    assert files.temporary_of("index.json", files.temporary_path(path).name) == ("node-7-cluster-a--", os.getpid())
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("prepare.json.vm.123.tmp", ("vm", 123)),
+    ("prepare.json.a-b-9.123456789.tmp", ("a-b-9", 123456789)),
+    ("prepare.json.123.tmp", (None, 123)),  # before the host was in the name
+    ("prepare.json.tmp-123", (None, 123)),  # prepare_data before infra/files.py
+    ("prepare.json.tmp", (None, None)),  # training's atomic_file before infra/files.py
+    ("prepare.json", None),
+    ("prepare.json.bak", None),
+    ("prepare.jsonx.vm.123.tmp", None),
+    ("other.json.vm.123.tmp", None),
+    ("prepare.json.tmp-", None),
+    ("prepare.json.tmp-12x", None),
+    ("prepare.json.tmp-123.tmp", None),
+    ("prepare.json.vm.1234567890.tmp", None),  # no process id has 10 digits
+    ("prepare.json.vm.99999999999999999999.tmp", None),
+    ("prepare.json.vm.0.tmp", None),
+    ("prepare.json.vm.0123.tmp", None),  # we never write a leading zero
+    ("prepare.json.vm.\u0661\u0662\u0663.tmp", None),  # Arabic-Indic digits: str.isdigit() says yes
+    ("prepare.json.tmp-\u0661\u0662\u0663", None),
+    ("prepare.json.v_m.123.tmp", None),
+    ("prepare.json.vm.123.tmp\n", None),
+    ("prepare.json..123.tmp", None),
+])
+def test_temporary_of_knows_our_names_only(name, expected):
+    assert files.temporary_of("prepare.json", name) == expected
 
 
 # ---------------------------------------------------------------------------------------------
 # Removing the temporaries of processes that are gone
+
+
+def test_the_temporaries_of_earlier_versions_are_removed_when_their_file_is_written(tmp_path):
+    gone, alive = dead_pid(), os.getppid()
+    path = tmp_path / "index.json"
+    for name in ("index.json.tmp", f"index.json.tmp-{gone}", f"index.json.{gone}.tmp",
+                 f"index.json.tmp-{alive}", f"index.json.{alive}.tmp",  # a live process's
+                 f"other.json.tmp-{gone}", "other.json.tmp", f"index.json.tmp-{gone}x", "index.json.tmpx",
+                 "index.json.tmp.bak", f"index.jsonx.tmp-{gone}"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "model.tmp").mkdir()  # a folder of that form is not one of atomic_file's: never removed
+    with files.atomic_file(path) as file:
+        file.write(b"{}")
+    files.remove_stale_temporaries(tmp_path / "model")
+    assert names(tmp_path) == sorted(["index.json", f"index.json.tmp-{alive}", f"index.json.{alive}.tmp",
+                                      f"other.json.tmp-{gone}", "other.json.tmp", f"index.json.tmp-{gone}x",
+                                      "index.json.tmpx", "index.json.tmp.bak", f"index.jsonx.tmp-{gone}", "model.tmp"])
+    assert path.read_bytes() == b"{}"
 
 
 def test_names_that_are_not_ours_are_left_alone_and_huge_ids_are_no_traceback(tmp_path):
