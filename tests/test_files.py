@@ -2,7 +2,7 @@
 
 - A temporary is `NAME.<host>.<pid>.tmp`; `temporary_of` also knows the names earlier versions
   wrote (`NAME.<pid>.tmp`, prepare_data's `NAME.tmp-<pid>`, training's fixed `NAME.tmp`), and
-  nothing else.
+  nothing else: prepare_data's "holds other files" check and `remove_stale_temporaries` both use it.
 - `remove_stale_temporaries` removes, next to the file it is about to write and under those names
   only, the files of this host's processes that are gone (and earlier versions' `NAME.tmp`);
   another host's, a live process's, this process's own, a folder and every name that is not one
@@ -11,11 +11,15 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from infra import files
+from tools import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dead_pid() -> int:
@@ -65,6 +69,25 @@ def test_a_temporary_is_named_after_its_file_this_host_and_this_process(monkeypa
 ])
 def test_temporary_of_knows_our_names_only(name, expected):
     assert files.temporary_of("prepare.json", name) == expected
+
+
+def test_a_preparation_killed_while_writing_its_first_prepare_json_can_start_again(tmp_path):
+    """A kill during the first write of prepare.json leaves its temporary: the folder is still one to
+    start in (not "holds other files"); any other file still makes it refused."""
+    model, data, out = tmp_path / "model", tmp_path / "videos", tmp_path / "shards"
+    model.mkdir(), data.mkdir(), out.mkdir()
+    (model / "config.json").write_text('{"vae": {"block_out_channels": [4, 8]}}')
+    killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom infra.files import atomic_file\n"
+                             f"with atomic_file({str(out / 'prepare.json')!r}) as file:\n"
+                             "    file.write(b'{')\n    file.flush()\n    os.kill(os.getpid(), 9)"], cwd=ROOT)
+    assert killed.returncode == -9 and len(names(out)) == 1  # the temporary, of this host and a dead pid
+    arguments = ["--model", str(model), "--data", str(data), "--out", str(out), "--size", "16"]
+    for left in ("prepare.json.tmp-1234", "prepare.json.tmp", f"prepare.json.{dead_pid()}.tmp"):
+        (out / left).write_bytes(b"{")  # what earlier versions leave
+        prepare_data.parse_arguments(arguments)
+    (out / "prepare.json.bak").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        prepare_data.parse_arguments(arguments)
 
 
 # ---------------------------------------------------------------------------------------------
