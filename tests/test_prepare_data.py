@@ -159,7 +159,7 @@ def test_training_from_shards_equals_training_from_the_videos(reference, tmp_pat
     prepare(model, data, tmp_path / "shards", "--clips-per-video", "1")
     weights = []
     for name, source, workers in (("videos", data, 0), ("workers", data, 2), ("shards", tmp_path / "shards", 0)):
-        config = TrainConfig(mode="temporal", model=str(model), data=str(source), out=str(tmp_path / name),
+        config = TrainConfig(mode="temporal", model=str(model), data=str(source), out=str(tmp_path / f"run-{name}"),
                              workers=workers, **SMALL)
         weights.append(train.train(config).unet.state_dict())
     start = StableDiffusionXLVideoPipeline.from_pretrained(model).unet.state_dict()
@@ -336,6 +336,7 @@ def copied(folder: Path, to: Path) -> Path:
     ("shards", [{"file": "shard-00000.safetensors", "videos": [["a.mp4", 1.5]]}], r"shards\[0\].videos\[0\] must be"),
     ("shards", [{"file": "shard-00000.safetensors", "videos": [["a.mp4", True]]}], r"shards\[0\].videos\[0\] must be"),
     ("shards", [{"file": "shard-00000.safetensors", "videos": [3]}], r"shards\[0\].videos\[0\] must be"),
+    ("shards", [{"file": "shard-00000.safetensors", "videos": [], "sha256": 5}], r"shards\[0\].sha256 must be"),
     ("settings", {}, "settings.size must be"), ("settings", None, "settings must be an object"),
     ("settings", {"size": 32, "frame_stride": 1, "context_frames": "2", "frames": 4}, "settings.context_frames must"),
     ("settings", {"size": 32, "frame_stride": 0, "context_frames": 2, "frames": 4}, "settings.frame_stride must"),
@@ -366,3 +367,60 @@ def test_train_refuses_an_index_of_deep_or_non_object_json_in_one_line(shards, t
         with pytest.raises(ValueError, match=message) as error:
             video_data.ShardData(str(folder), seed=0)
         assert str(error.value).startswith(str(folder / "index.json")) and "\n" not in str(error.value)
+
+
+def rewrite_shard(path: Path, change=None, keep_checksum: bool = True) -> None:
+    """Write the shard `path` again with its tensors changed by `change` (same shapes and dtypes) and its
+    metadata as it was (without its checksum unless `keep_checksum`): what a hostile or broken copy does."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as file:
+        metadata = file.metadata()
+    if not keep_checksum:
+        metadata.pop("sha256", None)
+    tensors = load_file(path)
+    if change:
+        change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_a_shard_changed_after_indexing_is_refused_in_one_line_naming_it(reference, shards, tmp_path):
+    # issue 22 item 7: a shard whose values changed (same shapes) trained to loss nan; its checksum now refuses it.
+    index = json.loads((shards / "index.json").read_text())
+    assert all(len(shard["sha256"]) == 64 for shard in index["shards"])
+    folder = copied(shards, tmp_path / "shards")
+
+    def poison(tensors):
+        tensors["latents"][0, 0, 0, 0, 0] = float("nan")
+
+    rewrite_shard(folder / "shard-00001.safetensors", poison)
+    data = video_data.ShardData(str(folder), seed=0)
+    firsts = {path.name: number for number, (path, *_) in reversed(list(enumerate(data.videos)))}
+    data[firsts["shard-00000.safetensors"]]  # the unchanged shard reads
+    with pytest.raises(ValueError, match="shard-00001.safetensors: its tensors changed since") as error:
+        data[firsts["shard-00001.safetensors"]]
+    assert "\n" not in str(error.value)
+    config = TrainConfig(**{**SMALL, "mode": "temporal", "model": str(reference[1]), "data": str(folder),
+                            "out": str(tmp_path / "run"), "workers": 1})
+    with pytest.raises(ValueError, match="shard-00001.safetensors: its tensors changed since"):
+        batches = video_data.Batches(video_data.make_data(config), 2, 0, 1, workers=1)
+        for step in range(len(data.videos)):
+            batches[step]
+
+
+def test_shards_prepared_before_checksums_still_train(reference, shards, tmp_path):
+    # Shards and an index of a preparation from before checksums (no "sha256" anywhere) are read as they are.
+    folder = copied(shards, tmp_path / "shards")
+    index = json.loads((folder / "index.json").read_text())
+    for shard in index["shards"]:
+        shard.pop("sha256", None)
+        rewrite_shard(folder / shard["file"], keep_checksum=False)
+    (folder / "index.json").write_text(json.dumps(index))
+    data = video_data.ShardData(str(folder), seed=0)
+    for number in range(len(data.videos)):
+        assert torch.isfinite(data[number].latents).all()
+    config = TrainConfig(**{**SMALL, "mode": "temporal", "model": str(reference[1]), "data": str(folder),
+                            "out": str(tmp_path / "run")})
+    train.train(config)
+    assert (tmp_path / "run").exists()

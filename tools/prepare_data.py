@@ -23,6 +23,7 @@ it is no input: neither VIDEOS nor CHECKPOINT, nor inside or around either.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from infra.cli import OneLineParser
-from infra.files import atomic_file, check_not_an_input
+from infra.files import atomic_file, check_not_an_input, temporary_of
 from video_settings import DTYPE_NAMES
 
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
@@ -84,13 +85,13 @@ def check_options(args) -> None:
                          f"makes one)")
     if not data.is_dir():
         raise ValueError(f"--data {data}: not a folder of videos")
-    # The shards are no input: not --data or --model, nor inside them (a new file in --model changes nothing it
-    # reads today, but the folder is the user's model, not a scratch space), nor holding them.
+    # The shards are no input: not --data or --model, nor inside them (inside --model they would change the
+    # model's fingerprint, or its files), nor holding them.
     check_not_an_input("--out", out, [("--data", data), ("--model", model)])
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a new folder for the shards")
     # Another process under torchrun may be writing prepare.json (under a temporary name) right now.
-    others = [path for path in out.iterdir() if not path.name.startswith(PREPARE_FILE + ".tmp-")] if out.is_dir() else []
+    others = [path for path in out.iterdir() if temporary_of(PREPARE_FILE, path.name) is None] if out.is_dir() else []
     if others and not (out / PREPARE_FILE).is_file():
         raise ValueError(f"--out {out} holds other files (no {PREPARE_FILE}): give a new or empty folder, or the "
                          f"folder of a preparation to resume")
@@ -179,7 +180,6 @@ def prepare_video(pipeline, args, path: Path, torch_dtype):
 def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) -> tuple[int, int]:
     """Encode the videos `items` [(path, caption)] into the shard `path`; returns (clips, skipped)."""
     import torch
-    from safetensors.torch import save_file
 
     from infra.checkpoint import DTYPES
     from training.data import encode_captions
@@ -203,9 +203,27 @@ def make_shard(pipeline, args, items, path: Path, folder: Path, shapes: dict) ->
                "text": text, "pooled": pooled}  # (clips, c, f, h, w), (videos, tokens, dim), (videos, p)
     tensors = {key: value.to("cpu", dtype).contiguous() for key, value in tensors.items()}
     contents = {"videos": [[name, clips] for name, _, clips in used], "skipped": skipped}
-    with atomic_file(path) as file:  # safetensors writes by name
-        save_file(tensors, file.name, metadata={"contents": json.dumps(contents)})
+    header, data = shard_bytes(tensors, {"contents": json.dumps(contents)})
+    with atomic_file(path) as file:
+        file.write(header)
+        file.write(data)
     return tensors["latents"].shape[0], len(skipped)
+
+
+def shard_bytes(tensors: dict, metadata: dict[str, str]) -> tuple[bytes, memoryview]:
+    """A safetensors file of `tensors` as (header, data), its metadata `metadata` and `sha256`: the
+    SHA-256 of its data (the bytes after the header, training/data.shard_checksum), which train.py
+    checks once per shard. The header's offsets count from the data's start, so the checksum's entry
+    changes no offset; the header is padded with spaces to 8 bytes, as safetensors pads it."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    length = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8:8 + length]), memoryview(blob)[8 + length:]
+    header["__metadata__"]["sha256"] = hashlib.sha256(data).hexdigest()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, data
 
 
 def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
@@ -217,8 +235,10 @@ def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
     shards, skipped = [], []
     for name in names:
         with safe_open(out / name, "pt") as file:
-            contents = json.loads(file.metadata()["contents"])
-        shards.append({"file": name, "videos": contents["videos"]})
+            metadata = file.metadata()
+        contents = json.loads(metadata["contents"])
+        checksum = {"sha256": metadata["sha256"]} if "sha256" in metadata else {}  # a shard of an older run has none
+        shards.append({"file": name, "videos": contents["videos"], **checksum})
         skipped += contents["skipped"]
     clips = sum(count for shard in shards for _, count in shard["videos"])
     index = {"format": INDEX_FORMAT, "clips": clips, "videos": sum(len(s["videos"]) for s in shards),

@@ -15,8 +15,10 @@ each have one window trains as its shards do.
 Shards of OUT: `shard-NNNNN.safetensors`, each `videos_per_shard` consecutive videos (sorted by
 path) with tensors `latents` (clips, latent_channels, frames, h, w), `text` (videos, tokens, dim)
 and `pooled` (videos, projection_dim), and metadata `contents` (JSON: "videos" [[name, clips], ...],
-"skipped" [[name, reason], ...]);
-`index.json` (INDEX_FORMAT) says what they hold and how they were made, and is written last.
+"skipped" [[name, reason], ...]) and `sha256` (of the data, the bytes after the header: `shard_checksum`);
+`index.json` (INDEX_FORMAT) says what they hold and how they were made, and is written last; each
+shard's entry has its `sha256`, which `ShardData` checks once per shard and process, when it first
+reads it (shards and indexes from before checksums have none, and are read unchecked).
 """
 
 import csv
@@ -208,6 +210,8 @@ class ShardData:
     def __init__(self, folder: str, seed: int):
         self.folder, self.seed = Path(folder), seed
         self.index = read_index(self.folder)
+        self.checksums = {shard["file"]: shard.get("sha256") for shard in self.index["shards"]}
+        self.checked = set()  # the shards whose checksum this process has checked (each once, when first read)
         self.videos = []  # (shard file, first clip row in it, clips, text row in it) per video with clips
         for shard in self.index["shards"]:
             row = 0
@@ -221,9 +225,20 @@ class ShardData:
     def __getitem__(self, index: int) -> LatentClip:
         path, first, clips, text_row = self.videos[index % len(self.videos)]
         row = first + int(np.random.default_rng((self.seed, index)).integers(0, clips))
+        if path not in self.checked:
+            self.check_checksum(path)
+            self.checked.add(path)
         with safe_open(path, "pt") as shard:
             return LatentClip(shard.get_slice("latents")[row], shard.get_slice("text")[text_row],
                               shard.get_slice("pooled")[text_row])
+
+    def check_checksum(self, path: Path) -> None:
+        """ValueError naming the shard unless its data are what was indexed (its `sha256` in the index;
+        an index from before checksums has none, and its shards are read unchecked)."""
+        expected = self.checksums[path.name]
+        if expected is not None and (found := shard_checksum(path)) != expected:
+            raise ValueError(f"{path}: its tensors changed since it was prepared (SHA-256 {found[:16]}..., "
+                             f"{INDEX_FILE} records {expected[:16]}...); restore it, or prepare the data again")
 
     def check(self, config, fingerprints: dict[str, str]) -> None:
         """ValueError, one line, unless the shards were made for this run (`config`: a train.TrainConfig):
@@ -269,6 +284,14 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def shard_checksum(path: Path) -> str:
+    """SHA-256 (hex) of a safetensors file's data: every byte after its header (what
+    tools/prepare_data.py records as the shard's `sha256`)."""
+    with open(path, "rb") as file:
+        file.seek(8 + int.from_bytes(file.read(8), "little"))
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 def whole(value, least: int = 0) -> bool:
     """Whether `value` is a JSON whole number (not a bool, not a float) of at least `least`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
@@ -309,6 +332,9 @@ def check_index(index: dict, path: Path) -> None:
             refuse(f"{key}.file", f"the name of a shard in the folder ({SHARD_PATTERN})", name)
         if not isinstance(shard.get("videos"), list):
             refuse(f"{key}.videos", "a list of [name, clips]", shard.get("videos"))
+        checksum = shard.get("sha256", "0" * 64)  # none: a shard from before checksums
+        if not (isinstance(checksum, str) and len(checksum) == 64 and set(checksum) <= set("0123456789abcdef")):
+            refuse(f"{key}.sha256", "a SHA-256 in hex (64 digits)", checksum)
         for row, video in enumerate(shard["videos"]):
             if not (isinstance(video, list) and len(video) == 2 and isinstance(video[0], str) and whole(video[1])):
                 refuse(f"{key}.videos[{row}]", "[name, clips] with clips a whole number of at least 0", video)
