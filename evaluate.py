@@ -43,6 +43,7 @@ import torch
 from endless import Prompts, VideoState, decoded_chunks, frames_of
 from infra.checkpoint import DTYPES, load_checkpoint_config
 from infra.cli import OneLineParser, option_name, without_nan
+from infra.files import check_not_an_input
 from infra.run_state import Progress, default_threads, resolve_device
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SAMPLERS
@@ -185,23 +186,27 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """ValueError naming the option, before any work, for an output that would replace a file
-    (without --overwrite), lies in a missing folder, is a folder, is given twice or is an input."""
+    """ValueError naming the option, before any work, for an output that is an input or lies inside
+    one (the --model folder a run reads, --compare's or --failures' files; infra/files.py), that
+    would replace a file (without --overwrite), lies in a missing folder, is a folder or is given twice."""
     outputs = {name: getattr(args, name) for name in ("scores", "curves", "plot") if getattr(args, name)}
-    inputs = {str(Path(value.split("=", 1)[-1]).resolve()) for value in args.compare or []}
-    inputs |= {str(Path(value).resolve()) for value in args.failures or []}
+    inputs = [("--compare", value.split("=", 1)[-1]) for value in args.compare or []]
+    inputs += [("--failures", value) for value in args.failures or []]
+    if not (args.compare or args.failures):  # a run that makes videos reads the model
+        inputs.append(("--model", args.model or str(DEFAULT_MODEL)))
     seen = {}
     for name, value in outputs.items():
         path = Path(value)
         if name == "plot" and path.suffix.lower() != ".png":
             raise ValueError(f"--plot {value}: give a .png file")
+        check_not_an_input(f"--{name}", value, inputs)
         if path.is_dir() or not path.parent.is_dir():
             raise ValueError(f"--{name} {value}: give a file in an existing folder")
         if path.exists() and not args.overwrite:
             raise ValueError(f"--{name} {value} exists; give --overwrite to replace it")
         resolved = str(path.resolve())
-        if resolved in seen or resolved in inputs:
-            raise ValueError(f"--{name} {value} is also {'--' + seen[resolved] if resolved in seen else 'an input'}")
+        if resolved in seen:
+            raise ValueError(f"--{name} {value} is also --{seen[resolved]}")
         seen[resolved] = name
 
 

@@ -475,3 +475,47 @@ def test_a_sampler_registered_in_one_function_is_what_scheduler_runs(model, monk
     assert calls == [(float(sigmas[i]), float(sigmas[i + 1]), None) for i in range(steps)] * chunks
     assert report["scheduler"] == "counted-ddim" and report["chunks"] == chunks
     assert report["prompts"]["a red circle moving left"].keys() == report["all"].keys()
+
+
+# Issue 22: outputs are no inputs, and everything is checked before any work -------------------------
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """evaluate.main may not load a model: the checks come before any work."""
+    def loaded(*arguments, **options):
+        raise AssertionError("the run started: a check came too late")
+
+    monkeypatch.setattr(evaluate.StableDiffusionXLVideoPipeline, "from_pretrained", loaded)
+
+
+def test_an_output_is_no_input(tmp_path, no_run):
+    # Issue 22 item 1: `--scores MODEL/config.json --overwrite` wrote a CSV over the model's config.
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model)
+    config = (model / "config.json").read_bytes()
+    (tmp_path / "link").symlink_to(model)
+    for arguments, message in [
+        (["--model", str(model), "--scores", str(model / "config.json"), "--overwrite"], "^--scores .* is --model"),
+        (["--model", str(model), "--curves", str(model / "curves.csv")], "^--curves .* is --model"),
+        (["--model", str(tmp_path / "link"), "--plot", str(model / "plot.png")], "^--plot .* is --model"),
+        (["--model", str(model), "--scores", str(tmp_path / "link" / "scores.csv")], "^--scores .* is --model"),
+        (["--scores", str(DEFAULT_MODEL / "scores.csv")], "^--scores .* is --model"),  # the embedded baby
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.main([*arguments, *FAST])
+    assert (model / "config.json").read_bytes() == config and sorted(os.listdir(model)) == sorted(os.listdir(DEFAULT_MODEL))
+    assert not (DEFAULT_MODEL / "scores.csv").exists()
+
+    # --compare's curves files: a hard link to one is the same file under another name.
+    curves = tmp_path / "curves.csv"
+    write_curves(curves, Curves().rows())
+    os.link(curves, tmp_path / "same.png")
+    before = curves.read_bytes()
+    with pytest.raises(ValueError, match="^--plot .* is --compare"):
+        evaluate.main(["--compare", f"one={curves}", "--plot", str(tmp_path / "same.png"), "--overwrite"])
+    assert curves.read_bytes() == before
+
