@@ -12,7 +12,7 @@ import json
 import os
 import re
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,14 +37,20 @@ def fsync_tree(folder) -> None:
 
 
 @contextmanager
-def naming(path):
-    """Raise an OSError from inside again naming `path`, unless it names a file already (a file
-    inside a folder being written, a caller's own file); safetensors reports an I/O error as a
-    SafetensorError ending in "(os error N)", which becomes an OSError of errno N naming `path`."""
+def naming(path, always: bool = False):
+    """Raise an OSError from inside again naming `path`. One that names a file already keeps that
+    name (a file inside a folder being written, a caller's own file) unless `always`: then it names
+    `path` whatever file failed (a hidden temporary that the user never gave: `atomic_file`,
+    infra/video_io.py). An error marked `from_caller` (a callback's, about its own file) passes
+    as it is. safetensors reports an I/O error as a SafetensorError ending in "(os error N)", which
+    becomes an OSError of errno N naming `path`."""
     try:
         yield path
     except OSError as error:
-        raise OSError(error.errno, error.strerror or str(error), error.filename or str(path)) from error
+        if getattr(error, "from_caller", False):
+            raise
+        named = error.filename if error.filename and not always else str(path)
+        raise OSError(error.errno, error.strerror or str(error), named) from error
     except SafetensorError as error:
         if not (match := re.search(r"\(os error (\d+)\)", str(error))):
             raise
@@ -129,21 +135,22 @@ def atomic_file(path):
     """Open `temporary_path(path)` for binary writing and yield the file; when the body is done,
     flush and fsync it, rename it to `path` and fsync the folder (the rename, durable). A crash, a
     kill or a full disk leaves the old file or the new one, never part of one; an error removes the
-    temporary and is an OSError naming `path` (`naming`), and the temporaries of killed processes
-    go at the next write (`remove_stale_temporaries`). A writer that takes a path rather than a
+    temporary and is an OSError naming `path`, never the temporary (`naming`), and the temporaries
+    of killed processes go at the next write (`remove_stale_temporaries`). A writer that takes a path rather than a
     file writes to `file.name`: the fsync of `file` puts its bytes on disk all the same."""
     path = Path(path)
     remove_stale_temporaries(path)
     temporary = temporary_path(path)
     try:
-        with naming(path), open(temporary, "wb") as file:
+        with naming(path, always=True), open(temporary, "wb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
             os.replace(temporary, path)
             fsync(path.parent)
     finally:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # a failure to remove it must not hide the error that stopped the write
+            temporary.unlink(missing_ok=True)
 
 
 def read_json_object(path) -> dict:

@@ -32,9 +32,10 @@ called just before, see `open_writer`); `writer.in_place` says whether that has 
 the writer before it leaves `path` as it was and removes the temporary; what a killed process
 leaves, the next `open_writer` for that path removes.
 
-A full disk (or any OSError) in `write_chunk` raises OSError with its errno and `filename` set to
-the output path (infra/files.naming: one that names a file already, such as a failed rename's
-temporary or `before_placing`'s own file, keeps that name); the output still holds the previous
+A full disk (or any OSError) in `open_writer`, `write_chunk` or `close` raises OSError with its
+errno and `filename` set to the output path as it was given, whichever of its files failed (a hidden
+temporary, which the user never gave, is never named: infra/files.naming with `always`); an error
+that `before_placing` raises keeps its own file name. The output still holds the previous
 complete chunks and can be resumed once there is space. Resuming keeps the first N frames' bytes
 as they are (cut at a chunk boundary) and appends after them. MP4 chunks are encoded
 independently and deterministically, and a GIF frame's bytes depend only on its pixels, index and
@@ -154,9 +155,10 @@ def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None, be
     if frames_per_chunk is not None and (frames_per_chunk < 1 or resume_frames % frames_per_chunk):
         raise ValueError(f"frames_per_chunk={frames_per_chunk} must be >= 1 and divide "
                          f"resume_frames={resume_frames}")
-    _remove_stale_temporaries(path)
     writer = {"mp4": Mp4Writer, "gif": GifWriter, "png": PngFolderWriter}[kind]
-    writer = writer(path, Fraction(fps).limit_denominator(1001), crf, frames_per_chunk, resume_frames)
+    with naming(path, always=True):
+        _remove_stale_temporaries(path)
+        writer = writer(path, Fraction(fps).limit_denominator(1001), crf, frames_per_chunk, resume_frames)
     writer.before_placing = before_placing
     return writer
 
@@ -202,7 +204,7 @@ class VideoWriter:
         if self.frame_size not in (None, frames.shape[1:3]):
             raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} (height x width) but "
                              f"{self.path!r} holds {self.frame_size[0]}x{self.frame_size[1]}")
-        with naming(self.path):
+        with naming(self.path, always=True):
             self._write(np.ascontiguousarray(frames))
         if not self.in_place:
             try:
@@ -218,7 +220,8 @@ class VideoWriter:
         """Finish the output (a new one not yet in place: remove its temporary); again: nothing."""
         if not self.closed:
             self.closed = True
-            self._close()
+            with naming(self.path, always=True):
+                self._close()
 
     def __enter__(self):
         return self
@@ -234,15 +237,20 @@ class VideoWriter:
         """Rename `temporary` (after `before_placing`) to `path`, on disk."""
         if self.temporary is not None:
             self._before_placing(self.temporary)
-            with naming(self.path):
+            with naming(self.path, always=True):
                 os.replace(self.temporary, os.path.abspath(self.path))
                 self.temporary = None
                 fsync(os.path.dirname(os.path.abspath(self.path)))  # the rename, on disk
 
     def _before_placing(self, temporary):
-        """Call `before_placing`; an OSError from it that names its own file keeps that name (`naming`)."""
+        """Call `before_placing`; an OSError from it is the caller's, about its own file: marked
+        `from_caller`, it passes `naming` as it is."""
         if self.before_placing is not None:
-            self.before_placing(temporary)
+            try:
+                self.before_placing(temporary)
+            except OSError as error:
+                error.from_caller = True
+                raise
 
     def _close(self):
         pass

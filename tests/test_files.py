@@ -7,8 +7,11 @@
   only, the files of this host's processes that are gone (and earlier versions' `NAME.tmp`);
   another host's, a live process's, this process's own, a folder and every name that is not one
   of ours are left alone.
+- An error inside `atomic_file` names the file being written, not its temporary (`naming` with
+  `always`).
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -144,3 +147,34 @@ def test_only_this_hosts_dead_processes_temporaries_are_removed(tmp_path, monkey
     files.remove_stale_temporaries(path)
     assert names(tmp_path) == sorted(kept)
     assert not files.process_alive(gone) and files.process_alive(alive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the file the user knows
+
+
+def test_an_error_in_atomic_file_names_the_file_not_its_temporary(tmp_path):
+    """A name that fits but whose temporary's does not (255 bytes a name): the error names the file."""
+    path = tmp_path / ("a" * 248 + ".json")  # 253 bytes
+    with pytest.raises(OSError) as error:
+        with files.atomic_file(path) as file:
+            file.write(b"{}")
+    assert error.value.errno == errno.ENAMETOOLONG and error.value.filename == str(path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_naming_keeps_a_files_name_unless_always_and_a_callers_error_as_it_is(tmp_path):
+    def failing(name, from_caller=False):
+        error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        if from_caller:
+            error.from_caller = True
+        raise error
+    for always, inner, named in ((False, None, "out"), (False, "out/inside", "out/inside"), (True, ".out.1.partial", "out")):
+        with pytest.raises(OSError) as error:
+            with files.naming("out", always=always):
+                failing(inner)
+        assert (error.value.errno, error.value.filename) == (errno.ENOSPC, named)
+    with pytest.raises(OSError) as error:
+        with files.naming("out", always=True):
+            failing("state.pt", from_caller=True)
+    assert error.value.filename == "state.pt"

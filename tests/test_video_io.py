@@ -574,6 +574,28 @@ def test_full_disk_keeps_the_complete_chunks_and_resumes_once_there_is_space(tmp
         assert path.read_bytes() == whole.read_bytes()
 
 
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_an_error_names_the_output_never_its_hidden_temporary(tmp_path, name):
+    """docs/guarantees.md: "... while writing PATH", the output the user gave. An output whose name
+    fits but whose hidden temporary's does not (255 bytes a name) fails at open; a folder where a
+    file goes (or a file where a folder goes) fails the rename that places the first chunk."""
+    path = str(tmp_path / ("a" * 250 + os.path.splitext(name.strip("/"))[1]))
+    with pytest.raises(OSError) as error:
+        write_video(path, [0])
+    assert (error.value.errno, error.value.filename) == (errno.ENAMETOOLONG, path) and not snapshot(tmp_path)
+
+    path = str(tmp_path / name)
+    writer = video_io.open_writer(path, FPS)
+    if name == "frames/":
+        open(path, "wb").close()  # a file where the folder goes
+    else:
+        os.mkdir(path)  # a folder where the file goes
+        open(os.path.join(path, "mine"), "wb").close()
+    with pytest.raises(OSError) as error:
+        writer.write_chunk(chunk(0))
+    assert error.value.filename == path and not temporaries(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad output paths
 
