@@ -33,8 +33,10 @@ The detector and the numbers of one video are shapes/scoring.py's.
 import argparse
 import csv
 import json
+import os
 import random
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -200,14 +202,41 @@ def check_outputs(args: argparse.Namespace) -> None:
         if name == "plot" and path.suffix.lower() != ".png":
             raise ValueError(f"--plot {value}: give a .png file")
         check_not_an_input(f"--{name}", value, inputs)
-        if path.is_dir() or not path.parent.is_dir():
-            raise ValueError(f"--{name} {value}: give a file in an existing folder")
-        if path.exists() and not args.overwrite:
-            raise ValueError(f"--{name} {value} exists; give --overwrite to replace it")
-        resolved = str(path.resolve())
+        with writing(f"--{name}", value):
+            if path.is_dir() or not path.parent.is_dir():
+                raise ValueError(f"--{name} {value}: give a file in an existing folder")
+            if os.path.lexists(path) and not args.overwrite:
+                raise ValueError(f"--{name} {value} exists; give --overwrite to replace it")
+            resolved = str(path.resolve())
         if resolved in seen:
             raise ValueError(f"--{name} {value} is also --{seen[resolved]}")
         seen[resolved] = name
+        check_writable(f"--{name}", value)
+
+
+@contextmanager
+def writing(option: str, path):
+    """An OSError inside (writing `path`, or looking at it) becomes a ValueError naming the option."""
+    try:
+        yield
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written ({error.strerror or error})") from None
+
+
+def check_writable(option: str, path) -> None:
+    """ValueError naming the option unless the file `path` can be written, found before any work and
+    without changing what is there: a file that exists must be a regular file (not a FIFO that would
+    wait for a reader, nor a device) that opens for appending, nothing appended; a new one is made,
+    exclusively (never a file that appeared meanwhile), and removed."""
+    with writing(option, path):
+        if os.path.lexists(path):
+            if not os.path.isfile(path):
+                raise ValueError(f"{option} {path} is not a regular file: give a file to write")
+            with open(path, "ab"):
+                pass
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(path)
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -220,7 +249,8 @@ def compare(args: argparse.Namespace) -> dict:
         settings[name] = read_curves(path)
     print(summary_table(settings))
     if args.plot:
-        plot(settings, args.plot)
+        with writing("--plot", args.plot):
+            plot(settings, args.plot)
     return settings
 
 
@@ -292,18 +322,20 @@ def main(argv=None) -> dict:
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
     videos = [video for prompt_videos in settings for video in prompt_videos]
     curves, results, blanks, alive = Curves(), [], {}, {}
-    scores_file = open(args.scores, "w", newline="") if args.scores else None
-    writer = csv.DictWriter(scores_file, ["prompt", "seed", *SCORE_COLUMNS]) if scores_file else None
-    if writer:
-        writer.writeheader()
+    with writing("--scores", args.scores):
+        scores_file = open(args.scores, "w", newline="") if args.scores else None
+        writer = csv.DictWriter(scores_file, ["prompt", "seed", *SCORE_COLUMNS]) if scores_file else None
+        if writer:
+            writer.writeheader()
 
     def on_record(video: Settings, record: dict) -> None:
         curves.add(record["chunk"], record["alive"], record["right"], record["colour_drift"], record["size_ratio"])
         blanks.setdefault((video.timeline[0][1], video.seed), Blanks()).add(record["found"])
         alive[record["chunk"]] = alive.get(record["chunk"], 0) + record["alive"]
         if writer:
-            writer.writerow({"prompt": video.timeline[0][1], "seed": video.seed, **record})
-            scores_file.flush()
+            with writing("--scores", args.scores):  # a full disk, say: one line, not a traceback
+                writer.writerow({"prompt": video.timeline[0][1], "seed": video.seed, **record})
+                scores_file.flush()
 
     make = ground_truth_chunks if args.ground_truth else made_chunks
     try:
@@ -314,7 +346,8 @@ def main(argv=None) -> dict:
             results += score_videos(batch, make(pipeline, batch, args.chunks), args.survival_window, on_record)
     finally:
         if scores_file:
-            scores_file.close()
+            with writing("--scores", args.scores):
+                scores_file.close()
     per_prompt = {prompt_videos[0].timeline[0][1]: mean_over(results[i * len(args.seeds):(i + 1) * len(args.seeds)])
                   for i, prompt_videos in enumerate(settings)}
     overall = mean_over(results)
@@ -325,9 +358,11 @@ def main(argv=None) -> dict:
     failed = failure_rows(list(blanks.values()), alive)
     print(failure_table(failed))
     if args.curves:
-        write_curves(args.curves, rows)
+        with writing("--curves", args.curves):
+            write_curves(args.curves, rows)
     if args.plot:
-        plot({name: rows}, args.plot)
+        with writing("--plot", args.plot):
+            plot({name: rows}, args.plot)
     marks = checkpoints(args.chunks)
     sampling = {} if args.ground_truth else {"context_frames": first.context_frames, "steps": first.steps,
                                              "guidance": first.guidance, **asdict(first.drift),

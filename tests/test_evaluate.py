@@ -519,3 +519,33 @@ def test_an_output_is_no_input(tmp_path, no_run):
         evaluate.main(["--compare", f"one={curves}", "--plot", str(tmp_path / "same.png"), "--overwrite"])
     assert curves.read_bytes() == before
 
+
+def test_an_unwritable_output_fails_before_the_run(tmp_path, no_run):
+    # Issue 22 item 12: an output that cannot be written failed after the run (--curves, --plot: after
+    # every video), as a traceback. Now one line naming the option, before the model is loaded.
+    import os
+
+    long_name = str(tmp_path / ("x" * 300 + ".csv"))  # longer than a file name may be
+    for arguments, message in [
+        (["--scores", long_name], "^--scores .*cannot be written"),
+        (["--curves", long_name], "^--curves .*cannot be written"),
+        (["--plot", long_name[:-4] + ".png"], "^--plot .*cannot be written"),
+        (["--curves", "/proc/curves.csv"], "^--curves /proc/curves.csv.*cannot be written"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.main([*arguments, *FAST])
+    if os.geteuid() != 0:  # root writes in any folder
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(ValueError, match="^--scores .*cannot be written"):
+            evaluate.main(["--scores", str(locked / "s.csv"), *FAST])
+    # A file that is there (with --overwrite) is checked without being changed.
+    existing = tmp_path / "scores.csv"
+    existing.write_text("mine")
+    with pytest.raises(ValueError, match="purple"):
+        evaluate.main(["--scores", str(existing), "--overwrite", "--prompts", "a purple circle moving left"])
+    assert existing.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["scores.csv"]
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)  # opening it to write would wait for a reader
+    with pytest.raises(ValueError, match="^--scores .* not a regular file"):
+        evaluate.main(["--scores", str(fifo), "--overwrite", *FAST])
