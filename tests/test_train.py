@@ -416,3 +416,78 @@ def test_the_model_is_the_average_of_the_trained_weights(tmp_path):
             assert torch.equal(checkpoint["ema"][name], value) and torch.equal(checkpoint["module"][name], seen[-1][name])
         else:
             assert torch.equal(value, start[name]), name  # frozen
+
+
+# A loss or weights that are not finite (issue 22 item 7) -------------------------------------------
+
+
+def poisoned_unet_loss(monkeypatch, from_index: int, where: str) -> None:
+    """train.unet_loss, whose micro-steps from `from_index` on give a NaN loss (`where` "loss", as a
+    shard whose values were changed does) or a finite loss with NaN gradients ("gradient")."""
+    unet_loss = train.unet_loss
+
+    def poisoned(*args):
+        loss = unet_loss(*args)
+
+        def each(unet, index, generator):
+            value = loss(unet, index, generator)
+            if index < from_index:
+                return value
+            if where == "loss":
+                return value * float("nan")
+            weight = next(p for p in unet.parameters() if p.requires_grad)
+            return value + 0 * (weight.sum() * 0).sqrt()  # 0 forward; 0 * inf = NaN backward
+
+        return each
+
+    monkeypatch.setattr(train, "unet_loss", poisoned)
+
+
+def kept(out: Path) -> dict[str, bytes]:
+    """The files of a run that a stopped run must leave as they were: checkpoints and the model."""
+    return {name: data for name, data in files(out).items() if name.endswith(".pt") or name.startswith("model/")}
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_in_one_line_and_keeps_the_last_checkpoint(tiny_run, tmp_path,
+                                                                                       monkeypatch, capsys, where):
+    out = copy_of(tiny_run, tmp_path)
+    before = kept(out)
+    poisoned_unet_loss(monkeypatch, 2, where)  # the third UNet step
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 4, "checkpoint_every": 1}), capsys)
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: unet step 3/4: ") and "not a finite number" in lines[0], lines
+    assert f"{out / 'unet.pt'} keeps step 2" in lines[0], lines
+    assert kept(out) == before  # no checkpoint nor model of NaN weights
+    assert max(json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_writes_no_checkpoint_nor_model(tmp_path, monkeypatch,
+                                                                                        capsys):
+    poisoned_unet_loss(monkeypatch, 0, "loss")
+    status, lines = main_exit(TrainConfig(out=str(tmp_path / "run"), **TINY), capsys)
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: unet step 1/2: "), lines
+    assert "no checkpoint of the unet stage was written" in lines[0]
+    assert not (tmp_path / "run" / "unet.pt").exists() and not (tmp_path / "run" / "model").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    def damage(stage):  # as an overflowing update would leave them, with a finite loss before
+        if stage.name == "unet" and stage.step == 1:
+            with torch.no_grad():
+                next(iter(stage.trained.values()))[0] = float("inf")
+
+    with pytest.raises(ValueError, match=r"unet step 1/2: the trained weights .*not all finite.*no checkpoint of the unet stage"):
+        train.train(TrainConfig(out=str(tmp_path), **{**TINY, "checkpoint_every": 1}), on_step=damage)
+    assert not (tmp_path / "unet.pt").exists() and not (tmp_path / "model").exists()
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_model_is_kept(tiny_run, tmp_path, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    state = torch.load(out / "unet.pt", weights_only=True)
+    next(iter(state["module"].values())).fill_(float("nan"))  # written by a run before this check
+    torch.save(state, out / "unet.pt")
+    before = kept(out)
+    status, lines = main_exit(TrainConfig(out=str(out), **TINY), capsys)  # the stage is done: only the model is left
+    assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / 'unet.pt'} holds weights"), lines
+    assert kept(out) == before

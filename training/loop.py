@@ -101,6 +101,23 @@ class Stopped(Exception):
     """A stage stopped on Ctrl-C after checkpointing; the message says where and how to resume."""
 
 
+class Diverged(ValueError):
+    """A stage stopped at a loss, gradient or weights that are not finite numbers: the weights are
+    never written, its last checkpoint (and the model) stay as they were."""
+
+
+def all_finite(tensors, distributed: bool = False) -> bool:
+    """Whether every element of `tensors` is finite; `distributed`: in every process (a sharded
+    module's DTensors are checked by their local shards)."""
+    flags = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]
+    if not flags:
+        return True
+    finite = torch.stack(flags).all().int()
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def learning_rate_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then a cosine decay to 10% of the peak."""
     if step < warmup:
@@ -277,27 +294,50 @@ class Stage:
         self.ema = EMA(self.trained, ema_decay) if ema_decay > 0 else None
         self.batch_size, self.frames_per_sample, self.flops_per_sample = batch_size, frames_per_sample, flops_per_sample
         self.step = 0
+        self.saved_step = None  # the step of the checkpoint in self.path, once one is loaded or written
         self.wrapped = module
         if self.distributed and not self.sharded:
             self.wrapped = DistributedDataParallel(module, find_unused_parameters=True, gradient_as_bucket_view=True)
 
     # Checkpoints
 
+    def weights_and_averages(self) -> list[torch.Tensor]:
+        return [*self.trained.values(), *(self.ema.averages.values() if self.ema is not None else ())]
+
+    def diverged(self, step: int, what: str) -> Diverged:
+        """The one line of a stage stopped in `step` because `what`."""
+        kept = (f"{self.path} keeps step {self.saved_step}" if self.saved_step is not None
+                else f"no checkpoint of the {self.name} stage was written")
+        return Diverged(f"{self.name} step {step}/{self.steps}: {what}; training stopped without writing them: "
+                        f"{kept} and the model is not written. Damaged data (a file changed after it was prepared) "
+                        f"or too high a learning rate do this")
+
+    def check_finite(self, loss: float, gradient_norm: float) -> None:
+        """Diverged, naming the step in progress, if its loss or gradient norm is not finite: the
+        weights it made are never written (no checkpoint, no model follows)."""
+        if not math.isfinite(loss):
+            raise self.diverged(self.step + 1, f"the loss is {loss}, not a finite number")
+        if not math.isfinite(gradient_norm):
+            raise self.diverged(self.step + 1, f"the gradient norm is {gradient_norm}, not a finite number (the loss "
+                                               f"{loss:.4g})")
+
     def save(self) -> None:
         """Every process calls it. One file: rank 0 writes it atomically (`atomic_file`). Sharded:
         every process writes its shards into NAME.dcp.tmp, then rank 0 adds train_state.json and puts
-        the folder in the place of the old one (`replace_folder`)."""
+        the folder in the place of the old one (`replace_folder`). Weights (or averages) that are
+        not finite are never written: Diverged, the last checkpoint kept."""
+        if not all_finite(self.weights_and_averages(), self.sharded):
+            raise self.diverged(self.step, "the trained weights (or their average) are not all finite numbers")
         if self.sharded:
             self.save_sharded()
-            return
-        if self.rank != 0:
-            return
-        state = {"step": self.step, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict()}
-        if self.ema is not None:
-            state["ema"] = self.ema.averages
-        with atomic_file(self.path) as file:
-            torch.save(state, file)
+        elif self.rank == 0:
+            state = {"step": self.step, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "schedule": self.schedule.state_dict()}
+            if self.ema is not None:
+                state["ema"] = self.ema.averages
+            with atomic_file(self.path) as file:
+                torch.save(state, file)
+        self.saved_step = self.step
 
     def sharded_state(self) -> tuple[dict, list]:
         """What DCP saves: the trained weights, their optimiser state and their averages (DTensors,
@@ -347,7 +387,10 @@ class Stage:
             if "ema" not in state:
                 raise ValueError(f"{self.path} holds no weight averages (--ema-decay)")
             self.ema.load_state_dict(state["ema"])
-        self.step = state["step"]
+        if not all_finite(self.weights_and_averages()):
+            raise ValueError(f"{self.path} holds weights that are not finite numbers (a run that diverged before "
+                             f"train.py checked for it): move it away to train its stage from the start")
+        self.step = self.saved_step = state["step"]
 
     def load_sharded(self, saved: dict) -> None:
         """Load a sharded checkpoint in place: into the weights and averages, and into optimiser
@@ -377,7 +420,10 @@ class Stage:
         self.optimizer.load_state_dict({"state": {index[name]: values for name, values in tensors["optimizer"].items()},
                                         "param_groups": saved["param_groups"]})
         self.schedule.load_state_dict(saved["schedule"])
-        self.step = saved["step"]
+        if not all_finite(self.weights_and_averages(), distributed=True):
+            raise ValueError(f"{self.path} holds weights that are not finite numbers (a run that diverged before "
+                             f"train.py checked for it): move it away to train its stage from the start")
+        self.step = self.saved_step = saved["step"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every process calls it: the module's whole state on the CPU, on rank 0 ({} elsewhere
@@ -428,12 +474,14 @@ class Stage:
                             loss = self.loss(self.wrapped, index, step_generator(config.seed, self.name, index))
                         (loss / accumulation).backward()
                         total += loss.detach().float() / accumulation
-                    torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
                     self.optimizer.step()
                     self.schedule.step()
                     if self.ema is not None:
                         self.ema.update(self.trained)
-                    loss_value = self.mean_over_processes(total)
+                    loss_value = self.mean_over_processes(total)  # the same in every process
+                    self.check_finite(loss_value, norm.item())  # the gradients are averaged (DDP) or reduced (FSDP)
                     self.step += 1
                     rates = self.rates(time.perf_counter() - started)
                     if self.rank == 0:
