@@ -7,6 +7,7 @@ torch-free at import: `resolve_device` imports it when called.
 
 import fcntl
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,20 +65,29 @@ class OutputLock:
 
 def resolve_device(name: str | None) -> str:
     """The device to run on: `name`; None or "auto": cuda if there is one, else cpu; "cuda" under
-    torchrun: the process's own GPU (cuda:LOCAL_RANK). ValueError naming --device if it is not there."""
+    torchrun: the process's own GPU, cuda:LOCAL_RANK, mapped before it is checked like any other.
+    ValueError naming --device (and LOCAL_RANK) if it is not there."""
     import torch
 
+    where = f"--device {name or 'auto'}"
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, mapped = os.environ.get("LOCAL_RANK"), False
+    if name == "cuda" and rank is not None:
+        if not re.fullmatch(r"[0-9]+", rank):
+            raise ValueError(f"{where}: LOCAL_RANK={rank!r} is not a GPU index (torchrun sets it to 0, 1, ...)")
+        name, mapped = f"cuda:{int(rank)}", True
+        where = f"{where} under LOCAL_RANK={rank} is {name}"
     kind, _, index = name.partition(":")
+    if kind == "cuda" and index and not re.fullmatch(r"[0-9]+", index):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N (N a GPU index) or auto")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+        raise ValueError(f"{where}: torch sees no CUDA GPU on this machine; use --device cpu")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        hint = f"; start at most {torch.cuda.device_count()} processes per machine" if mapped else ""
+        raise ValueError(f"{where}: this machine has {torch.cuda.device_count()} CUDA GPU(s){hint}")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        raise ValueError(f"{where}: MPS is not available on this machine; use --device cpu")
     return name
 
 

@@ -1,4 +1,4 @@
-"""infra/files.py's temporaries.
+"""infra/files.py's temporaries and errors, and infra/run_state.resolve_device.
 
 - A temporary is `NAME.<host>.<pid>.tmp`; `temporary_of` also knows the names earlier versions
   wrote (`NAME.<pid>.tmp`, prepare_data's `NAME.tmp-<pid>`, training's fixed `NAME.tmp`), and
@@ -9,6 +9,7 @@
   of ours are left alone.
 - An error inside `atomic_file` names the file being written, not its temporary (`naming` with
   `always`).
+- `resolve_device` maps "cuda" to cuda:LOCAL_RANK before it checks that the GPU is there.
 """
 
 import errno
@@ -18,8 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from infra import files
+from infra.run_state import resolve_device
 from tools import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +181,45 @@ def test_naming_keeps_a_files_name_unless_always_and_a_callers_error_as_it_is(tm
         with files.naming("out", always=True):
             failing("state.pt", from_caller=True)
     assert error.value.filename == "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_device
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """torch sees one CUDA GPU (none is touched: resolve_device only counts)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return monkeypatch
+
+
+def test_cuda_under_torchrun_is_the_process_own_gpu_checked_after_mapping(one_gpu):
+    assert resolve_device("cuda") == "cuda" and resolve_device("auto") == "cuda"
+    one_gpu.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda") == "cuda:0" and resolve_device(None) == "cuda:0"
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("cpu") == "cpu"
+    one_gpu.setenv("LOCAL_RANK", "3")
+    for name in ("cuda", "auto"):
+        with pytest.raises(ValueError, match=r"^--device \w+ under LOCAL_RANK=3 is cuda:3: this machine has 1 CUDA GPU"):
+            resolve_device(name)
+    assert resolve_device("cuda:0") == "cuda:0"  # an explicit index is taken as given
+
+
+@pytest.mark.parametrize("name, rank, message", [
+    ("cuda", "x", "LOCAL_RANK='x' is not a GPU index"),
+    ("cuda", "-1", "LOCAL_RANK='-1' is not a GPU index"),
+    ("cuda", "99999999999999999999", "this machine has 1 CUDA GPU"),
+    ("cuda:x", None, "--device 'cuda:x': expected cpu, cuda, cuda:N"),
+    ("cuda:-1", None, "--device 'cuda:-1': expected"),
+    ("cuda:\u0661", None, "--device 'cuda:\u0661': expected"),
+    ("cuda:1", None, "--device cuda:1: this machine has 1 CUDA GPU"),
+])
+def test_a_device_that_is_not_there_is_one_line_naming_it(one_gpu, name, rank, message):
+    if rank is not None:
+        one_gpu.setenv("LOCAL_RANK", rank)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
+        resolve_device(name)
+    assert "\n" not in str(error.value)
