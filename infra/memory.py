@@ -7,7 +7,8 @@ One mechanism counts both. The code runs on the meta device under `FusedAttentio
 kernel): its output and its log-sum-exp, never the (tokens x tokens) matrix of the math path that
 meta would otherwise take. Sampling adds up the bytes alive at once (`LiveBytes`, `peak_bytes`);
 training adds up what autograd saves for the backward (`saved_bytes`). `unet_inputs` makes a UNet
-call's inputs for both, and for tools/bench.py.
+call's inputs for training's count and for tools/bench.py; sampling's count makes its inputs inside
+the count, as a denoising step makes them (`unet_inputs` draws them on the CPU).
 
 Sampling (`estimate`, `check_memory`) has two parts:
 - weights: the parameters of the UNet and the VAE built from the checkpoint's config.json on the
