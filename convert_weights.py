@@ -21,10 +21,11 @@ provenance of every part.
 A UNet without temporal weights gets fresh ones with zero output projections and per-frame
 GroupNorm, so it makes images frame by frame exactly as SDXL does; an imported video UNet gets
 GroupNorm across the chunk's frames, as it was trained.
-`--lora FILE[:STRENGTH]` (repeatable, strength 1 by default) merges a LoRA (kohya-ss or diffusers/PEFT,
-formats/lora_files.py) into the UNet and text encoders of OUT, in the stored dtype; config.json's provenance
-records each file, its strength and SHA-256. Each file is checked against the models before any
-weight is read.
+`--lora FILE[:STRENGTH]` (repeatable, strength 1 by default, from -10 to 10) merges a LoRA (kohya-ss or
+diffusers/PEFT, formats/lora_files.py) into the UNet and text encoders of OUT, in the stored dtype; config.json's
+provenance records each file, its strength and SHA-256. Each file is checked against the models before any
+weight is read; merged weights that are not finite or beyond what a model holds (formats/lora.py) are refused
+and nothing is written.
 
 Every key and shape is checked before anything is written, and a source file that cannot be read
 (truncated, not JSON) is named; pickled .bin files are read with `torch.load(weights_only=True)`
@@ -51,7 +52,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from formats.lora import MergedLoras, check_loras
-from formats.lora_files import LoraError, file_sha256
+from formats.lora_files import MAX_STRENGTH, LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from infra.checkpoint import CHECKPOINT_FILES, DTYPES, load_checkpoint_config
 from infra.cli import OneLineParser
@@ -657,7 +658,11 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler)
     if loras:
         print(f"merging {len(loras)} LoRA(s)")
-        MergedLoras.load(pipeline, [path for path, _ in loras], [strength for _, strength in loras], keep_originals=False)
+        try:
+            MergedLoras.load(pipeline, [path for path, _ in loras], [strength for _, strength in loras],
+                             keep_originals=False)
+        except LoraError as error:  # merged weights not finite or beyond what a model holds
+            raise ConversionError(f"--lora: {error}; nothing was written") from None
 
     # 3. Write a complete folder next to OUT, then move it into place.
     provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype, loras)
@@ -735,7 +740,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                         help="merge a LoRA (kohya-ss or diffusers/PEFT .safetensors) into the UNet and text encoders "
-                             "at STRENGTH (default 1); repeat for more")
+                             f"at STRENGTH (default 1, from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}); repeat for more")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT, a checkpoint folder or an empty one, once the new folder is complete")
     args = parser.parse_args(argv)

@@ -165,7 +165,9 @@ def lock_statistics(latents, state, strength: float):
 
 DRIFT_NAMES = tuple(f.name for f in fields(DriftControls))
 LORA_SYNTAX = ("FILE, FILE:S (strength S throughout; default 1) or FILE:S@T,S@T,... (strength S from "
-               "position T, a chunk index or seconds like 12s; 0 before the first T)")
+               "position T, a chunk index or seconds like 12s; 0 before the first T); strengths from "
+               f"-{lora_files.MAX_STRENGTH:g} to {lora_files.MAX_STRENGTH:g}")
+STRENGTH_RANGE = f"finite numbers from -{lora_files.MAX_STRENGTH:g} to {lora_files.MAX_STRENGTH:g}"
 
 
 @dataclass
@@ -195,8 +197,8 @@ def parse_lora(value: str, position) -> LoraSetting:
             chunk, strength = position(where.strip()) if at else 0, float(text)
         except ValueError:
             raise ValueError(f"--lora {value!r}: {item.strip()!r} is no strength; give {LORA_SYNTAX}") from None
-        if not math.isfinite(strength):
-            raise ValueError(f"--lora {value!r}: strengths must be finite numbers, got {text.strip()}")
+        if not abs(strength) <= lora_files.MAX_STRENGTH:
+            raise ValueError(f"--lora {value!r}: strengths must be {STRENGTH_RANGE}, got {text.strip()}")
         if chunk in placed:
             raise ValueError(f"--lora {value!r}: two strengths at chunk {chunk}")
         placed[chunk] = strength
@@ -344,13 +346,13 @@ def check_sampler(settings: Settings, samplers) -> None:
 
 
 def check_lora_values(loras: list[LoraSetting]) -> None:
-    """ValueError unless each LoRA's strengths are finite, at sorted unique chunks from 0, and no
-    file is given twice."""
+    """ValueError unless each LoRA's strengths are finite numbers from -10 to 10 (MAX_STRENGTH), at
+    sorted unique chunks from 0, and no file is given twice."""
     for lora in loras:
         chunks = [chunk for chunk, _ in lora.strengths]
         if not (chunks and chunks[0] == 0 and chunks == sorted(set(chunks))
-                and all(math.isfinite(strength) for _, strength in lora.strengths)):
-            raise ValueError(f"--lora {lora.path}: strengths must be finite numbers at sorted, unique chunks "
+                and all(abs(strength) <= lora_files.MAX_STRENGTH for _, strength in lora.strengths)):
+            raise ValueError(f"--lora {lora.path}: strengths must be {STRENGTH_RANGE} at sorted, unique chunks "
                              f"starting at 0, got {lora.strengths}")
     files = [os.path.realpath(lora.path) for lora in loras]
     if twice := sorted({lora.path for lora, file in zip(loras, files) if files.count(file) > 1}):

@@ -6,7 +6,10 @@ modules each of its modules updates, the shapes); here its tensors are read and 
     weight = original + sum over LoRAs of strength * (up @ down) * alpha / rank
 
 computed in float32 (float64 for float64 weights) on the weight's device and cast to the weight's
-dtype once. Each weight a LoRA
+dtype once. Strengths lie in -10..10 (lora_files.MAX_STRENGTH), and a merged weight must be finite
+and at most MAX_WEIGHT in size: an alpha like 1e30, or factors whose product overflows, would make
+black frames (or a checkpoint of 1e29 weights); such a merge is refused, naming the file, its
+strength and alpha, and the weights keep the strengths they had. Each weight a LoRA
 touches is recomputed from its kept original (a copy on the CPU) whenever a strength changes, so
 strength 0 and `remove()` give the original weights back bit for bit, whatever came before, and a
 strength reached twice gives the same weights twice. Without `keep_originals` (strengths fixed
@@ -33,9 +36,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from formats.lora_files import LoraError, LoraFile, canonical_name, read_lora_file
+from formats.lora_files import MAX_STRENGTH, LoraError, LoraFile, canonical_name, read_lora_file
 
 TEXT_COMPONENTS = {"text_encoder", "text_encoder_2"}
+# The largest merged weight taken, a judgement: trained weights are of order 1 (the baby's largest
+# is 1.6); a weight merged beyond 1e4 comes from a broken file or strength, not from a style.
+MAX_WEIGHT = 1e4
 
 
 class Update(NamedTuple):
@@ -44,6 +50,8 @@ class Update(NamedTuple):
     down: torch.Tensor  # (rank, in * kh * kw)
     up: torch.Tensor  # (out, rank)
     scale: float  # alpha / rank (alpha / sqrt(rank) with rsLoRA)
+    alpha: float  # as the file gives it (the rank where it gives none), for messages
+    path: str  # the file, for messages
 
 
 def pipeline_models(pipeline) -> dict[str, nn.Module]:
@@ -86,7 +94,8 @@ def read_updates(file: LoraFile) -> dict[tuple[str, str], Update]:
                 if not (math.isfinite(alpha) and down.isfinite().all() and up.isfinite().all()):
                     raise LoraError(f"LoRA {file.path}: {module.down} / {module.up} / alpha hold non-finite numbers")
                 scale = alpha / (math.sqrt(rank) if module.rslora else rank)
-                updates[module.component, module.module] = Update(down.flatten(1), up.flatten(1), scale)
+                updates[module.component, module.module] = Update(down.flatten(1), up.flatten(1), scale, alpha,
+                                                                  file.path)
     except (OSError, SafetensorError, RuntimeError) as error:
         raise LoraError(f"LoRA {file.path} cannot be read: {error}") from None
     return updates
@@ -127,21 +136,32 @@ class MergedLoras:
         """Recompute every weight whose LoRAs' strengths change; returns the components changed
         ("unet", "text_encoder", "text_encoder_2": prompts must then be encoded again)."""
         strengths = [float(s) for s in strengths]
-        if len(strengths) != len(self.paths) or not all(math.isfinite(s) for s in strengths):
-            raise ValueError(f"strengths must be {len(self.paths)} finite numbers, one per LoRA, got {strengths}")
+        if len(strengths) != len(self.paths) or not all(abs(s) <= MAX_STRENGTH for s in strengths):
+            raise ValueError(f"strengths must be {len(self.paths)} finite numbers from -{MAX_STRENGTH:g} to "
+                             f"{MAX_STRENGTH:g}, one per LoRA, got {strengths}")
         changed_files = [i for i, (old, new) in enumerate(zip(self.strengths, strengths)) if old != new]
         if not changed_files:
             return set()
         if not self.keep_originals and self.merged_once:
             raise ValueError("these LoRAs were merged without keep_originals: their strengths cannot change")
         keys = {key for i in changed_files for key in self.updates[i]}
-        for key in keys:
-            self.merge(key, strengths)
+        merged = []
+        try:
+            for key in keys:
+                self.merge(key, strengths)
+                merged.append(key)
+        except LoraError:
+            if self.keep_originals:  # the weights back at the strengths they had
+                for key in merged:
+                    self.merge(key, self.strengths)
+            raise
         self.strengths, self.merged_once = strengths, True
         return {component for component, _ in keys}
 
     def merge(self, key: tuple[str, str], strengths: list[float]) -> None:
-        """One layer's weight: its original plus each LoRA's update at its strength."""
+        """One layer's weight: its original plus each LoRA's update at its strength; LoraError, the
+        weight unchanged, naming each LoRA at its strength and alpha if the result is not finite or
+        larger than MAX_WEIGHT (and larger than the original's largest) in the weight's dtype."""
         weight = self.layers[key].weight
         original = weight if self.originals is None else self.originals[key]
         terms = [(s, file[key]) for s, file in zip(strengths, self.updates) if key in file and s != 0]
@@ -152,10 +172,26 @@ class MergedLoras:
         total = original.to(weight.device, dtype).flatten(1)  # (out, in * kh * kw)
         for strength, update in terms:
             up, down = update.up.to(weight.device, dtype), update.down.to(weight.device, dtype)
-            total = total.addmm(up, down, alpha=strength * update.scale)  # (out, rank) @ (rank, in * kh * kw)
-        weight.copy_(total.reshape(weight.shape))
+            factor = strength * update.scale
+            if not abs(factor) <= torch.finfo(dtype).max:
+                raise LoraError(merge_problem(terms, key, f"a scale of {factor:.3g}, beyond {dtype}'s range,"))
+            total = total.addmm(up, down, alpha=factor)  # (out, rank) @ (rank, in * kh * kw)
+        total = total.reshape(weight.shape).to(weight.dtype)
+        largest = total.abs().max().item()
+        if not largest <= MAX_WEIGHT and not largest <= original.abs().max().item():
+            size = ("non-finite weights (inf or nan)" if not math.isfinite(largest) else
+                    f"weights of {largest:.3g} (beyond {MAX_WEIGHT:g}, which no model holds)")
+            raise LoraError(merge_problem(terms, key, f"{size} in {weight.dtype}"))
+        weight.copy_(total)
 
     def remove(self) -> None:
         """Every weight back to its original, bit for bit."""
         self.set_strengths([0.0] * len(self.paths))
 
+
+def merge_problem(terms: list[tuple[float, Update]], key: tuple[str, str], what: str) -> str:
+    """'LoRA F at strength S (alpha A, rank R) makes WHAT for COMPONENT MODULE', every LoRA of the weight."""
+    loras = " with ".join(f"LoRA {update.path} at strength {strength:g} (alpha {update.alpha:g}, rank "
+                          f"{update.down.shape[0]})" for strength, update in terms)
+    return (f"{loras} makes {what} for {key[0]} {key[1]}: lower the strength, or the file is damaged "
+            f"(its alpha or its weights)")

@@ -59,6 +59,9 @@ VARIANTS = (
 NOT_LINEAR = re.compile(r"(^|\.)(token|position)_embedding$")
 SHOWN = 8  # names listed per problem
 MAX_HEADER = 100 * 2**20
+# The strengths users mean: 0..1 mostly, up to 2 or -2 for sliders; beyond 10 a LoRA's update
+# outweighs the model it changes, and strengths like 1e30 overflow the weights into black frames.
+MAX_STRENGTH = 10.0
 
 
 class LoraError(ValueError):

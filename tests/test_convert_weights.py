@@ -814,3 +814,24 @@ def test_a_bad_lora_is_refused_before_anything_is_written(sdxl_folders, tmp_path
         error = capsys.readouterr().err
         assert exit_.value.code == 1 and re.search(message, error) and error.count("\n") == 1, error
         assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
+
+
+def test_a_lora_making_absurd_weights_is_refused_and_nothing_is_written(sdxl_folders, tmp_path, capsys):
+    """Issue 22 item 4: strength 1e30 (or 1e308) is beyond -10..10; an alpha of 1e30 makes weights of
+    1e26, which no model holds; neither writes a checkpoint."""
+    folder, _ = sdxl_folders["safetensors"]
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+    module = next(name for name, layer in reference.unet.named_modules() if name.endswith("attn1.to_k"))
+    into = dict(reference.unet.named_modules())[module].weight.shape
+    lora = tmp_path / "huge.safetensors"
+    name = "lora_unet_" + module.replace(".", "_")
+    save_file({f"{name}.lora_down.weight": torch.full((2, into[1]), 0.01),
+               f"{name}.lora_up.weight": torch.full((into[0], 2), 0.01), f"{name}.alpha": torch.tensor(1e30)}, lora)
+    for value, message in ((f"{lora}:1e30", "strengths must be finite numbers from -10 to 10"),
+                           (f"{lora}:1e308", "from -10 to 10"), (f"{lora}:0.5", rf"{lora} at strength 0.5 \(alpha 1e\+30")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main([str(folder), str(tmp_path / "out"), "--lora", value])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 1 and re.search(message, error) and error.count("\n") == 1, error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.safetensors"]

@@ -107,3 +107,76 @@ def test_a_backtracking_pattern_does_not_hang(model, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("reading the file's alpha_pattern hangs")
     assert "unet.alpha_pattern" in done.stdout and done.returncode == 0, done.stdout + done.stderr
+
+
+# Item 4: strengths in a range users mean; merged weights finite and of a size a model holds.
+
+
+@pytest.mark.parametrize("value", ["style.safetensors:11", "style.safetensors:-10.5", "style.safetensors:1e308",
+                                   "style.safetensors:1e30", "style.safetensors:0.5@0,20@3", "style.safetensors:-1e-400@0,99@1"])
+def test_strengths_beyond_ten_are_refused(value):
+    with pytest.raises(ValueError, match=r"--lora .*strengths must be finite numbers from -10 to 10") as error:
+        sample.settings_from_arguments(sample.parse_arguments(["--prompt", "a", "--lora", value]))
+    assert "\n" not in str(error.value)
+
+
+def test_strengths_of_ten_are_taken_and_the_help_says_the_range(capsys):
+    settings = sample.settings_from_arguments(sample.parse_arguments(
+        ["--prompt", "a", "--lora", "style.safetensors:-10@0,10@2"]))
+    assert settings.loras[0].strengths == [(0, -10.0), (2, 10.0)]
+    with pytest.raises(SystemExit):
+        sample.parse_arguments(["--help"])
+    assert "-10 to 10" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_state_file_strength_beyond_ten_is_refused():
+    from video_settings import LoraSetting, check_lora_values
+
+    with pytest.raises(ValueError, match="from -10 to 10"):
+        check_lora_values([LoraSetting("style.safetensors", [(0, 0.5), (4, 1e30)])])
+
+
+def test_a_strength_beyond_ten_is_refused_by_the_pipeline(model, tmp_path):
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(model)
+    loras = pipeline.load_loras([str(peft_lora(tmp_path / "a.safetensors"))], [0.5])
+    for strength in (1e30, 1e308, -11.0):
+        with pytest.raises(ValueError, match="from -10 to 10"):
+            loras.set_strengths([strength])
+
+
+# (down, up, alpha) of a LoRA of TO_K: an alpha that overflows float32 (1e38 / rank 2 * 2e-4 is finite,
+# 1e34: absurd), finite factors whose product overflows, and a product that is finite but absurd.
+OVERFLOWING = {
+    "alpha 1e38": (torch.full((2, 32), 0.01), torch.full((32, 2), 0.01), torch.tensor(1e38)),
+    "factors 1e20": (torch.full((2, 32), 1e20), torch.full((32, 2), 1e20), torch.tensor(2.0)),
+    "factors 1e3": (torch.full((2, 32), 1e3), torch.full((32, 2), 1e3), None),
+}
+
+
+@pytest.mark.parametrize("name", OVERFLOWING)
+def test_weights_a_model_cannot_hold_are_refused_in_one_line(model, tmp_path, name):
+    path = kohya_lora(tmp_path / "huge.safetensors", *OVERFLOWING[name])
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    with pytest.raises(ValueError) as error:
+        sample.main(["--model", str(model), "--prompt", "a", "--out", str(outputs / "video.mp4"), *FAST,
+                     "--lora", f"{path}:1"])
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "strength 1" in message and "alpha" in message, message
+    assert TO_K in message, message
+    assert not (outputs / "video.mp4").exists()
+
+
+def test_a_refused_strength_change_leaves_the_weights_as_they_were(model, tmp_path):
+    """With a timeline the strengths change during a run: a change that would make weights no model
+    holds is refused whole, the weights kept at the strengths they had."""
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(model)
+    good = peft_lora(tmp_path / "good.safetensors")
+    bad = kohya_lora(tmp_path / "bad.safetensors", *OVERFLOWING["factors 1e3"])
+    loras = pipeline.load_loras([str(good), str(bad)], [0.5, 0.0])
+    before = {key: value.clone() for key, value in pipeline.unet.state_dict().items()}
+    with pytest.raises(LoraError, match="bad.safetensors at strength 1"):
+        loras.set_strengths([0.8, 1.0])
+    assert loras.strengths == [0.5, 0.0]
+    after = pipeline.unet.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
