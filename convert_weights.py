@@ -62,7 +62,7 @@ from scheduler import SchedulerConfig
 from formats.sdxl_layout import Rule, clip_rules, single_file_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
-from video_settings import parse_lora
+from video_settings import lora_given_twice, parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -619,6 +619,8 @@ def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dt
     inputs = {"SRC": source, "--video-unet": video_unet, "--tokenizers": tokenizers, "--configs": configs}
     failed = [message for message, fails in problems.items() if fails]
     failed += [problem for path, _ in loras for problem in nesting_problems(out, {"--lora": path})]
+    if twice := lora_given_twice([str(path) for path, _ in loras]):
+        failed.append(f"--lora {twice} is given twice (links resolved): give each file once, with the sum of its strengths")
     failed += nesting_problems(out, inputs) or out_problems(out, overwrite)
     if failed:
         raise ConversionError("; ".join(failed))

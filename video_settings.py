@@ -354,9 +354,22 @@ def check_lora_values(loras: list[LoraSetting]) -> None:
                 and all(abs(strength) <= lora_files.MAX_STRENGTH for _, strength in lora.strengths)):
             raise ValueError(f"--lora {lora.path}: strengths must be {STRENGTH_RANGE} at sorted, unique chunks "
                              f"starting at 0, got {lora.strengths}")
-    files = [os.path.realpath(lora.path) for lora in loras]
-    if twice := sorted({lora.path for lora, file in zip(loras, files) if files.count(file) > 1}):
-        raise ValueError(f"--lora {twice[0]} is given twice: give each file once, with its strengths as S@T,S@T")
+    if twice := lora_given_twice([lora.path for lora in loras]):
+        raise ValueError(f"--lora {twice} is given twice: give each file once, with its strengths as S@T,S@T")
+
+
+def lora_given_twice(paths: list[str]) -> str | None:
+    """The first (sorted) of `paths` that names the same file as another, links resolved (hard links
+    too: the same device and inode), or None. Merged twice, a file's update would count twice."""
+    def identity(path: str):
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):  # missing (refused later, by name), a link loop, a NUL in the name
+            return path if "\0" in path else os.path.realpath(path)
+        return status.st_dev, status.st_ino
+
+    files = [identity(path) for path in paths]
+    return min((path for path, file in zip(paths, files) if files.count(file) > 1), default=None)
 
 
 def check_lora_files(settings: Settings) -> None:

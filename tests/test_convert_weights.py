@@ -835,3 +835,25 @@ def test_a_lora_making_absurd_weights_is_refused_and_nothing_is_written(sdxl_fol
         error = capsys.readouterr().err
         assert exit_.value.code == 1 and re.search(message, error) and error.count("\n") == 1, error
         assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.safetensors"]
+
+
+@pytest.mark.parametrize("how", ["same path", "symbolic link", "hard link"])
+def test_a_lora_given_twice_is_refused_as_sample_refuses_it(sdxl_folders, tmp_path, capsys, how):
+    """Issue 22 item 5: the same file twice (links resolved) would merge twice; refused before any work."""
+    from test_lora import kohya_state
+
+    folder, _ = sdxl_folders["safetensors"]
+    lora = tmp_path / "style.safetensors"
+    save_file(kohya_state(StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32), "sgm", 5, "folded"), lora)
+    again = {"same path": lora, "symbolic link": tmp_path / "link.safetensors", "hard link": tmp_path / "hard.safetensors"}[how]
+    if how == "symbolic link":
+        again.symlink_to(lora)
+    elif how == "hard link":
+        os.link(lora, again)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder), str(tmp_path / "out"), "--lora", f"{lora}:0.5", "--lora", f"{again}:0.3"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 1 and "is given twice" in error and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -180,3 +180,14 @@ def test_a_refused_strength_change_leaves_the_weights_as_they_were(model, tmp_pa
     assert loras.strengths == [0.5, 0.0]
     after = pipeline.unet.state_dict()
     assert all(torch.equal(value, after[key]) for key, value in before.items())
+
+
+# Item 5's rule, kept by sample.py too: a file given twice under two names (a hard link) is one file.
+
+
+def test_a_hard_link_to_a_lora_given_is_the_same_file(tmp_path):
+    path = peft_lora(tmp_path / "a.safetensors")
+    os.link(path, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="given twice"):
+        sample.settings_from_arguments(sample.parse_arguments(
+            ["--prompt", "a", "--lora", str(path), "--lora", f"{tmp_path / 'b.safetensors'}:0.2"]))
