@@ -424,3 +424,107 @@ def test_shards_prepared_before_checksums_still_train(reference, shards, tmp_pat
                             "out": str(tmp_path / "run")})
     train.train(config)
     assert (tmp_path / "run").exists()
+
+
+# Issue 22 item 10: a full disk, sizes too large for memory, a damaged prepare.json, non-UTF-8 captions, two runs.
+
+
+def prepare_command(model, data, out, *options) -> list[str]:
+    return [sys.executable, "tools/prepare_data.py", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--size", str(SIZE), "--context-frames", str(CONTEXT), "--frames", str(FRAMES), "--threads", "1",
+            "--device", "cpu", *options]
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_naming_it_and_the_run_resumes(reference, videos, shards,
+                                                                                    tmp_path):
+    import resource
+    import signal
+
+    def small_files():  # files of at most 4 KB: prepare.json fits, a shard does not (EFBIG, as ENOSPC would come)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "shards"
+    command = prepare_command(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, preexec_fn=small_files)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "shard-00000.safetensors" in result.stderr and "the same command" in result.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["prepare.json"]  # no shard, no temporary
+    subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, check=True)  # space again: it resumes
+    assert files(out) == files(shards)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--size", "100000"], "--size 100000"), (["--clips-per-video", "1000000000"], "--clips-per-video 1000000000"),
+    (["--frames", "10000000"], "--frames 10000000"), (["--threads", "100000"], "--threads must be at most")])
+def test_sizes_too_large_for_memory_are_refused_before_any_work(reference, videos, tmp_path, options, message):
+    result = subprocess.run(prepare_command(reference[1], videos, tmp_path / "out", *options), cwd=REPOSITORY,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda plan: [plan], "holds a JSON list"), (lambda plan: {**plan, "settings": []}, "settings must be an object"),
+    (lambda plan: {**plan, "settings": {}}, "settings.size"), (lambda plan: {**plan, "fingerprints": None}, "fingerprints"),
+    (lambda plan: {**plan, "videos": None}, "videos must be"), (lambda plan: {**plan, "model": 3}, "model must be"),
+    (lambda plan: {k: v for k, v in plan.items() if k != "videos"}, "videos must be"),
+    (lambda plan: "[" * 100_000 + "]" * 100_000, "nested too deeply"), (lambda plan: b"\xff\xfe{}", "not UTF-8")])
+def test_a_prepare_json_of_the_wrong_shape_is_one_line_naming_it(reference, videos, shards, tmp_path, change,
+                                                                    message):
+    out = copied(shards, tmp_path / "shards")
+    plan = change(json.loads((out / "prepare.json").read_text()))
+    if isinstance(plan, bytes):
+        (out / "prepare.json").write_bytes(plan)
+    else:
+        (out / "prepare.json").write_text(plan if isinstance(plan, str) else json.dumps(plan))
+    before = files(out)
+    result = subprocess.run(prepare_command(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard",
+                                            "2"), cwd=REPOSITORY, capture_output=True, text=True)
+    assert result.returncode in (1, 2) and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert f"{out / 'prepare.json'}" in result.stderr and message in result.stderr, result.stderr
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("name, content", [("a.txt", b"caf\xe9 latin-1"), ("metadata.jsonl", b'{"file_name": "a.mp4", '
+                                                                            b'"text": "caf\xe9"}\n'),
+                                           ("metadata.csv", b"file_name,text\na.mp4,caf\xe9\n")])
+def test_captions_that_are_not_utf8_name_their_file(reference, tmp_path, name, content):
+    data = video_folder(tmp_path / "videos", {"a.mp4": VIDEOS["a.mp4"], "b.mp4": VIDEOS["b.mp4"]})
+    (data / name).write_bytes(content)
+    for read in (lambda: prepare(reference[1], data, tmp_path / "out"),
+                 lambda: video_data.VideoFolder(str(data), SIZE, CONTEXT + FRAMES, 1, seed=0)):
+        with pytest.raises(ValueError, match=f"{data / name}.*not UTF-8") as error:
+            read()
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_runs_on_one_out_cannot_run_at_once(reference, videos, tmp_path):
+    import fcntl
+
+    out = tmp_path / "shards"
+    lock = tmp_path / "shards.prepare-0.lock"  # what a run in progress holds (process 0 of 1, or of a torchrun)
+    with open(lock, "w") as file:
+        file.write("4242\n")
+        file.flush()
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="being written by process 4242"):
+            prepare(reference[1], videos, out, "--clips-per-video", "1", "--videos-per-shard", "2")
+        assert not out.exists()
+    lock.unlink()
+    prepare(reference[1], videos, out, "--clips-per-video", "1", "--videos-per-shard", "2")  # unlocked: it runs
+    assert (out / "index.json").exists() and not lock.exists()  # and leaves no lock behind
+
+
+def test_a_size_too_large_for_the_gpu_is_refused_before_the_model_loads(reference, videos, tmp_path, monkeypatch):
+    import infra.memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(infra.memory, "available_memory", lambda device: 1000)  # a GPU with 1000 bytes free
+    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "from_pretrained", None)  # never reached
+    with pytest.raises(ValueError, match="--size 32: the VAE needs at least .* cuda has 0.0 GiB free"):
+        prepare(reference[1], videos, tmp_path / "out", "--device", "cuda")
+    assert not (tmp_path / "out").exists()

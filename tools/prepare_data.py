@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as `python tools/NAME.py`: the modules are 
 
 from infra.cli import OneLineParser
 from infra.files import atomic_file, check_not_an_input, temporary_of
+from infra.run_state import OutputLock
 from video_settings import DTYPE_NAMES
 
 PREPARE_FILE = "prepare.json"  # written first: the settings, checked when the preparation resumes
@@ -76,6 +77,8 @@ def check_options(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads < 0:
         raise ValueError(f"--threads must be at least 0, got {args.threads}")
+    if args.threads > (cpus := os.cpu_count() or 1):  # more threads than CPUs: no faster; 100000 crash OpenMP
+        raise ValueError(f"--threads must be at most {cpus} (the CPUs of this machine), got {args.threads}")
     if args.device not in ("auto", "cpu", "cuda") and not (args.device.startswith("cuda:")
                                                            and args.device[5:].isdigit()):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {args.device!r}")
@@ -102,6 +105,80 @@ def check_options(args) -> None:
         raise ValueError(f"--model {model}: its config.json has no vae.block_out_channels ({error!r})") from None
     if args.size % factor:
         raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {args.size}")
+    check_memory(args, channels[0])
+    if (out / PREPARE_FILE).is_file():
+        read_prepare(out / PREPARE_FILE)
+
+
+def memory_needed(args, width: int) -> dict[str, int]:
+    """Bytes that one video takes while it is prepared, at least: `frames`, its --clips-per-video windows
+    of --context-frames + --frames frames as float32 (3, size, size), twice (the windows and their stack);
+    `vae`, the VAE encoder's first level on 8 frames at a time (float32, about four tensors of its `width`
+    channels alive at once). The decoded source frames and the shard's latents come on top."""
+    clip_frames = args.context_frames + args.frames
+    return {"frames": 2 * args.clips_per_video * clip_frames * 3 * args.size**2 * 4,
+            "vae": 4 * width * min(8, args.clips_per_video * clip_frames) * args.size**2 * 4}
+
+
+def free_memory() -> int:
+    """Bytes of memory free for this run: MemAvailable of /proc/meminfo, else all of it."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gigabytes(count: int) -> str:
+    return f"{count / 2**30:,.1f} GiB"
+
+
+def check_memory(args, width: int) -> None:
+    """ValueError, naming the options, if one video's frames (and, with --device cpu, the VAE's work on
+    them) need more memory than this machine has free: refused before anything is decoded or written."""
+    needed, free = memory_needed(args, width), free_memory()
+    total = needed["frames"] + (needed["vae"] if args.device == "cpu" else 0)
+    if total > free:
+        raise ValueError(f"--size {args.size} --clips-per-video {args.clips_per_video} --context-frames "
+                         f"{args.context_frames} --frames {args.frames}: each video needs at least "
+                         f"{gigabytes(total)} and this machine has {gigabytes(free)} free; give a smaller --size, "
+                         f"fewer --clips-per-video or fewer frames")
+
+
+def read_prepare(path: Path) -> dict:
+    """The PREPARE_FILE of a preparation; ValueError, one line naming it (and the key), unless it is
+    one as this script writes it."""
+    stored = read_json(path)
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not a preparation's object; give a new --out")
+    if stored.get("format") != PREPARE_FORMAT:
+        raise ValueError(f"{path} is not a preparation's ({PREPARE_FORMAT}); give a new --out")
+    shapes = {"model": (str, "the path of a checkpoint folder"), "settings": (dict, "an object"),
+              "fingerprints": (dict, "an object"), "videos": (list, "a list of the video names")}
+    for key, (kind, expected) in shapes.items():
+        if not isinstance(stored.get(key), kind):
+            raise ValueError(f"{path}: {key} must be {expected}, got {json.dumps(stored.get(key))[:80]}; give a new "
+                             f"--out")
+    for key in ("size", "frame_stride", "context_frames", "frames", "clips_per_video", "videos_per_shard", "dtype"):
+        if key not in stored["settings"]:
+            raise ValueError(f"{path}: settings.{key} is missing; give a new --out")
+    return stored
+
+
+def read_json(path: Path):
+    """The JSON value of a file; ValueError naming it if it is not UTF-8, not JSON or nested too deeply."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at {error.start}); give "
+                         f"a new --out") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); give a new --out") from None
+    except RecursionError:
+        raise ValueError(f"{path} is JSON nested too deeply to be a preparation's; give a new --out") from None
 
 
 def parse_arguments(argv=None):
@@ -140,12 +217,7 @@ def check_resume(out: Path, plan: dict) -> bool:
     path = out / PREPARE_FILE
     if not path.exists():
         return False
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON ({error}); give a new --out") from None
-    if not isinstance(stored, dict) or stored.get("format") != PREPARE_FORMAT:
-        raise ValueError(f"{path} is not a preparation's ({PREPARE_FORMAT}); give a new --out")
+    stored = read_prepare(path)
     changed = [f"--{name.replace('_', '-')} {stored['settings'].get(name)} -> {value}"
                for name, value in plan["settings"].items() if stored["settings"].get(name) != value]
     if stored["fingerprints"] != plan["fingerprints"]:
@@ -247,15 +319,40 @@ def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
     write_json(out / INDEX_FILE, index)
 
 
+class PreparationLock(OutputLock):
+    """`OutputLock` (infra/run_state.py) on --out for process `rank`: the file `OUT.prepare-RANK.lock`
+    next to it. Two runs on one --out would each make the shards the other makes (or, begun with
+    other settings at once, mix them); the processes of one torchrun run each hold their own."""
+
+    def __init__(self, out: Path, rank: int):
+        super().__init__(str(out))
+        self.path = Path(f"{str(out).rstrip('/')}.prepare-{rank}.lock")
+
+
 def prepare(args) -> None:
     """Make the shards of this process (all, or its slice under torchrun) that are not on disk yet,
-    then the index once every shard is."""
+    then the index once every shard is, holding this process's `PreparationLock` on --out."""
+    try:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ValueError(f"RANK and WORLD_SIZE must be whole numbers (torchrun sets them), got "
+                         f"{os.environ.get('RANK')!r} and {os.environ.get('WORLD_SIZE')!r}") from None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK must be from 0 to WORLD_SIZE - 1, got RANK {rank}, WORLD_SIZE {world_size}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with PreparationLock(out, rank):
+        prepare_locked(args, rank, world_size)
+
+
+def prepare_locked(args, rank: int, world_size: int) -> None:
+    """The work of `prepare`, its lock held."""
     import torch
 
+    from infra.memory import available_memory
     from pipeline import StableDiffusionXLVideoPipeline
     from training.data import captioned_videos, checkpoint_fingerprints, encode_captions
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, folder = Path(args.out), Path(args.data)
     items = captioned_videos(args.data)
     plan = {"format": PREPARE_FORMAT, "model": str(Path(args.model).resolve()),
@@ -266,6 +363,11 @@ def prepare(args) -> None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device (give --device auto or cpu)")
+    if device.startswith("cuda"):  # on a CPU, check_options counted the VAE's work with the frames
+        width = json.loads((Path(args.model) / "config.json").read_text())["vae"]["block_out_channels"][0]
+        if (needed := memory_needed(args, width)["vae"]) > (free := available_memory(device)):
+            raise ValueError(f"--size {args.size}: the VAE needs at least {gigabytes(needed)} to encode 8 frames and "
+                             f"{device} has {gigabytes(free)} free; give a smaller --size, or --device cpu")
     resuming = check_resume(out, plan)
     pipeline = StableDiffusionXLVideoPipeline.from_pretrained(args.model, device)
     if not resuming:
@@ -308,6 +410,7 @@ if __name__ == "__main__":
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except OSError as error:
-        print(f"error: {error.strerror or error} ({error.filename})", file=sys.stderr)
+    except OSError as error:  # a full disk, say: the shards made so far are whole, and kept
+        print(f"error: {error.strerror or error} ({error.filename}); the shards already made are kept: run the same "
+              f"command again to resume", file=sys.stderr)
         sys.exit(1)

@@ -23,6 +23,7 @@ reads it (shards and indexes from before checksums have none, and are read unche
 
 import csv
 import hashlib
+import io
 import json
 import math
 from collections import namedtuple
@@ -82,7 +83,8 @@ def window_starts(strided_frames: int, num_frames: int, clips_per_video: int) ->
         return []
     if clips_per_video == 1:
         return [0]
-    return sorted({round(last * i / (clips_per_video - 1)) for i in range(clips_per_video)})
+    clips = min(clips_per_video, last + 1)  # more would repeat starts (every one of 0..last is taken already)
+    return sorted({round(last * i / (clips - 1)) for i in range(clips)}) if clips > 1 else [0]
 
 
 def read_windows(path: Path, starts: list[int], num_frames: int, frame_stride: int, size: int,
@@ -131,7 +133,7 @@ def read_captions(folder: Path) -> dict[Path, str]:
     captions = {}
     path = folder / "metadata.jsonl"
     if path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(path).splitlines(), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -141,15 +143,25 @@ def read_captions(folder: Path) -> dict[Path, str]:
                                      f"({error!r})") from None
     path = folder / "metadata.csv"
     if path.is_file():
-        with open(path, newline="") as file:
+        with io.StringIO(read_text(path), newline="") as file:
             for number, row in enumerate(csv.DictReader(file), start=2):
                 if row.get("file_name") is None or row.get("text") is None:
                     raise ValueError(f"{path} line {number}: expected file_name and text columns")
                 captions[folder / row["file_name"]] = row["text"]
     for video in folder.iterdir():
         if video.suffix.lower() in VIDEO_EXTENSIONS and video.with_suffix(".txt").is_file():
-            captions[video] = video.with_suffix(".txt").read_text().strip()
+            captions[video] = read_text(video.with_suffix(".txt")).strip()
     return captions
+
+
+def read_text(path: Path) -> str:
+    """A caption file's text (UTF-8; a byte-order mark, as spreadsheets write, is dropped); ValueError
+    naming the file if it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at {error.start}): save "
+                         f"the captions as UTF-8") from None
 
 
 def captioned_videos(folder: str) -> list[tuple[Path, str]]:
