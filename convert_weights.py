@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from formats.lora import MergedLoras, check_loras
+from formats.lora import MergedLoras, check_loras, read_updates
 from formats.lora_files import MAX_STRENGTH, LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
 from infra.checkpoint import CHECKPOINT_FILES, DTYPES, load_checkpoint_config
@@ -646,8 +646,9 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
         parts, mapped = read_diffusers_folder(source, unet)
         tokenizer_paths = [source / name for name in TOKENIZERS]
     check(parts, mapped.unknown)
-    try:
-        check_loras([path for path, _ in loras], {name: parts[name].model for name in LORA_COMPONENTS})
+    try:  # the LoRAs' tensors too: one holding NaN is refused before any model is built
+        updates = [read_updates(file) for file in
+                   check_loras([path for path, _ in loras], {name: parts[name].model for name in LORA_COMPONENTS})]
     except LoraError as error:
         raise ConversionError(f"--lora: {error}; nothing was written") from None
 
@@ -662,7 +663,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
         print(f"merging {len(loras)} LoRA(s)")
         try:
             MergedLoras.load(pipeline, [path for path, _ in loras], [strength for _, strength in loras],
-                             keep_originals=False)
+                             keep_originals=False, updates=updates)
         except LoraError as error:  # merged weights not finite or beyond what a model holds
             raise ConversionError(f"--lora: {error}; nothing was written") from None
 

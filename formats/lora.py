@@ -117,15 +117,17 @@ class MergedLoras:
 
     @classmethod
     def load(cls, pipeline, paths: list[str], strengths: list[float] | None = None,
-             keep_originals: bool = True) -> "MergedLoras":
+             keep_originals: bool = True, updates: list[dict] | None = None) -> "MergedLoras":
         """Read and check every file (LoraError naming the first bad one, before any weight changes),
-        then merge them at `strengths` (default 1 each). A pipeline holding LoRAs at a strength other
-        than 0 is refused: the weights kept as originals would not be the model's."""
+        then merge them at `strengths` (default 1 each); `updates`: the files' `read_updates`, where
+        the caller read them already (checked against models of the same layers). A pipeline holding
+        LoRAs at a strength other than 0 is refused: the weights kept as originals would not be the model's."""
         if pipeline.loras is not None and any(pipeline.loras.strengths):
             raise ValueError("the pipeline holds LoRAs already: load every file in one call, or remove() them first")
         models = pipeline_models(pipeline)
         layers = model_layers(models)
-        updates = [read_updates(file) for file in check_loras(paths, models)]
+        if updates is None:
+            updates = [read_updates(file) for file in check_loras(paths, models)]
         touched = {key: layers[key[0]][key[1]] for file in updates for key in file}
         merged = cls(paths, touched, updates, keep_originals)
         merged.set_strengths([1.0] * len(paths) if strengths is None else strengths)

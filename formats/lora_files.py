@@ -21,10 +21,13 @@ folder's headers give its modules' names and shapes, so sample.py checks every L
 model before torch loads anything. formats/lora.py reads the tensors and merges them.
 """
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -58,6 +61,10 @@ VARIANTS = (
 # nn.Embedding weights are 2-D too, but a linear LoRA does not apply to them.
 NOT_LINEAR = re.compile(r"(^|\.)(token|position)_embedding$")
 SHOWN = 8  # names listed per problem
+# The dtypes of a LoRA's weights, and of its alphas (numbers, integers too); booleans, fp8 and the
+# rest are no LoRA.
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
+ALPHA_DTYPES = (*WEIGHT_DTYPES, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
 MAX_HEADER = 100 * 2**20
 # The strengths users mean: 0..1 mostly, up to 2 or -2 for sliders; beyond 10 a LoRA's update
 # outweighs the model it changes, and strengths like 1e30 overflow the weights into black frames.
@@ -79,6 +86,14 @@ class LoraModule(NamedTuple):
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
 
+class Header(NamedTuple):
+    """A safetensors header: each key's shape and dtype ("F32", "BF16", ...), and the metadata."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict
+
+
 class LoraFile(NamedTuple):
     """What a LoRA file holds, checked against a model: `modules` in file order."""
 
@@ -89,19 +104,41 @@ class LoraFile(NamedTuple):
 # 1. The file: a safetensors header.
 
 
-def read_header(path, what: str = "LoRA") -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) of a .safetensors file, read without its data; LoraError naming the
-    file (as `what` PATH) if it is missing, not safetensors, or truncated."""
+def read_header(path, what: str = "LoRA") -> Header:
+    """The header of a .safetensors file, read without its data; LoraError naming the file (as
+    `what` PATH) if it is missing or no file (a folder, a FIFO, a link loop: said), not
+    safetensors, or truncated."""
     path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"{what} {path}: no such file")
+    if problem := not_a_file(path):
+        raise LoraError(f"{what} {path}{problem}")
     try:
         return parse_header(path, what)
     except OSError as error:
         raise LoraError(f"{what} {path} cannot be read: {error.strerror}") from None
 
 
-def parse_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def not_a_file(path: Path) -> str | None:
+    """What `path` is, as the end of a message, when it is no regular file (': no such file', ' is
+    a folder, not a file', ' is a FIFO (named pipe), not a file', ...); None for a file. Never
+    opens it: a FIFO would block."""
+    try:
+        mode = path.stat().st_mode
+    except ValueError:  # a NUL in the name
+        return " is no file name (it holds a NUL character)"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return " is a loop of symbolic links, not a file"
+        if path.is_symlink():
+            return f" is a symbolic link to {os.readlink(path)}, which does not exist"
+        return ": no such file" if error.errno in (errno.ENOENT, errno.ENOTDIR) else f" cannot be read: {error.strerror}"
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    if stat.S_ISREG(mode):
+        return None
+    return f" is {next((kind for test, kind in kinds.items() if test(mode)), 'not a regular file')}, not a file"
+
+
+def parse_header(path: Path, what: str) -> Header:
     size = path.stat().st_size
     with path.open("rb") as file:
         length = int.from_bytes(file.read(8), "little")
@@ -112,15 +149,19 @@ def parse_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dic
             header = json.loads(file.read(length))
             metadata = header.pop("__metadata__", None) or {}
             shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
+            dtypes = {key: entry["dtype"] for key, entry in header.items()}
             end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-            if not (isinstance(metadata, dict) and all(isinstance(n, int) for s in shapes.values() for n in s)):
-                raise TypeError("metadata or shapes")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError):
+            if not (isinstance(metadata, dict) and all(isinstance(d, str) for d in dtypes.values())
+                    and all(type(n) is int and n >= 0 for s in shapes.values() for n in s)):
+                raise TypeError("metadata, dtypes or shapes")
+        except RecursionError:
+            raise LoraError(f"{what} {path} is not a .safetensors file: its header is JSON nested too deep") from None
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # ValueError: not UTF-8, not JSON
             raise LoraError(f"{what} {path} is not a .safetensors file: it has no valid safetensors header") from None
     if end != size - 8 - length:
         raise LoraError(f"{what} {path} is truncated or damaged: its header declares {end} bytes of tensors, "
                         f"it holds {size - 8 - length}")
-    return shapes, metadata
+    return Header(shapes, dtypes, metadata)
 
 
 def file_sha256(path) -> str:
@@ -164,6 +205,17 @@ def group_keys(path, shapes: dict) -> tuple[str, dict[str, dict[str, str]], list
     return formats.pop(), groups, others
 
 
+def check_dtypes(path, groups: dict[str, dict[str, str]], dtypes: dict[str, str]) -> None:
+    """LoraError naming the first key (and how many more) whose dtype no LoRA has: weights are
+    floats (WEIGHT_DTYPES), alphas floats or integers (ALPHA_DTYPES); booleans, fp8 and the rest never."""
+    for part, allowed, what in (("down", WEIGHT_DTYPES, "weight"), ("up", WEIGHT_DTYPES, "weight"),
+                                ("alpha", ALPHA_DTYPES, "alpha")):
+        if wrong := [parts[part] for parts in groups.values() if part in parts and dtypes[parts[part]] not in allowed]:
+            more = f"; {len(wrong) - 1} more keys are no LoRA {what} either" if len(wrong) > 1 else ""
+            raise LoraError(f"LoRA {path}: {named(wrong[0])} holds {named(dtypes[wrong[0]])}, which no LoRA {what} "
+                            f"is ({', '.join(allowed)}){more}")
+
+
 def peft_alphas(path, metadata: dict) -> dict[str, dict]:
     """component -> PEFT's LoraConfig fields that set the scale (lora_alpha, alpha_pattern,
     use_rslora), from the `lora_adapter_metadata` diffusers writes into a header. The keys of
@@ -175,22 +227,59 @@ def peft_alphas(path, metadata: dict) -> dict[str, dict]:
         values = json.loads(metadata["lora_adapter_metadata"])
         configs = {c: {k.removeprefix(f"{c}."): v for k, v in values.items() if k.startswith(f"{c}.")}
                    for c in COMPONENTS}
-    except (json.JSONDecodeError, TypeError, AttributeError):
+    except RecursionError:
+        raise LoraError(f"LoRA {path}: its lora_adapter_metadata is JSON nested too deep") from None
+    except json.JSONDecodeError:
+        raise LoraError(f"LoRA {path}: its lora_adapter_metadata is not JSON") from None
+    except ValueError:  # int()'s limit
+        raise LoraError(f"LoRA {path}: its lora_adapter_metadata holds an integer of over 4300 digits") from None
+    except (TypeError, AttributeError):
         raise LoraError(f"LoRA {path}: its lora_adapter_metadata is not a JSON object") from None
     for component, config in configs.items():
+        check_peft_config(path, component, config)
         if config.get("use_dora"):
             raise LoraError(f"LoRA {path} is a DoRA file ({component}.use_dora in its metadata), which is not supported")
         if config.get("lora_bias"):
             raise LoraError(f"LoRA {path} is a LoRA with a bias ({component}.lora_bias), which is not supported")
-        for field in ("alpha_pattern", "rank_pattern"):
-            patterns = config.get(field) or {}
-            if not isinstance(patterns, dict):
-                raise LoraError(f"LoRA {path}: its lora_adapter_metadata's {component}.{field} is a JSON "
-                                f"{type(patterns).__name__}, expected an object of module names")
-            if bad := [key for key in patterns if not is_module_name(key)]:
-                raise LoraError(f"LoRA {path}: its lora_adapter_metadata's {component}.{field} key {shown(bad[0])} is no "
-                                f"module name; module-name suffixes (to_k, attn1.to_k) are read, patterns are not")
     return configs
+
+
+def check_peft_config(path, component: str, config: dict) -> None:
+    """LoraError naming the file and the field unless the fields read from PEFT's config are of
+    their types: lora_alpha a finite number, alpha_pattern and rank_pattern objects of module
+    names (`is_module_name`) to finite numbers and positive integers, the switches true or false."""
+    where = f"LoRA {path}: its lora_adapter_metadata's {component}."
+    for field in ("use_rslora", "use_dora", "lora_bias"):
+        if not (config.get(field) is None or isinstance(config[field], bool)):
+            raise LoraError(f"{where}{field} is {json_value(config[field])}, expected true or false")
+    if config.get("lora_alpha") is not None and not finite_number(config["lora_alpha"]):
+        raise LoraError(f"{where}lora_alpha is {json_value(config['lora_alpha'])}, expected a finite number")
+    for field, fits, expected in (("alpha_pattern", finite_number, "a finite number"),
+                                  ("rank_pattern", lambda n: type(n) is int and n > 0, "a positive integer")):
+        patterns = {} if config.get(field) is None else config[field]
+        if not isinstance(patterns, dict):
+            raise LoraError(f"{where}{field} is {json_value(patterns)}, expected an object of module names")
+        if bad := [key for key in patterns if not is_module_name(key)]:
+            raise LoraError(f"{where}{field} key {shown(bad[0])} is no module name; module-name suffixes "
+                            f"(to_k, attn1.to_k) are read, patterns are not")
+        if bad := [key for key, value in patterns.items() if not fits(value)]:
+            raise LoraError(f"{where}{field} value of {shown(bad[0])} is {json_value(patterns[bad[0]])}, expected {expected}")
+
+
+def finite_number(value) -> bool:
+    """Whether a JSON value is a finite number (not a boolean, not too large for a float)."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def json_value(value) -> str:
+    """A JSON value from a file, shown in a message: scalars as JSON (cut short), containers by kind."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = json.dumps(value) if not isinstance(value, int) or abs(value) < 10**40 else f"an integer of {len(str(value))} digits"
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def is_module_name(text: str) -> bool:
@@ -210,6 +299,12 @@ def peft_alpha(config: dict, module: str) -> float | None:
         if ends_module(module, suffix):
             return float(alpha)
     return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def named(text: str, limit: int = 200) -> str:
+    """A key from a file as part of a one-line message: control characters escaped, cut at `limit`."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def shown(text: str, limit: int = 120) -> str:
@@ -268,8 +363,9 @@ def shape_problem(down: tuple, up: tuple, weight: tuple) -> str | None:
 def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> LoraFile:
     """A LoRA file's modules matched to `targets` (see `lookup_names`); one LoraError listing every
     key that matches no module, every part missing and every shape that does not fit."""
-    shapes, metadata = read_header(path)
+    shapes, dtypes, metadata = read_header(path)
     kind, groups, unmatched = group_keys(path, shapes)
+    check_dtypes(path, groups, dtypes)
     names = lookup_names(targets, unet_config)
     configs = peft_alphas(path, metadata) if kind == "peft" else {}
     modules, problems, taken = [], [], {}
@@ -285,9 +381,12 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
             problems.append(f"{name} and {taken[component, module]} are the same module")
             continue
         taken[component, module] = name
-        if problem := shape_problem(shapes[parts["down"]], shapes[parts["up"]], targets[component][module]):
-            problems.append(f"{name}: {problem}")
         alpha = parts.get("alpha")
+        down, up = shapes[parts["down"]], shapes[parts["up"]]
+        if 0 in (*down[:1], *up[1:2]):
+            problems.append(f"{named(name)} has rank 0 (down {down}, up {up}): no update, and no scale alpha / rank")
+        elif problem := shape_problem(down, up, targets[component][module]):
+            problems.append(f"{name}: {problem}")
         if alpha is not None and math.prod(shapes[alpha]) != 1:
             problems.append(f"{alpha} has shape {shapes[alpha]}, expected one number")
         config = configs.get(component, {})
@@ -297,7 +396,8 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
     if unmatched:
         problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched), SHOWN))
     if problems:
-        raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems))
+        more = [f"and {len(problems) - SHOWN} more problems"] if len(problems) > SHOWN else []
+        raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems[:SHOWN] + more))
     return LoraFile(str(path), modules)
 
 
@@ -309,7 +409,7 @@ def checkpoint_targets(folder) -> tuple[dict[str, dict[str, tuple]], dict]:
              "text_encoder_2": folder / "text_encoder_2" / "model.safetensors"}
     targets = {}
     for component, path in files.items():
-        shapes, _ = read_header(path, "the model's weight file")
+        shapes = read_header(path, "the model's weight file").shapes
         targets[component] = {canonical_name(component, module): shape
                               for module, shape in weight_targets(shapes).items()}
     return targets, json.loads((folder / "config.json").read_text())["unet"]

@@ -857,3 +857,32 @@ def test_a_lora_given_twice_is_refused_as_sample_refuses_it(sdxl_folders, tmp_pa
     error = capsys.readouterr().err
     assert exit_.value.code == 1 and "is given twice" in error and error.count("\n") == 1, error
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_nan_lora_is_refused_before_the_models_are_built(sdxl_folders, tmp_path, capsys, monkeypatch):
+    """Issue 22 item 9: a LoRA holding NaN is named in one line before any model is built."""
+    import convert_weights
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("the models were built")
+
+    folder, _ = sdxl_folders["safetensors"]
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+    lora = tmp_path / "nan.safetensors"
+    state = {key: value.half() for key, value in kohya_state_of(reference).items()}
+    first = next(key for key in state if key.endswith("lora_up.weight"))
+    state[first][0, 0] = float("nan")
+    save_file(state, lora)
+    monkeypatch.setattr(convert_weights, "build", no_building)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder), str(tmp_path / "out"), "--lora", str(lora)])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 1 and "non-finite" in error and str(lora) in error and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+
+
+def kohya_state_of(reference: StableDiffusionXLPipeline) -> dict:
+    from test_lora import kohya_state
+
+    return kohya_state(reference, "sgm", 5, "folded")

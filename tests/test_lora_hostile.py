@@ -191,3 +191,87 @@ def test_a_hard_link_to_a_lora_given_is_the_same_file(tmp_path):
     with pytest.raises(ValueError, match="given twice"):
         sample.settings_from_arguments(sample.parse_arguments(
             ["--prompt", "a", "--lora", str(path), "--lora", f"{tmp_path / 'b.safetensors'}:0.2"]))
+
+
+# Item 9: what a LoRA never is, refused in one line before the model is loaded.
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def raw_safetensors(path: Path, header: str) -> Path:
+    """A file of an 8-byte length and `header`, no tensors."""
+    data = header.encode()
+    path.write_bytes(len(data).to_bytes(8, "little") + data)
+    return path
+
+
+def hostile_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the error must say)."""
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    rank0 = kohya_lora(folder / "rank0.safetensors", torch.zeros(0, 32), torch.zeros(32, 0))
+    files = {
+        "rank 0": (rank0, f"rank0.safetensors does not fit the model: {name} has rank 0"),
+        "nested header": (raw_safetensors(folder / "nested.safetensors", '{"a": ' + nested(100_000) + "}"),
+                          "nested.safetensors is not a .safetensors file: its header is JSON nested too deep"),
+        "nested metadata": (peft_lora(folder / "nested-metadata.safetensors", '{"unet.lora_alpha": ' + nested(100_000) + "}"),
+                            "nested-metadata.safetensors: its lora_adapter_metadata is JSON nested too deep"),
+    }
+    for field, value, expected in (("lora_alpha", [4], "a finite number"), ("lora_alpha", True, "a finite number"),
+                                   ("lora_alpha", "8", "a finite number"), ("lora_alpha", 1e400, "a finite number"),
+                                   ("lora_alpha", 10**400, "a finite number"),
+                                   ("alpha_pattern", [TO_K], "an object of module names"),
+                                   ("alpha_pattern", {"to_k": [1]}, "a finite number"),
+                                   ("alpha_pattern", {"to_k": None}, "a finite number"),
+                                   ("rank_pattern", {"to_k": 2.5}, "a positive integer"),
+                                   ("rank_pattern", {"to_k": 0}, "a positive integer"),
+                                   ("use_rslora", "yes", "true or false"), ("use_dora", 1, "true or false")):
+        tag = f"{field} {json.dumps(value)[:12]}"
+        text = '{"unet.%s": %s}' % (field, "1e400" if value == 1e400 else json.dumps(value))
+        path = peft_lora(folder / f"metadata-{len(files)}.safetensors", text)
+        files[tag] = (path, rf"{path.name}: its lora_adapter_metadata's unet\.{field} .*expected {expected}")
+    digits = peft_lora(folder / "digits.safetensors", '{"unet.lora_alpha": 1%s}' % ("0" * 5000))  # over int()'s limit
+    files["lora_alpha of 5001 digits"] = (digits, "digits.safetensors: its lora_adapter_metadata holds an integer of over 4300 digits")
+    header = '{"a": {"dtype": "F32", "shape": [1%s], "data_offsets": [0, 0]}}' % ("0" * 5000)
+    files["a shape of 5001 digits"] = (raw_safetensors(folder / "shape.safetensors", header),
+                                       "shape.safetensors is not a .safetensors file: it has no valid safetensors header")
+    nan_metadata = peft_lora(folder / "nan-metadata.safetensors", '{"unet.lora_alpha": NaN}')
+    files["lora_alpha NaN"] = (nan_metadata, "unet.lora_alpha is NaN, expected a finite number")
+    for dtype, tag in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.float8_e4m3fn, "F8_E4M3"), (torch.uint8, "U8")):
+        path = peft_lora(folder / f"{tag}.safetensors", dtype=dtype)
+        files[f"{tag} weights"] = (path, rf"{tag}.safetensors: unet\.{TO_K}\.lora_A\.weight holds {tag}, "
+                                         "which no LoRA weight is")
+    bool_alpha = kohya_lora(folder / "bool-alpha.safetensors", torch.ones(2, 32), torch.ones(32, 2), torch.tensor(True))
+    files["BOOL alpha"] = (bool_alpha, rf"{name}\.alpha holds BOOL, which no LoRA alpha is")
+    (folder / "folder.safetensors").mkdir()
+    files["a folder"] = (folder / "folder.safetensors", "folder.safetensors is a folder, not a file")
+    os.mkfifo(folder / "fifo.safetensors")
+    files["a FIFO"] = (folder / "fifo.safetensors", r"fifo.safetensors is a FIFO \(named pipe\), not a file")
+    (folder / "loop-a.safetensors").symlink_to(folder / "loop-b.safetensors")
+    (folder / "loop-b.safetensors").symlink_to(folder / "loop-a.safetensors")
+    files["a link loop"] = (folder / "loop-a.safetensors", "loop-a.safetensors is a loop of symbolic links")
+    (folder / "dangling.safetensors").symlink_to(folder / "gone.safetensors")
+    files["a dangling link"] = (folder / "dangling.safetensors",
+                                "dangling.safetensors is a symbolic link to .*gone.safetensors, which does not exist")
+    return files
+
+
+def test_what_no_lora_is_is_refused_in_one_line_before_the_model_is_loaded(model, tmp_path, monkeypatch):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    failed = {}
+    for name, (path, expected) in hostile_files(inputs).items():
+        try:
+            message = refused_before_loading(model, tmp_path, monkeypatch, str(path))
+        except BaseException as error:  # noqa: BLE001 - the cases' failures reported together
+            failed[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            continue
+        if not __import__("re").search(expected, message):
+            failed[name] = message
+    assert not failed, "\n".join(f"{name}: {message}" for name, message in failed.items())
+
+
+def test_an_integer_alpha_is_a_number(model, tmp_path):
+    path = kohya_lora(tmp_path / "int-alpha.safetensors", torch.ones(2, 32), torch.ones(32, 2), torch.tensor(4))
+    assert read(path, model).modules[0].alpha.endswith(".alpha")
