@@ -528,3 +528,45 @@ def test_a_size_too_large_for_the_gpu_is_refused_before_the_model_loads(referenc
     with pytest.raises(ValueError, match="--size 32: the VAE needs at least .* cuda has 0.0 GiB free"):
         prepare(reference[1], videos, tmp_path / "out", "--device", "cuda")
     assert not (tmp_path / "out").exists()
+
+
+# Issue 22 item 8: variable-frame-rate videos are decoded by time, at their average rate.
+VFR_TICKS = [*range(10), *(9 + 15 * k for k in range(1, 11)), *(159 + k for k in range(1, 11))]  # in 1/30 s
+
+
+def write_vfr_video(path: Path) -> tuple[list[float], float]:
+    """Frame i a solid grey of level 8 i, 30 frames: first fast, then 0.5 s each, then fast again (as a phone
+    writes when the light changes); .mp4 (H.264, lossless; at VFR_TICKS) or .gif (delays of 40, 500 and 40 ms:
+    a GIF's delays are whole centiseconds). Returns the frames' times and the video's duration, in seconds."""
+    frames = [np.full((40, 48, 3), 8 * i, np.uint8) for i in range(len(VFR_TICKS))]
+    if path.suffix == ".gif":
+        delays = [40] * 10 + [500] * 10 + [40] * 10  # ms
+        imageio.mimsave(path, frames, duration=delays, loop=0)
+        return [sum(delays[:i]) / 1000 for i in range(len(frames))], sum(delays) / 1000
+    times = "if(lt(N\\,10)\\,N\\,if(lt(N\\,20)\\,9+15*(N-9)\\,159+(N-19)))/30/TB"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "48x40",
+                    "-r", "30", "-i", "-", "-vf", f"setpts={times}", "-fps_mode", "vfr", "-c:v", "libx264", "-crf", "0",
+                    "-pix_fmt", "yuv444p", str(path)], input=b"".join(f.tobytes() for f in frames), check=True)
+    return [tick / 30 for tick in VFR_TICKS], (VFR_TICKS[-1] + 1) / 30
+
+
+@pytest.mark.parametrize("name", ["vfr.mp4", "vfr.gif"])
+def test_variable_frame_rate_videos_are_decoded_by_time(videos, tmp_path, name):
+    times, duration = write_vfr_video(tmp_path / name)
+    length = video_data.video_length(tmp_path / name)
+    assert length.variable and length.frames == len(times)
+    assert not any(video_data.video_length(videos / cfr).variable for cfr in ("a.mp4", "c.gif"))
+    # Frame k is the frame on screen at time k / rate, rate = frames / duration: the last frame whose time
+    # rounds to k or earlier (ffmpeg's fps filter). The frames span the whole video.
+    rate = len(times) / duration
+    on_screen = [max(i for i, time in enumerate(times) if round(time * rate) <= k) for k in range(len(times))]
+    num_frames = CONTEXT + FRAMES
+    starts = video_data.window_starts(length.frames, num_frames, 4)
+    windows = video_data.read_windows(tmp_path / name, starts, num_frames, 1, SIZE, length)
+    for start, window in zip(starts, windows):
+        levels = (window[0, :, 0, 0] + 1) * 127.5  # (frames,): each frame is one grey
+        expected = torch.tensor([8.0 * on_screen[k] for k in range(start, start + num_frames)])
+        assert (levels - expected).abs().max() <= 2, (start, levels.tolist(), expected.tolist())
+    assert times[-1] - times[on_screen[-1]] < 1 / rate  # the last window ends at the video's end, not mid-way
+    [one] = video_data.read_windows(tmp_path / name, [starts[1]], num_frames, 1, SIZE, length)  # a sample alone
+    assert torch.equal(one, windows[1])

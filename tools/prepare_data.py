@@ -6,9 +6,10 @@
 
 Each video is decoded once, only where its clips are: up to --clips-per-video windows of
 --context-frames + --frames frames (every --frame-stride-th), evenly spaced from its start to its
-end, each reached by a seek, resized to cover --size and centre-cropped as train.py does. The clips
-are encoded with the checkpoint's VAE (the posterior mean, scaled: what train.py takes from the
-same frames) and the captions with its two text encoders, then written in shards of
+end, each reached by a seek (a video of variable frame rate, found from its timestamps, is decoded
+by time at its average rate, from its start), resized to cover --size and centre-cropped as
+train.py does. The clips are encoded with the checkpoint's VAE (the posterior mean, scaled: what
+train.py takes from the same frames) and the captions with its two text encoders, then written in shards of
 --videos-per-shard videos (training/data.py describes them), each to a temporary name and renamed
 when complete, and last the index (SHARDS/index.json), which train.py recognises them by and
 checks against the run: the same VAE and text encoders (their fingerprints), --size,

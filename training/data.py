@@ -26,7 +26,9 @@ import hashlib
 import io
 import json
 import math
+import subprocess
 from collections import namedtuple
+from fractions import Fraction
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -45,6 +47,8 @@ INDEX_FILE = "index.json"
 SHARD_PATTERN = "shard-*.safetensors"
 SEEK_GAP = 48  # windows of one video closer than this many frames are decoded in one pass, without a seek
 
+NO_TIMESTAMP = -(2**63)  # ffmpeg's AV_NOPTS_VALUE, as framecrc prints a packet without one
+VideoLength = namedtuple("VideoLength", "frames fps variable")  # int, Fraction, bool: `video_length`
 VideoClip = namedtuple("VideoClip", "video caption")  # (3, frames, H, W) in [-1, 1]; str (batched: stacked; a list)
 LatentClip = namedtuple("LatentClip", "latents text pooled")  # (c, frames, h, w), (tokens, dim), (projection_dim,)
 
@@ -57,21 +61,42 @@ def last_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
-def video_length(path: Path) -> tuple[int, float]:
-    """(frames, fps) of a video file, without decoding it (ffmpeg copies its packets); ValueError
-    naming the file if it cannot be read."""
+def video_length(path: Path) -> VideoLength:
+    """(frames, fps, variable) of a video file from its packets' timestamps, without decoding it
+    (ffmpeg copies the packets); ValueError naming the file if it cannot be read.
+
+    A video is of constant frame rate when every frame i is within a quarter frame of time i / fps
+    (fps: from the first to the last frame); a seek by time then reaches frame i. Otherwise it is of
+    variable frame rate (a phone's, a GIF of uneven delays), and `read_windows` decodes it by time
+    at fps = frames / duration: frame k is the one on screen at time k / fps."""
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
+               "-c", "copy", "-f", "framecrc", "-"]
     try:
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-        reader = imageio_ffmpeg.read_frames(str(path))
-        try:
-            fps = next(reader)["fps"]
-        finally:
-            reader.close()
-    except (OSError, RuntimeError, StopIteration, KeyError) as error:
-        raise ValueError(f"{path}: cannot read it as a video ({last_line(error)})") from None
-    if frames < 1 or not fps or not math.isfinite(fps):
-        raise ValueError(f"{path}: cannot read it as a video (no frames, or no frame rate)")
-    return frames, fps
+        result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it as a video ({error})") from None
+    if result.returncode:
+        raise ValueError(f"{path}: cannot read it as a video ({last_line(RuntimeError(result.stderr))})")
+    base, packets = None, []  # the stream's time base; (pts, duration) of each packet, in it
+    for line in result.stdout.splitlines():
+        if line.startswith("#tb 0:"):
+            base = Fraction(line.split(":")[1].strip())
+        elif line and not line.startswith("#"):
+            fields = line.split(",")
+            dts, pts, duration = (int(field) for field in fields[1:4])
+            packets.append((dts if pts == NO_TIMESTAMP else pts, duration))
+    times = sorted(pts for pts, _ in packets)
+    if not times or not base or NO_TIMESTAMP in times:
+        raise ValueError(f"{path}: cannot read it as a video (no frames, or frames without timestamps)")
+    frames, end = len(times), max(pts + max(duration, 0) for pts, duration in packets)
+    span = times[-1] - times[0]  # first frame to last, in `base`
+    if frames == 1 or span <= 0:
+        return VideoLength(frames, Fraction(1) if end <= times[0] else 1 / ((end - times[0]) * base), frames > 1)
+    # Frame i at (i / (frames - 1)) * span, within a quarter frame (span / (frames - 1) / 4); integers only.
+    constant = all(abs((time - times[0]) * (frames - 1) - i * span) * 4 <= span for i, time in enumerate(times))
+    if constant:
+        return VideoLength(frames, (frames - 1) / (span * base), False)
+    return VideoLength(frames, frames / ((end - times[0]) * base), True)
 
 
 def window_starts(strided_frames: int, num_frames: int, clips_per_video: int) -> list[int]:
@@ -88,26 +113,29 @@ def window_starts(strided_frames: int, num_frames: int, clips_per_video: int) ->
 
 
 def read_windows(path: Path, starts: list[int], num_frames: int, frame_stride: int, size: int,
-                 length: tuple[int, float]) -> list[torch.Tensor]:
+                 length: VideoLength) -> list[torch.Tensor]:
     """The windows of `num_frames` frames (every `frame_stride`-th) starting at the strided frames
     `starts`, each (3, num_frames, size, size) in [-1, 1], resized to cover and centre-cropped as
-    video_io.read_video does. Each window is decoded once, after a seek to its first frame;
-    windows closer than SEEK_GAP frames share one pass. `length`: `video_length(path)`. Assumes a
-    constant frame rate (a seek goes to a time)."""
-    frames, fps = length
+    video_io.read_video does. `length`: `video_length(path)`. Of a constant frame rate, each window
+    is decoded once, after a seek to its first frame (a time); windows closer than SEEK_GAP frames
+    share one pass. Of a variable frame rate, the video is decoded by time at `length.fps` (ffmpeg's
+    fps filter), in one pass from its start: a seek by time would drop the frame on screen at the
+    window's first tick when it began before it."""
+    frames, fps, variable = length
     spans = [(start * frame_stride, (start + num_frames - 1) * frame_stride) for start in starts]  # in frames
     passes = []  # [first, last] frames of each decoding pass
     for first, last in sorted(spans):
-        if passes and first <= passes[-1][1] + SEEK_GAP:
+        if passes and (variable or first <= passes[-1][1] + SEEK_GAP):
             passes[-1][1] = max(passes[-1][1], last)
         else:
-            passes.append([first, last])
+            passes.append([0 if variable else first, last])
+    by_time = ["-vf", f"setpts=PTS-STARTPTS,fps={fps.numerator}/{fps.denominator}"] if variable else []
     decoded = {}  # frame number -> (h, w, 3) uint8, the frames the windows need
     needed = {frame for first, last in spans for frame in range(first, last + 1, frame_stride)}
     for first, last in passes:
         # Half a frame early: ffmpeg's accurate seek then starts exactly at frame `first`.
-        seek = ["-ss", f"{(first - 0.5) / fps:.6f}"] if first else []
-        reader = imageio_ffmpeg.read_frames(str(path), input_params=seek)
+        seek = ["-ss", f"{(first - 0.5) / float(fps):.6f}"] if first else []
+        reader = imageio_ffmpeg.read_frames(str(path), input_params=seek, output_params=by_time)
         try:
             meta = next(reader)
             width, height = meta["size"]
