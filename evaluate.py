@@ -37,17 +37,18 @@ import os
 import random
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from endless import Prompts, VideoState, decoded_chunks, frames_of
+from infra import memory
 from infra.checkpoint import DTYPES, load_checkpoint_config
 from infra.cli import OneLineParser, option_name, without_nan
 from infra.files import check_not_an_input
 from infra.run_state import Progress, default_threads, resolve_device
-from pipeline import StableDiffusionXLVideoPipeline
+from pipeline import StableDiffusionXLVideoPipeline, vae_dtype_name
 from scheduler import SAMPLERS
 from shapes.scoring import METRICS, SCORE_COLUMNS, caption, mean_over, parse_scene, video_score
 from shapes.failures import Blanks, failure_rows, failure_table, read_scores
@@ -129,24 +130,33 @@ def score_videos(videos: list[Settings], stream, window: int, on_record=None) ->
 
 
 MOST_SEEDS = 100_000
+MOST_VIDEOS = 100_000  # prompts x seeds
+MOST_CHUNKS = 1_000_000
+MOST_FRAMES = 256  # frames per chunk: a chunk's frames attend to each other, and sample.py's estimate decodes them all
 
 
 def seed_list(text: str) -> list[int]:
     """--seeds: "N" -> [0 .. N-1]; "A-B" -> [A .. B]; a comma list of seeds and ranges ("7,11-13")
     -> those, in order, once each. ValueError naming the option for anything else, or for more than
     MOST_SEEDS seeds."""
+    shown = repr(text if len(text) <= 60 else text[:57] + "...")
     parts = [part.strip().partition("-") for part in text.split(",")]
     digits = lambda text: text.isascii() and text.isdigit()
     if any(not digits(first) or (dash and not digits(last)) for first, dash, last in parts):
-        raise ValueError(f"--seeds {text!r}: give a count N, a range A-B, or a comma list of seeds and ranges")
+        raise ValueError(f"--seeds {shown}: give a count N, a range A-B, or a comma list of seeds and ranges")
+    below = f"--seeds {shown}: give at least one and at most {MOST_SEEDS:,} seeds, below 2**63, each range A-B with A <= B"
+    # Leading zeros go before int(), and more digits than 2**63 has are refused before it: Python will
+    # not read an int of more than 4,300 digits (an error naming no option).
+    parts = [(first.lstrip("0") or "0", dash, last.lstrip("0") or "0") for first, dash, last in parts]
+    if any(len(number) > len(str(2**63)) for first, _, last in parts for number in (first, last)):
+        raise ValueError(below)
     if len(parts) == 1 and not parts[0][1]:
         parts = [("0", "-", str(int(parts[0][0]) - 1))]
     seeds = []
     for first, dash, last in parts:
         first, last = int(first), int(last if dash else first)
         if last < first or last >= 2**63 or len(seeds) + last - first + 1 > MOST_SEEDS:
-            raise ValueError(f"--seeds {text!r}: give at least one and at most {MOST_SEEDS:,} seeds, below 2**63, "
-                             "each range A-B with A <= B")
+            raise ValueError(below)
         seeds += range(first, last + 1)
     return list(dict.fromkeys(seeds))
 
@@ -165,8 +175,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                              'or, of two shapes, "a red circle moving left and a blue square moving up"')
     parser.add_argument("--seeds", default="2",
                         help="the seeds of each prompt's videos: a count N (seeds 0 .. N-1), a range A-B "
-                             "(A to B, both in), or a comma list of seeds and ranges such as 7,11-13 (default: 2)")
-    parser.add_argument("--chunks", type=int, default=100, help="chunks per video")
+                             "(A to B, both in), or a comma list of seeds and ranges such as 7,11-13 (default: 2); "
+                             f"at most {MOST_VIDEOS:,} videos in all (prompts x seeds)")
+    parser.add_argument("--chunks", type=int, default=100, help=f"chunks per video (at most {MOST_CHUNKS:,})")
     parser.add_argument("--batch", type=int, default=1,
                         help="videos made at once (the same numbers per video, up to float rounding; faster on a CPU)")
     parser.add_argument("--survival-window", type=int, default=3,
@@ -273,6 +284,54 @@ def failures(args: argparse.Namespace) -> dict:
     return tables
 
 
+def chunk_memory(settings: Settings, batch: int, ground_truth: bool) -> memory.MemoryEstimate:
+    """sample.py's estimate of a chunk's memory (infra/memory.py, no offload, the VAE in the dtype
+    sample.py gives it) for `batch` videos made at once: a step's and a decode's activations times
+    the batch (each prompt is encoded alone). With `ground_truth` no step runs: the VAE's encoding
+    of a chunk is counted as its decoding."""
+    config = load_checkpoint_config(settings.model)
+    found = memory.estimate(config, settings.model, height=settings.height, width=settings.width, frames=settings.frames,
+                            context_frames=settings.context_frames, guidance=settings.guidance,
+                            decode_frames=min(settings.decode_frames, settings.frames), dtype=settings.dtype,
+                            vae_dtype=vae_dtype_name(settings.dtype, None, config["vae"].get("force_upcast", True)))
+    if ground_truth:
+        found = replace(found, activations={**found.activations, "step": found.activations["decode"]})
+    return batched(found, batch)
+
+
+def batched(one: memory.MemoryEstimate, batch: int) -> memory.MemoryEstimate:
+    """The estimate of one video at once, for `batch` videos at once."""
+    activations = one.activations
+    return replace(one, activations={**activations, "step": activations["step"] * batch, "decode": activations["decode"] * batch})
+
+
+def check_memory(settings: Settings, device: str, batch: int, ground_truth: bool) -> None:
+    """ValueError, before any work, if `batch` videos at once need more memory than `device` has
+    free (`chunk_memory`), with the --batch that would fit. The decoded frames of a chunk alone
+    (float32) are checked first: sizes past what any device holds never reach the estimate, which
+    would fail on them or take minutes."""
+    sizes = f"--batch {batch} --frames {settings.frames} --height {settings.height} --width {settings.width}"
+    free = memory.available_memory(device)
+    frames_bytes = batch * settings.frames * 3 * settings.height * settings.width * 4
+    if frames_bytes > free:
+        raise ValueError(f"{sizes}: a chunk needs more than {memory.gib(frames_bytes)} (its decoded frames alone) and "
+                         f"{device} has {memory.gib(free)} free; fewer --frames, a smaller --height/--width"
+                         f"{' or --batch' if batch > 1 else ''} would need less")
+    one = chunk_memory(settings, 1, ground_truth)
+    if (found := batched(one, batch)).peak() <= free:
+        return
+    fits, low, high = None, 1, batch - 1  # the most videos at once that fit (the peak grows with the batch)
+    while low <= high:
+        middle = (low + high) // 2
+        if batched(one, middle).peak() <= free:
+            fits, low = middle, middle + 1
+        else:
+            high = middle - 1
+    remedy = (f"--batch {fits} would fit" if fits else
+              "fewer --frames, a smaller --height/--width, --decode-frames 1 or --dtype bf16 would need less")
+    raise ValueError(f"{sizes}: a chunk needs {found.describe()} and {device} has {memory.gib(free)} free; {remedy}")
+
+
 def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     """sample.py's Settings for one video; options not given take the model's or sample.py's defaults."""
     model = args.model or str(DEFAULT_MODEL)
@@ -306,20 +365,33 @@ def main(argv=None) -> dict:
         return failures(args)
     combinations = resolve_prompts(args.prompts)
     args.seeds = seed_list(args.seeds)
+    if len(combinations) * len(args.seeds) > MOST_VIDEOS:
+        raise ValueError(f"--prompts and --seeds: {len(combinations):,} prompts x {len(args.seeds):,} seeds are "
+                         f"{len(combinations) * len(args.seeds):,} videos; give at most {MOST_VIDEOS:,}")
     for name in ("chunks", "batch", "survival_window"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.chunks > MOST_CHUNKS:
+        raise ValueError(f"--chunks must be at most {MOST_CHUNKS:,}, got {args.chunks:,}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    settings = [[settings_for(args, caption(c), seed) for seed in args.seeds] for c in combinations]
+    if args.threads is not None and args.threads > os.cpu_count():
+        raise ValueError(f"--threads must be at most {os.cpu_count()} (this machine's cores), got {args.threads}")
+    # One prompt's videos differ in their seed only: each prompt's Settings are made and checked once.
+    settings = [[replace(prompt, seed=seed) for seed in args.seeds]
+                for prompt in (settings_for(args, caption(c), args.seeds[0]) for c in combinations)]
     first = settings[0][0]
+    if first.frames > MOST_FRAMES:
+        raise ValueError(f"--frames must be at most {MOST_FRAMES} (frames per chunk), got {first.frames}")
     if args.batch > 1 and not args.ground_truth and (spanning := first.drift.spanning_batch()):
         options = " or ".join(option_name(name) for name in spanning)
         raise ValueError(f"--batch must be 1 with {options}, whose statistics span the batch")
     if args.ground_truth and first.height != first.width:
         raise ValueError(f"--ground-truth: the world's frames are square; got --height {first.height} --width {first.width}")
+    device = resolve_device(args.device)
+    check_memory(first, device, min(args.batch, len(combinations) * len(args.seeds)), args.ground_truth)
     torch.set_num_threads(args.threads or default_threads())
-    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, resolve_device(args.device), DTYPES[first.dtype])
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(first.model, device, DTYPES[first.dtype])
     videos = [video for prompt_videos in settings for video in prompt_videos]
     curves, results, blanks, alive = Curves(), [], {}, {}
     with writing("--scores", args.scores):

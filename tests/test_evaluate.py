@@ -549,3 +549,43 @@ def test_an_unwritable_output_fails_before_the_run(tmp_path, no_run):
     os.mkfifo(fifo)  # opening it to write would wait for a reader
     with pytest.raises(ValueError, match="^--scores .* not a regular file"):
         evaluate.main(["--scores", str(fifo), "--overwrite", *FAST])
+
+
+def test_sizes_and_memory_are_checked_before_the_run(monkeypatch, no_run):
+    # Issue 22 item 3: --frames 100000 or --chunks 10**12 ran on silently; now bounds, and sample.py's
+    # memory check (with --batch videos at once), before the model is loaded.
+    from infra import memory
+
+    for arguments, message in [
+        (["--frames", "100000"], f"^--frames must be at most {evaluate.MOST_FRAMES}"),
+        (["--chunks", str(10**12)], f"^--chunks must be at most {evaluate.MOST_CHUNKS:,}"),
+        (["--height", str(10**9), "--width", str(10**9)], "^--batch 1 --frames 2 --height 1000000000 .* needs"),
+        (["--height", str(10**30)], "^--batch 1 --frames 2 --height 1000000000000000000000000000000 .* needs"),
+        (["--decode-frames", "0"], "^--decode-frames must be at least 1"),
+        (["--threads", str(10**9)], "^--threads must be at most"),
+        (["--prompts", "train", "--seeds", "10000"], f"^--prompts and --seeds: .* at most {evaluate.MOST_VIDEOS:,}"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.main([*FAST, *arguments])
+    # What the device has free decides: nothing fits in a kilobyte; a batch of 8 does not fit where 1 does.
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    with pytest.raises(ValueError, match="^--batch 1 --frames 2 --height 32 --width 48: a chunk needs .* fewer --frames"):
+        evaluate.main([*FAST])
+    one = evaluate.chunk_memory(evaluate.settings_for(evaluate.parse_arguments(FAST), "a red circle moving left", 0),
+                                1, ground_truth=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(one.peak() * 1.2))
+    with pytest.raises(ValueError, match="^--batch 8 .* needs .*; --batch [1-7] would fit"):
+        evaluate.main([*FAST, "--seeds", "8", "--batch", "8"])
+    # --batch beyond the videos there are makes no more at once: only those are counted.
+    with pytest.raises(AssertionError, match="the run started"):
+        evaluate.main([*FAST, "--seeds", "1", "--prompts", "a red circle moving left", "--batch", "1000000"])
+
+
+def test_hostile_seeds_are_one_line():
+    # Python refuses to read an int of more than 4,300 digits: that was the message, naming no option.
+    for text in ["1" * 5000, "1-" + "9" * 5000, "9" * 20, f"{2**63}-{2**63}", "-1", "1e12", "", ",", "3-1", "²", "١٢"]:
+        with pytest.raises(ValueError, match="^--seeds "):
+            evaluate.seed_list(text)
+    assert evaluate.seed_list("0" * 100000 + "2") == [0, 1]  # leading zeros, however many, are no digits of the number
+    assert evaluate.seed_list(f"{2**63 - 1}-{2**63 - 1}") == [2**63 - 1]
+    assert len(evaluate.seed_list("100000")) == evaluate.MOST_SEEDS
