@@ -37,8 +37,10 @@ from infra.files import listing
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-KOHYA_KEY = re.compile(r"(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
-PEFT_KEY = re.compile(r"(?P<module>.+\..+)\.(?P<part>lora_[AB]\.weight|(lora|lora_linear_layer)\.(down|up)\.weight|alpha)")
+# The ends of a module's keys, after a dot: kohya-ss modules are one name without dots, PEFT's dotted.
+KOHYA_ENDS = ("alpha", "lora_up.weight", "lora_down.weight")
+PEFT_ENDS = ("alpha", "lora_A.weight", "lora_B.weight", "lora.up.weight", "lora.down.weight",
+             "lora_linear_layer.up.weight", "lora_linear_layer.down.weight")  # shortest first
 PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
          "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
          "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
@@ -184,22 +186,37 @@ def variant_of(keys) -> tuple[str, str] | None:
     return None
 
 
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """("kohya" | "peft", module, "down" | "up" | "alpha") of a LoRA key, or None for another key;
+    by its end, in time linear in its length (a regular expression took the square: a header may
+    hold a key of millions of characters). A kohya-ss module has no dot; a PEFT module has one
+    inside it and no line break; the shortest end wins."""
+    for kind, ends in (("kohya", KOHYA_ENDS), ("peft", PEFT_ENDS)):
+        for end in ends:
+            module = key[:-len(end) - 1]
+            if not (key.endswith("." + end) and module):
+                continue
+            if kind == "kohya" and "." not in module or kind == "peft" and "." in module[1:-1] and "\n" not in module:
+                return kind, module, PARTS[end]
+    return None
+
+
 def group_keys(path, shapes: dict) -> tuple[str, dict[str, dict[str, str]], list[str]]:
     """(format, file module name -> {"down" | "up" | "alpha": key}, keys that are no LoRA part)."""
     if variant := variant_of(shapes):
-        raise LoraError(f"LoRA {path} is a {variant[0]} file (key {variant[1]}), which is not supported: "
+        raise LoraError(f"LoRA {path} is a {variant[0]} file (key {named(variant[1])}), which is not supported: "
                         f"only LoRA and LoCon (kohya-ss .lora_down/.lora_up, PEFT .lora_A/.lora_B) are read")
     groups, others, formats = {}, [], set()
     for key in shapes:
-        match = KOHYA_KEY.fullmatch(key) or PEFT_KEY.fullmatch(key)
-        if match is None:
+        if (split := split_key(key)) is None:
             others.append(key)
             continue
-        formats.add("peft" if match.re is PEFT_KEY else "kohya")
-        groups.setdefault(match["module"], {})[PARTS[match["part"]]] = key
+        kind, module, part = split
+        formats.add(kind)
+        groups.setdefault(module, {})[part] = key
     if not any("down" in parts or "up" in parts for parts in groups.values()):
         raise LoraError(f"LoRA {path} is not a LoRA: none of its {len(shapes)} keys is a LoRA weight "
-                        f"(.lora_down/.lora_up or .lora_A/.lora_B), e.g. {', '.join(list(shapes)[:3])}")
+                        f"(.lora_down/.lora_up or .lora_A/.lora_B), e.g. {', '.join(named(key) for key in list(shapes)[:3])}")
     if len(formats) > 1:
         raise LoraError(f"LoRA {path} mixes kohya-ss keys (.lora_down/.lora_up) with PEFT keys (.lora_A/.lora_B)")
     return formats.pop(), groups, others
@@ -375,10 +392,10 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
             continue
         component, module = names[name]
         if missing := [part for part in ("down", "up") if part not in parts]:
-            problems.append(f"{name} has no {' or '.join(missing)} weight")
+            problems.append(f"{named(name)} has no {' or '.join(missing)} weight")
             continue
         if (component, module) in taken:
-            problems.append(f"{name} and {taken[component, module]} are the same module")
+            problems.append(f"{named(name)} and {named(taken[component, module])} are the same module")
             continue
         taken[component, module] = name
         alpha = parts.get("alpha")
@@ -386,15 +403,15 @@ def read_lora_file(path, targets: dict[str, dict[str, tuple]], unet_config) -> L
         if 0 in (*down[:1], *up[1:2]):
             problems.append(f"{named(name)} has rank 0 (down {down}, up {up}): no update, and no scale alpha / rank")
         elif problem := shape_problem(down, up, targets[component][module]):
-            problems.append(f"{name}: {problem}")
+            problems.append(f"{named(name)}: {problem}")
         if alpha is not None and math.prod(shapes[alpha]) != 1:
-            problems.append(f"{alpha} has shape {shapes[alpha]}, expected one number")
+            problems.append(f"{named(alpha)} has shape {shapes[alpha]}, expected one number")
         config = configs.get(component, {})
         if alpha is None and config:
             alpha = peft_alpha(config, name.removeprefix(f"{component}."))
         modules.append(LoraModule(component, module, parts["down"], parts["up"], alpha, bool(config.get("use_rslora"))))
     if unmatched:
-        problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", sorted(unmatched), SHOWN))
+        problems.insert(0, listing("keys match no module of the model (is it an SDXL LoRA?)", [named(key) for key in sorted(unmatched)], SHOWN))
     if problems:
         more = [f"and {len(problems) - SHOWN} more problems"] if len(problems) > SHOWN else []
         raise LoraError(f"LoRA {path} does not fit the model: " + "; ".join(problems[:SHOWN] + more))

@@ -275,3 +275,43 @@ def test_what_no_lora_is_is_refused_in_one_line_before_the_model_is_loaded(model
 def test_an_integer_alpha_is_a_number(model, tmp_path):
     path = kohya_lora(tmp_path / "int-alpha.safetensors", torch.ones(2, 32), torch.ones(32, 2), torch.tensor(4))
     assert read(path, model).modules[0].alpha.endswith(".alpha")
+
+
+# Found trying other values: keys that are long or hold line breaks.
+
+
+def test_a_long_key_neither_hangs_nor_floods_the_message(model, tmp_path):
+    """The keys were split by regular expressions whose time grows with the square of a key's length
+    (13 s for 16,000 characters; a header may hold 100 MB); now by their ends. Keys in messages are
+    cut short and their control characters escaped: the message stays one short line."""
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    long_key = "a." * 200_000 + "b"
+    state = {f"{name}.lora_down.weight": torch.ones(2, 32), f"{name}.lora_up.weight": torch.ones(32, 2),
+             long_key: torch.ones(1), "x.y\nz.lora_A.weight": torch.ones(1)}
+    path = tmp_path / "long.safetensors"
+    save_file(state, path)
+    code = ("import sys; from formats import lora_files as f; t, c = f.checkpoint_targets(sys.argv[1])\n"
+            "try: f.read_lora_file(sys.argv[2], t, c)\nexcept f.LoraError as e: print(e)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(model), str(path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("splitting a long key hangs")
+    message = done.stdout.strip()
+    assert "\n" not in message and len(message) < 1000 and "x.y\\nz.lora_A.weight" in message, message
+
+
+def test_keys_split_as_the_regular_expressions_split_them():
+    """split_key gives, for every short key of LoRA-ish parts, what the regular expressions gave."""
+    import itertools
+    import re
+
+    kohya = re.compile(r"(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+    peft = re.compile(r"(?P<module>.+\..+)\.(?P<part>lora_[AB]\.weight|(lora|lora_linear_layer)\.(down|up)\.weight|alpha)")
+    tokens = ["a", "", "\n", "lora_A", "lora_B", "weight", "lora", "down", "up", "alpha", "lora_down", "lora_linear_layer"]
+    keys = {".".join(parts) for n in range(1, 6) for parts in itertools.product(tokens, repeat=n)}
+    for key in keys:
+        match = kohya.fullmatch(key) or peft.fullmatch(key)
+        expected = None if match is None else (
+            "kohya" if match.re is kohya else "peft", match["module"], lora_files.PARTS[match["part"]])
+        assert lora_files.split_key(key) == expected, key
