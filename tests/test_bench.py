@@ -69,3 +69,16 @@ def test_a_failing_part_is_a_row_and_the_others_still_run(tmp_path, monkeypatch,
     assert parts["correctness"]["error"] == "RuntimeError: no such kernel" and parts["correctness"]["ok"] is False
     assert parts["speed"]["video_seconds_per_frame"] == 1.0
     assert "no such kernel" in capsys.readouterr().out
+
+
+def test_json_is_no_input(tmp_path):
+    # Issue 22 item 1: --json may not be (nor lie inside) a file the check reads or runs: SDXL's configs,
+    # this script, the scripts its whole-path part runs.
+    config = bench.SDXL / "unet" / "config.json"
+    before = config.read_bytes()
+    (tmp_path / "configs").symlink_to(bench.SDXL)
+    for path in [config, bench.SDXL / "new.json", tmp_path / "configs" / "new.json", bench.REPOSITORY / "tools" / "bench.py",
+                 bench.REPOSITORY / "sample.py", bench.REPOSITORY / "convert_weights.py"]:
+        with pytest.raises(ValueError, match="^--json .* is "):
+            bench.parse_arguments(["--device", "cpu", "--quick", "--json", str(path)])
+    assert config.read_bytes() == before and not (bench.SDXL / "new.json").exists()

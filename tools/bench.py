@@ -56,6 +56,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from shapes import world
 from infra.checkpoint import DTYPES
 from infra.cli import OneLineParser
+from infra.files import check_not_an_input
 from infra.memory import unet_inputs
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
@@ -76,6 +77,7 @@ SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
 CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
 GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
 PROMPT = "a red circle moving left"
+SCRIPTS = ("convert_weights.py", "sample.py")  # what `--quick`'s whole path runs (`run_script`)
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -102,6 +104,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     unknown = set(args.rows) - set(CPU_ROWS) - set(GPU_ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {sorted(set(CPU_ROWS + GPU_ROWS))}")
+    if args.json:  # written at the end of a run of minutes: never over what the check reads or runs
+        check_not_an_input("--json", args.json, [("SDXL's configs", SDXL), ("the script", Path(__file__)),
+                                                  *(("the script it runs", REPOSITORY / name) for name in SCRIPTS)])
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     args.repeats = args.repeats or (3 if cuda else 5)
     args.chunk_steps = args.chunk_steps or (25 if cuda else 2)
@@ -973,4 +978,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # an option refused before any work: one line, as the other scripts say it
+        sys.exit(f"error: {error}")
