@@ -20,7 +20,8 @@ from formats.lora import TEXT_COMPONENTS
 from infra.files import atomic_file, fsync
 from pipeline import randn
 from text import PromptEmbeddings
-from video_settings import ChunkSpec, DriftControls, LoraSetting, Settings, check_settings, settings_from_dict
+from video_settings import (DTYPE_NAMES, ChunkSpec, DriftControls, LoraSetting, Settings, check_settings,
+                            settings_from_dict)
 
 STATE_VERSION = 4  # 4: settings["loras"]; 3: the drift controls nested in settings["drift"]; reference_statistics
 # The fields of VideoState every state file of STATE_VERSION has; a field added since may be missing
@@ -45,6 +46,11 @@ class VideoState:
     latent_statistics: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # count, sum, sum of squares
     reference_statistics: torch.Tensor | None = None  # (2, batch, 4, 1, 1, 1): the first chunk's channel mean, std
     generator_state: torch.Tensor | None = field(default=None, metadata={"on_cpu": True})  # torch.Generator's bytes
+    # How the frames are decoded (sample.py's --vae-dtype and --vae-tiles as run): it changes their
+    # pixels, not the latents. None: not recorded (a state file from before they were; sample.py
+    # then takes what that version did).
+    vae_dtype: str | None = None  # fp32, fp16 or bf16
+    vae_tiles: bool | None = None  # decoded in tiles, where a frame is more than one tile
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """Every tensor field's value by name (None where there is none yet)."""
@@ -289,6 +295,10 @@ def state_from_dict(values: dict) -> VideoState:
     for name, value in state.tensors().items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(name)
+    if not (state.vae_dtype is None or isinstance(state.vae_dtype, str) and state.vae_dtype in DTYPE_NAMES):
+        raise TypeError("vae_dtype")
+    if not (state.vae_tiles is None or isinstance(state.vae_tiles, bool)):
+        raise TypeError("vae_tiles")
     if state.chunk_index > 0 and state.context is None:
         raise TypeError("context")
     return state

@@ -28,8 +28,10 @@ from infra.cli import OneLineParser, option_name
 from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings, add_chunk_options, check_settings,
                             check_sampler, parse_lora)
 
-# Options that only say how long a resumed run goes on or how it runs, not what its frames are.
-RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload", "vae_tiles", "vae_dtype"}
+# Options that only say how long a resumed run goes on or how it runs, not what its frames are
+# (--offload changes no pixel: tests/test_memory_modes.py). --vae-dtype and --vae-tiles change the
+# decoded pixels: the state file keeps them (`decoding`), and --resume refuses another value.
+RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload"}
 OFFLOAD_MODES = ("none", "model", "sequential")  # infra/offload.py's modes, and none
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
@@ -130,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                         help="model: each of text encoders, UNet, VAE on the device only while it runs; sequential: "
                              "also the UNet's levels one at a time (smallest cards, slowest); default none")
-    parser.add_argument("--vae-tiles", choices=("auto", "on", "off"), default="auto",
-                        help="decode frames in overlapping 512-pixel tiles (less memory); auto: above 1024x1024")
+    parser.add_argument("--vae-tiles", choices=("auto", "on", "off"),
+                        help="decode frames in overlapping 512-pixel tiles (less memory, slightly other pixels); "
+                             "auto (the default): above 1024x1024; --resume keeps the run's")
     parser.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"),
-                        help="the VAE's dtype (default: --dtype's, but fp32 for fp16, where SDXL's VAE overflows)")
+                        help="the VAE's dtype (default: --dtype's, but fp32 for fp16, where SDXL's VAE overflows); "
+                             "--resume keeps the run's")
     return parser
 
 
@@ -197,9 +201,28 @@ def check_not_an_input(out: str, settings: Settings) -> None:
                                    *(("--lora", lora.path) for lora in settings.loras)])
 
 
-def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
-    """The options given with --resume whose values differ from the state file's."""
+def decoding(settings: Settings, model_config: dict, vae_dtype: str | None, vae_tiles: str | None) -> tuple[str, bool]:
+    """How a run decodes its frames, as its state file keeps it (it changes their pixels): the VAE's
+    dtype (`vae_dtype`, --vae-dtype; None: --dtype's, but fp32 for fp16 where the VAE overflows) and
+    whether in tiles (`vae_tiles`, --vae-tiles; None or auto: where a frame has more than
+    vae.TILES_ABOVE latent pixels), never where a frame is one tile (then it decodes the same)."""
+    import vae
+    from pipeline import vae_dtype_name
+
+    factor = vae.VAEConfig(**model_config["vae"]).downsample_factor
+    height, width = settings.height // factor, settings.width // factor  # latent pixels
+    tiles = {None: None, "auto": None, "on": True, "off": False}[vae_tiles]
+    tiles = height * width > vae.TILES_ABOVE if tiles is None else tiles
+    dtype = vae_dtype_name(settings.dtype, vae_dtype, model_config["vae"].get("force_upcast", True))
+    return dtype, tiles and (height > vae.TILE or width > vae.TILE)
+
+
+def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless.VideoState",
+                     model_config: dict) -> list[str]:
+    """The options given with --resume whose values differ from the state file's: its settings, and
+    how its frames are decoded (`decoding`; from a file that does not say, the options are taken)."""
     conflicts, stored_values = [], stored.options()
+    dtype, tiles = decoding(stored, model_config, args.vae_dtype, args.vae_tiles)
     for name in sorted(given_options(args) - RESUME_MAY_CHANGE):
         option = option_name(name)
         if name in ("prompt", "timeline"):
@@ -217,6 +240,13 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings) -> list[str]:
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
         elif name in ("overwrite",):
             conflicts.append("--overwrite (a resumed run keeps what was written)")
+        elif name == "vae_dtype":
+            if state.vae_dtype not in (None, dtype):
+                conflicts.append(f"{option} {args.vae_dtype} (the state file has {state.vae_dtype})")
+        elif name == "vae_tiles":
+            if state.vae_tiles not in (None, tiles):
+                conflicts.append(f"{option} {args.vae_tiles} (the state file's frames are decoded "
+                                 f"{'in tiles' if state.vae_tiles else 'whole'})")
         elif getattr(args, name) != stored_values[name]:
             conflicts.append(f"{option} {getattr(args, name)} (the state file has {stored_values[name]})")
     return conflicts
@@ -236,8 +266,8 @@ class Plan:
     state_file: Path
     chunks_to_write: int | None  # None: until Ctrl-C
     offload: str  # one of OFFLOAD_MODES
-    vae_dtype: str | None  # --vae-dtype
-    vae_tiles: bool | None  # None: as the VAE decides
+    vae_dtype: str  # the VAE's dtype, as stored in the state (`decoding`)
+    vae_tiles: bool  # decode in tiles, as stored in the state (`decoding`)
     image: "torch.Tensor | None"  # --image (3, H, W) in [-1, 1], for a video's first chunk
     video: "torch.Tensor | None"  # --extend's last frames (3, context_frames, H, W) in [-1, 1]
 
@@ -281,7 +311,6 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
     from infra.files import remove_stale_temporaries
     from infra.run_state import OutputLock, resolve_device
     from infra.video_io import check_output_path, read_image, read_video
-    from pipeline import vae_dtype_name
     from scheduler import SAMPLERS
 
     out = args.out
@@ -293,12 +322,12 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
         remove_stale_temporaries(state_file)
         if args.resume:
             settings, state, pending = endless.load_state(state_file)
-            if conflicts := resume_conflicts(args, settings):
+            model_config = load_checkpoint_config(settings.model)
+            check_settings(settings, model_config)
+            if conflicts := resume_conflicts(args, settings, state, model_config):
                 raise ValueError(f"--resume continues {out} as its state file says; these options differ from it: "
                                  + "; ".join(conflicts))
             endless.finish_pending_output(pending, out)
-            model_config = load_checkpoint_config(settings.model)
-            check_settings(settings, model_config)
         else:
             if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
                 raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
@@ -313,8 +342,11 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
         check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
         settings.device = device = resolve_device(settings.device)  # stored as it is run
-        vae_dtype = vae_dtype_name(settings.dtype, args.vae_dtype, model_config["vae"].get("force_upcast", True))
-        vae_tiles = {"auto": None, "on": True, "off": False}[args.vae_tiles]
+        vae_dtype, vae_tiles = decoding(settings, model_config, args.vae_dtype, args.vae_tiles)
+        # A resumed run decodes as its state file says; one from before that was stored, as it was given
+        # (`resume_conflicts`), and says so from now on.
+        state.vae_dtype = vae_dtype = state.vae_dtype or vae_dtype
+        state.vae_tiles = vae_tiles = vae_tiles if state.vae_tiles is None else state.vae_tiles
         memory.check_memory(model_config, settings.model, device, height=settings.height, width=settings.width,
                             frames=settings.frames, context_frames=settings.context_frames, guidance=settings.guidance,
                             decode_frames=settings.decode_frames, dtype=settings.dtype, vae_dtype=vae_dtype,
@@ -328,7 +360,7 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
                                   option="--extend")
         if chunks_to_write is None:
             print("no --chunks or --seconds: running until Ctrl-C", file=sys.stderr)
-        yield Plan(out, settings, state, state_file, chunks_to_write, args.offload, args.vae_dtype, vae_tiles,
+        yield Plan(out, settings, state, state_file, chunks_to_write, args.offload, vae_dtype, vae_tiles,
                    image, video)
 
 

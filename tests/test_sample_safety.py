@@ -251,6 +251,82 @@ def test_resume_refuses_changed_settings_and_accepts_the_same(model, tmp_path):
     assert sorted(os.listdir(out)) == [f"frame_{index:06d}.png" for index in range(6)]
 
 
+def png_frames(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(path)) for path in sorted(folder.glob("frame_*.png"))])
+
+
+def test_resume_decodes_with_the_run_s_vae_dtype_and_refuses_another(model, tmp_path):
+    """The VAE's dtype changes the decoded pixels: the state file keeps it, a resumed run decodes as
+    the run did (with any --offload, which changes no pixel), and another --vae-dtype is refused."""
+    fresh = {dtype: tmp_path / f"fresh-{dtype}" for dtype in ("fp32", "bf16")}
+    for dtype, folder in fresh.items():
+        run(model, folder, "--chunks", "2", "--vae-dtype", dtype)
+    assert not np.array_equal(png_frames(fresh["fp32"]), png_frames(fresh["bf16"]))
+    for dtype, given, others in (("bf16", ["--vae-dtype", "bf16"], ["fp32", "fp16"]), ("fp32", [], ["bf16", "fp16"])):
+        out = tmp_path / dtype
+        run(model, out, "--chunks", "1", *given)
+        before = snapshot(tmp_path)
+        for other in others:
+            with pytest.raises(ValueError, match=rf"differ from it: --vae-dtype {other} \(the state file has {dtype}\)$"):
+                sample.main(["--out", str(out), "--resume", "--chunks", "2", "--vae-dtype", other])
+            assert snapshot(tmp_path) == before
+        sample.main(["--out", str(out), "--resume", "--chunks", "2", "--offload", "sequential"])
+        assert np.array_equal(png_frames(out), png_frames(fresh[dtype]))
+        sample.main(["--out", str(out), "--resume", "--chunks", "2", "--vae-dtype", dtype, "--offload", "model"])
+
+
+def test_resume_decodes_in_tiles_as_the_run_did_where_tiles_change_pixels(model, tmp_path):
+    """Tiles change the pixels of a frame wider than one tile (vae.TILE latent pixels): the state
+    file keeps the tiling, and another --vae-tiles is refused; a frame of one tile decodes the same
+    either way, so there any --vae-tiles resumes it."""
+    wide = ["--width", "544"]  # 68 latent pixels: two tiles across
+    fresh = {tiles: tmp_path / f"fresh-{tiles}" for tiles in ("on", "off")}
+    for tiles, folder in fresh.items():
+        run(model, folder, "--chunks", "2", "--vae-tiles", tiles, *wide)
+    assert not np.array_equal(png_frames(fresh["on"]), png_frames(fresh["off"]))
+    out = tmp_path / "tiled"
+    run(model, out, "--chunks", "1", "--vae-tiles", "on", *wide)
+    before = snapshot(tmp_path)
+    for other in ("off", "auto"):  # auto: no tiles at this size
+        with pytest.raises(ValueError, match=rf"differ from it: --vae-tiles {other} \(the state file's frames "
+                                             rf"are decoded in tiles\)$"):
+            sample.main(["--out", str(out), "--resume", "--chunks", "2", "--vae-tiles", other])
+        assert snapshot(tmp_path) == before
+    sample.main(["--out", str(out), "--resume", "--chunks", "2"])
+    assert np.array_equal(png_frames(out), png_frames(fresh["on"]))
+
+    small, small_fresh = tmp_path / "small", tmp_path / "small-fresh"  # 6 latent pixels across: one tile
+    run(model, small, "--chunks", "1", "--vae-tiles", "on")
+    sample.main(["--out", str(small), "--resume", "--chunks", "2", "--vae-tiles", "off"])
+    run(model, small_fresh, "--chunks", "2", "--vae-tiles", "on")
+    assert np.array_equal(png_frames(small), png_frames(small_fresh))
+
+
+def as_before_the_decoding_was_stored(path: Path) -> None:
+    """Make a state file what the version before (9d6bd41's endless.save_state) wrote: no VAE dtype
+    or tiling in its state, no empty_restart among its drift controls."""
+    def edit(saved):
+        del saved["state"]["vae_dtype"], saved["state"]["vae_tiles"], saved["settings"]["drift"]["empty_restart"]
+    edit_state(path, edit)
+
+
+def test_a_state_file_from_before_the_decoding_was_stored_resumes_as_that_run_decoded(model, tmp_path):
+    """Such a file says nothing of --vae-dtype or --vae-tiles: its run decoded with their defaults
+    (the VAE in --dtype's dtype, tiles above 1024x1024) unless it was given them, which it cannot
+    tell; so they are taken as given, else the defaults, and stored from then on."""
+    fresh = {dtype: tmp_path / f"fresh-{dtype}" for dtype in ("fp32", "bf16")}
+    for dtype, folder in fresh.items():
+        run(model, folder, "--chunks", "2", "--vae-dtype", dtype)
+    for dtype, given in (("fp32", []), ("bf16", ["--vae-dtype", "bf16"])):
+        out = tmp_path / f"old-{dtype}"
+        run(model, out, "--chunks", "1", *given)
+        as_before_the_decoding_was_stored(state_file(out))
+        sample.main(["--out", str(out), "--resume", "--chunks", "2", *given])
+        assert np.array_equal(png_frames(out), png_frames(fresh[dtype]))
+        state = endless.load_state(state_file(out))[1]
+        assert (state.vae_dtype, state.vae_tiles) == (dtype, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. A killed GIF run, resumed
 
@@ -368,9 +444,12 @@ def edit_state(path: Path, edit) -> None:
     (lambda path: edit_state(path, lambda s: s["settings"].pop("seed")), "damaged or edited"),
     (lambda path: edit_state(path, lambda s: s["state"].pop("frames_written")), "damaged or edited"),
     (lambda path: edit_state(path, lambda s: s["state"].update(context=[1.0])), "damaged or edited .*context"),
+    (lambda path: edit_state(path, lambda s: s["state"].update(vae_dtype="fp64")), "damaged or edited .*vae_dtype"),
+    (lambda path: edit_state(path, lambda s: s["state"].update(vae_tiles=1)), "damaged or edited .*vae_tiles"),
     (lambda path: edit_state(path, lambda s: s.update(version=1)), "state version 1"),
 ], ids=["garbage", "truncated", "empty", "steps-a-string", "timeline-entry-type", "timeline-not-from-0",
-        "guidance-negative", "seed-missing", "frames_written-missing", "context-not-a-tensor", "old-version"])
+        "guidance-negative", "seed-missing", "frames_written-missing", "context-not-a-tensor", "vae-dtype-unknown",
+        "vae-tiles-not-a-bool", "old-version"])
 def test_a_damaged_state_file_is_refused_in_one_line_naming_it(model, tmp_path, damage, message):
     out = tmp_path / "video.gif"
     run(model, out, "--chunks", "1")
