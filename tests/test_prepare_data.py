@@ -340,7 +340,8 @@ def copied(folder: Path, to: Path) -> Path:
     ("settings", {}, "settings.size must be"), ("settings", None, "settings must be an object"),
     ("settings", {"size": 32, "frame_stride": 1, "context_frames": "2", "frames": 4}, "settings.context_frames must"),
     ("settings", {"size": 32, "frame_stride": 0, "context_frames": 2, "frames": 4}, "settings.frame_stride must"),
-    ("fingerprints", None, "fingerprints must be an object"), ("fingerprints", {"vae": "x"}, "fingerprints.text_encoders"),
+    ("fingerprints", None, "fingerprints must be an object"),
+    ("fingerprints", {"vae": "x"}, "fingerprints.text_encoders"),
     ("fingerprints", {"vae": 3, "text_encoders": "x"}, "fingerprints.vae must be"), ("model", None, "model must be"),
     ("latent_shape", "4x6x4x4", "latent_shape must be"), ("latent_shape", [4, 6, 4], "latent_shape must be"),
     ("latent_shape", [4, 6, -4, 4], "latent_shape must be"), ("latent_shape", [4, 6, 1e300, 4], "latent_shape must be"),
@@ -468,7 +469,8 @@ def test_sizes_too_large_for_memory_are_refused_before_any_work(reference, video
 
 @pytest.mark.parametrize("change, message", [
     (lambda plan: [plan], "holds a JSON list"), (lambda plan: {**plan, "settings": []}, "settings must be an object"),
-    (lambda plan: {**plan, "settings": {}}, "settings.size"), (lambda plan: {**plan, "fingerprints": None}, "fingerprints"),
+    (lambda plan: {**plan, "settings": {}}, "settings.size"),
+    (lambda plan: {**plan, "fingerprints": None}, "fingerprints"),
     (lambda plan: {**plan, "videos": None}, "videos must be"), (lambda plan: {**plan, "model": 3}, "model must be"),
     (lambda plan: {k: v for k, v in plan.items() if k != "videos"}, "videos must be"),
     (lambda plan: "[" * 100_000 + "]" * 100_000, "nested too deeply"), (lambda plan: b"\xff\xfe{}", "not UTF-8")])
@@ -544,9 +546,10 @@ def write_vfr_video(path: Path) -> tuple[list[float], float]:
         imageio.mimsave(path, frames, duration=delays, loop=0)
         return [sum(delays[:i]) / 1000 for i in range(len(frames))], sum(delays) / 1000
     times = "if(lt(N\\,10)\\,N\\,if(lt(N\\,20)\\,9+15*(N-9)\\,159+(N-19)))/30/TB"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "48x40",
-                    "-r", "30", "-i", "-", "-vf", f"setpts={times}", "-fps_mode", "vfr", "-c:v", "libx264", "-crf", "0",
-                    "-pix_fmt", "yuv444p", str(path)], input=b"".join(f.tobytes() for f in frames), check=True)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+                    "48x40", "-r", "30", "-i", "-", "-vf", f"setpts={times}", "-fps_mode", "vfr", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", str(path)], input=b"".join(f.tobytes() for f in frames),
+                   check=True)
     return [tick / 30 for tick in VFR_TICKS], (VFR_TICKS[-1] + 1) / 30
 
 
@@ -570,3 +573,39 @@ def test_variable_frame_rate_videos_are_decoded_by_time(videos, tmp_path, name):
     assert times[-1] - times[on_screen[-1]] < 1 / rate  # the last window ends at the video's end, not mid-way
     [one] = video_data.read_windows(tmp_path / name, [starts[1]], num_frames, 1, SIZE, length)  # a sample alone
     assert torch.equal(one, windows[1])
+
+
+# The same families with other values (issue 22's "Done when"): other damaged files, other hostile input.
+
+
+def test_a_damaged_shard_left_in_out_is_one_line_naming_it_when_the_preparation_resumes(reference, videos, shards,
+                                                                                      tmp_path):
+    out = copied(shards, tmp_path / "shards")
+    (out / "index.json").unlink()
+    for damage in (b"not a shard", (shards / "shard-00000.safetensors").read_bytes()[:100]):
+        (out / "shard-00000.safetensors").write_bytes(damage)
+        with pytest.raises(ValueError, match="shard-00000.safetensors: not a whole shard") as error:
+            prepare(reference[1], videos, out, "--clips-per-video", "3", "--videos-per-shard", "2")
+        assert "\n" not in str(error.value) and not (out / "index.json").exists()
+
+
+def test_a_shard_that_goes_missing_while_training_is_one_line_naming_it(shards, tmp_path):
+    folder = copied(shards, tmp_path / "shards")
+    data = video_data.ShardData(str(folder), seed=0)
+    (folder / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="shard-00000.safetensors: cannot be read") as error:
+        data[0]
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, "line 1: expected a JSON object"),
+    (json.dumps({"file_name": "/etc/hostname", "text": "outside"}), "line 1: file_name must be a path inside"),
+    (json.dumps({"file_name": "../other/a.mp4", "text": "outside"}), "line 1: file_name must be a path inside")])
+def test_metadata_rows_that_are_deep_or_point_outside_the_folder_are_one_line(tmp_path, line, message):
+    data = tmp_path / "videos"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        video_data.captioned_videos(str(data))
+    assert "\n" not in str(error.value)

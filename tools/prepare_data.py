@@ -301,15 +301,22 @@ def shard_bytes(tensors: dict, metadata: dict[str, str]) -> tuple[bytes, memoryv
 
 def write_index(out: Path, plan: dict, names: list[str], shapes: dict) -> None:
     """index.json, from the shards' own record of what they hold."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from training.data import INDEX_FILE, INDEX_FORMAT
 
     shards, skipped = [], []
     for name in names:
-        with safe_open(out / name, "pt") as file:
-            metadata = file.metadata()
-        contents = json.loads(metadata["contents"])
+        try:  # a shard on disk from before a resume may be anyone's
+            with safe_open(out / name, "pt") as file:
+                metadata = file.metadata()
+            contents = json.loads(metadata["contents"])
+            lists = isinstance(contents, dict) and all(isinstance(contents.get(k), list) for k in ("videos", "skipped"))
+            if not lists:
+                raise TypeError("its contents are not lists of videos and skipped ones")
+        except (SafetensorError, OSError, TypeError, KeyError, ValueError, RecursionError) as error:
+            raise ValueError(f"{out / name}: not a whole shard of this preparation ({type(error).__name__}: "
+                             f"{str(error)[:100]}); remove it and run the same command again to make it anew") from None
         checksum = {"sha256": metadata["sha256"]} if "sha256" in metadata else {}  # a shard of an older run has none
         shards.append({"file": name, "videos": contents["videos"], **checksum})
         skipped += contents["skipped"]

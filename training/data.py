@@ -34,7 +34,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from shapes import world
 from infra.checkpoint import safetensors_header
@@ -165,21 +165,32 @@ def read_captions(folder: Path) -> dict[Path, str]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    captions[folder / row["file_name"]] = str(row["text"])
-                except (json.JSONDecodeError, TypeError, KeyError) as error:
+                    name, text = row["file_name"], str(row["text"])
+                except (json.JSONDecodeError, TypeError, KeyError, RecursionError) as error:
+                    reason = "nested too deeply" if isinstance(error, RecursionError) else repr(error)
                     raise ValueError(f"{path} line {number}: expected a JSON object with file_name and text "
-                                     f"({error!r})") from None
+                                     f"({reason})") from None
+                captions[video_in(folder, name, f"{path} line {number}")] = text
     path = folder / "metadata.csv"
     if path.is_file():
         with io.StringIO(read_text(path), newline="") as file:
             for number, row in enumerate(csv.DictReader(file), start=2):
                 if row.get("file_name") is None or row.get("text") is None:
                     raise ValueError(f"{path} line {number}: expected file_name and text columns")
-                captions[folder / row["file_name"]] = row["text"]
+                captions[video_in(folder, row["file_name"], f"{path} line {number}")] = row["text"]
     for video in folder.iterdir():
         if video.suffix.lower() in VIDEO_EXTENSIONS and video.with_suffix(".txt").is_file():
             captions[video] = read_text(video.with_suffix(".txt")).strip()
     return captions
+
+
+def video_in(folder: Path, name, where: str) -> Path:
+    """`folder / name` for a metadata row's file_name; ValueError naming `where` unless it is a relative
+    path that stays inside `folder` (a row is data: it names no file elsewhere)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where}: file_name must be a path inside the folder (relative, without ..), got "
+                         f"{json.dumps(name)[:80]}")
+    return folder / name
 
 
 def read_text(path: Path) -> str:
@@ -268,15 +279,24 @@ class ShardData:
         if path not in self.checked:
             self.check_checksum(path)
             self.checked.add(path)
-        with safe_open(path, "pt") as shard:
-            return LatentClip(shard.get_slice("latents")[row], shard.get_slice("text")[text_row],
-                              shard.get_slice("pooled")[text_row])
+        try:
+            with safe_open(path, "pt") as shard:
+                return LatentClip(shard.get_slice("latents")[row], shard.get_slice("text")[text_row],
+                                  shard.get_slice("pooled")[text_row])
+        except (OSError, SafetensorError) as error:  # removed or replaced since the index was read
+            raise ValueError(f"{path}: cannot be read ({last_line(error)}); restore it, or prepare the data "
+                             f"again") from None
 
     def check_checksum(self, path: Path) -> None:
         """ValueError naming the shard unless its data are what was indexed (its `sha256` in the index;
         an index from before checksums has none, and its shards are read unchecked)."""
         expected = self.checksums[path.name]
-        if expected is not None and (found := shard_checksum(path)) != expected:
+        try:
+            found = shard_checksum(path) if expected is not None else None
+        except OSError as error:
+            raise ValueError(f"{path}: cannot be read ({error.strerror or error}); restore it, or prepare the data "
+                             f"again") from None
+        if found != expected:
             raise ValueError(f"{path}: its tensors changed since it was prepared (SHA-256 {found[:16]}..., "
                              f"{INDEX_FILE} records {expected[:16]}...); restore it, or prepare the data again")
 
