@@ -221,8 +221,11 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless
                      model_config: dict) -> list[str]:
     """The options given with --resume whose values differ from the state file's: its settings, and
     how its frames are decoded (`decoding`; from a file that does not say, the options are taken)."""
+    from scheduler import SchedulerConfig
+
     conflicts, stored_values = [], stored.options()
     dtype, tiles = decoding(stored, model_config, args.vae_dtype, args.vae_tiles)
+    sampler = lambda name: name or SchedulerConfig.from_dict(model_config["scheduler"]).algorithm_type
     for name in sorted(given_options(args) - RESUME_MAY_CHANGE):
         option = option_name(name)
         if name in ("prompt", "timeline"):
@@ -240,6 +243,9 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
         elif name in ("overwrite",):
             conflicts.append("--overwrite (a resumed run keeps what was written)")
+        elif name == "scheduler":  # none stored: the model's sampler, which may be named
+            if sampler(args.scheduler) != sampler(stored.scheduler):
+                conflicts.append(f"{option} {args.scheduler} (the state file has {sampler(stored.scheduler)})")
         elif name == "vae_dtype":
             if state.vae_dtype not in (None, dtype):
                 conflicts.append(f"{option} {args.vae_dtype} (the state file has {state.vae_dtype})")

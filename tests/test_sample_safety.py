@@ -234,6 +234,7 @@ def test_resume_refuses_changed_settings_and_accepts_the_same(model, tmp_path):
         (["--fps", "7"], "--fps 7"),
         (["--guidance", "0"], "--guidance 0"),
         (["--anchor-frame"], "--anchor-frame"),
+        (["--scheduler", "euler"], r"--scheduler euler \(the state file has sde-dpmsolver\+\+\)"),  # the model's
     ]
     for arguments, option in changed:
         with pytest.raises(ValueError, match=f"these options differ from it: {option}"):
@@ -246,7 +247,8 @@ def test_resume_refuses_changed_settings_and_accepts_the_same(model, tmp_path):
     assert snapshot(tmp_path) == before
 
     sample.main(["--out", str(out), "--resume", "--chunks", "2", "--model", str(model), *PROMPT, "--height", "32",
-                 "--seed", "3", "--steps", "2", "--fps", "6", "--no-anchor-frame", "--threads", "1"])
+                 "--seed", "3", "--steps", "2", "--fps", "6", "--no-anchor-frame", "--threads", "1",
+                 "--scheduler", "sde-dpmsolver++"])  # the model's sampler, which the run used, named
     sample.main(["--out", str(out), "--resume", "--chunks", "3"])
     assert sorted(os.listdir(out)) == [f"frame_{index:06d}.png" for index in range(6)]
 
