@@ -291,10 +291,15 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
     from infra.run_state import default_threads, format_seconds
 
     torch.set_num_threads(args.threads or default_threads())
-    with torch.no_grad(), preflight(args, settings) as plan:  # the output stays locked until the end
-        started = time.time()
-        pipeline = load(plan)
-        in_place = write_video(pipeline, plan, on_chunk)
+    try:
+        with torch.no_grad(), preflight(args, settings) as plan:  # the output stays locked until the end
+            started = time.time()
+            pipeline = load(plan)
+            in_place = write_video(pipeline, plan, on_chunk)
+    except OSError as error:  # before the writer: a resumed run's state is as it was, a new run made nothing
+        if not getattr(error, "__notes__", None):
+            error.add_note(what_now(error, args.out, resumable=args.resume))
+        raise
     if in_place:
         out, frames, fps = plan.out, plan.state.frames_written, plan.settings.fps
         print(f"\n{out}: {frames} frames, {frames / fps:.1f} s at {fps:g} fps, "
@@ -440,6 +445,9 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
                 progress.chunk = written_chunks
             if writer.in_place:
                 endless.save_state(state_file, settings, state)
+    except OSError as error:  # a full disk, say: the state file describes the output, or nothing of this run is kept
+        error.add_note(what_now(error, out, resumable=writer.in_place))
+        raise
     except KeyboardInterrupt:
         if writer.in_place:
             print(f"\nstopped: {out} ends at its last complete chunk; --resume continues it", file=sys.stderr)
@@ -509,12 +517,23 @@ def main(argv=None, on_chunk=None) -> None:
     run(args, settings, on_chunk)
 
 
+def what_now(error: OSError, out: str, resumable: bool) -> str:
+    """What is true after `error` stopped a run, and what to do, for `write_error_message`:
+    resumable (a resumed run, or a new one whose first chunk is in place: the state file describes
+    the output) or not (a new run before that: nothing of it was kept, an old output is as it was)."""
+    mend = "free some, then " if error.errno == errno.ENOSPC else ""
+    if resumable:
+        return f"{mend}--resume continues the run"
+    kept = f" (the old {out} is as it was)" if os.path.lexists(out) else ""
+    return f"nothing of this run was kept{kept}: {mend}run it again"
+
+
 def write_error_message(error: OSError) -> str:
-    """One line for an OSError: 'no space left on device while writing PATH', and the like."""
+    """One line for an OSError: 'no space left on device while writing PATH', and the like, then
+    what is true now and what to do (`what_now`, added as the error's note by `run`)."""
     where = f" while writing {error.filename}" if error.filename else ""
-    if error.errno == errno.ENOSPC:
-        return f"no space left on device{where}; free some, then --resume continues the run"
-    return f"{error.strerror or error}{where}"
+    what = "no space left on device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+    return "; ".join([f"{what}{where}", *getattr(error, "__notes__", ())])
 
 
 if __name__ == "__main__":

@@ -424,6 +424,50 @@ def test_a_full_disk_at_the_first_state_save_keeps_the_old_output(model, tmp_pat
         assert gif_frames(out) == 4
 
 
+def fill_disk_at_video_write(monkeypatch) -> None:
+    """The video writer's first write finds no space left (the GIF and MP4 writers write through
+    `_pwrite_all`)."""
+    from infra import video_io
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(video_io, "_pwrite_all", full)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize("fill", [lambda m: fill_disk_at_save(m, 1), fill_disk_at_video_write], ids=["state", "video"])
+def test_a_full_disk_before_the_first_chunk_is_in_place_says_what_is_true(model, tmp_path, monkeypatch, fill, old):
+    """Nothing of the run was kept, so there is nothing for --resume to continue (issue 22 item 14):
+    the message says so, and that the old output (with --overwrite) is as it was."""
+    out = tmp_path / "video.gif"
+    if old:
+        run(model, out, "--chunks", "1", "--seed", "1")
+    fill(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        run(model, out, "--chunks", "2", "--seed", "2", *(["--overwrite"] if old else []))
+    kept = f" (the old {out} is as it was)" if old else ""
+    assert sample.write_error_message(raised.value) == (
+        f"no space left on device while writing {raised.value.filename}; nothing of this run was kept{kept}: "
+        f"free some, then run it again")
+    monkeypatch.undo()
+    if not old:
+        with pytest.raises(ValueError, match="--resume: no state file"):  # indeed nothing to resume
+            sample.main(["--out", str(out), "--resume", "--chunks", "2"])
+
+
+def test_a_full_disk_in_a_resumed_run_says_resume_continues_it(model, tmp_path, monkeypatch):
+    out = tmp_path / "video.gif"
+    run(model, out, "--chunks", "1")
+    fill_disk_at_video_write(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        sample.main(["--out", str(out), "--resume", "--chunks", "2"])
+    assert sample.write_error_message(raised.value) == (
+        f"no space left on device while writing {out}; free some, then --resume continues the run")
+    monkeypatch.undo()
+    sample.main(["--out", str(out), "--resume", "--chunks", "2"])
+    assert gif_frames(out) == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Damaged state files
 
