@@ -8,6 +8,7 @@ UNet's fast paths are in test_unet_fast_paths.py).
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,3 +83,43 @@ def test_json_is_no_input(tmp_path):
         with pytest.raises(ValueError, match="^--json .* is "):
             bench.parse_arguments(["--device", "cpu", "--quick", "--json", str(path)])
     assert config.read_bytes() == before and not (bench.SDXL / "new.json").exists()
+
+
+def test_numeric_options_are_checked_at_start():
+    # Issue 22 item 13: --repeats -1 failed after 33 s (the median of no times); --repeats 0 (and the
+    # step counts 0) silently became the default; --warmup -1 and --peak-tflops nan, 0, inf were accepted.
+    for arguments, message in [
+        (["--repeats", "-1"], "^--repeats must be an integer in 1 .. 1000, got -1"),
+        (["--repeats", "0"], "^--repeats must be an integer in 1 .. 1000, got 0"),
+        (["--repeats", str(10**9)], "^--repeats must be"),
+        (["--warmup", "-1"], "^--warmup must be an integer in 0 .. 1000, got -1"),
+        (["--warmup", str(10**12)], "^--warmup must be"),
+        (["--chunk-steps", "0"], "^--chunk-steps must be"),
+        (["--endless-steps", "-3"], "^--endless-steps must be"),
+        (["--threads", "0"], "^--threads must be"),
+        (["--threads", str(10**9)], "^--threads must be"),
+        (["--child", "0"], "^--child must be"),
+        (["--endless-chunks", "5,x"], "^--endless-chunks '5,x': give chunk counts"),
+        (["--endless-chunks", ""], "^--endless-chunks '': give chunk counts"),
+        (["--endless-chunks", "0,5"], "^--endless-chunks '0,5': give chunk counts"),
+        (["--endless-chunks", "1"], "^--endless-chunks '1': .* at least 2"),
+        (["--endless-chunks", "5," + "9" * 5000], "^--endless-chunks '5,999.*\\.\\.\\.': give chunk counts"),
+        (["--device", "tpu"], "^--device 'tpu': give cpu, cuda or cuda:N"),
+        (["--device", "cudafoo"], "^--device 'cudafoo'"),
+    ] + [([f"--peak-tflops={value}"], f"^--peak-tflops must be a finite number in \\(0, 100000\\], got {re.escape(f'{float(value):g}')}")
+         for value in ("nan", "0", "inf", "-inf", "-989", "1e300")]:
+        with pytest.raises(ValueError, match=message):
+            bench.parse_arguments(arguments)
+    # What is left alone keeps its defaults; a --repeats or a step count given is kept.
+    args = bench.parse_arguments(["--repeats", "1", "--warmup", "0", "--chunk-steps", "1", "--peak-tflops", "312"])
+    assert (args.repeats, args.warmup, args.chunk_steps, args.endless_steps, args.peak_tflops) == (1, 0, 1, 25, 312.0)
+
+
+def test_a_refused_option_is_one_line_before_any_work():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "tools/bench.py", "--repeats", "-1"], cwd=bench.REPOSITORY,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: --repeats must be an integer in 1 .. 1000, got -1\n"

@@ -34,8 +34,10 @@ configs/sdxl-base-1.0 with random weights.
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -108,10 +110,39 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         check_not_an_input("--json", args.json, [("SDXL's configs", SDXL), ("the script", Path(__file__)),
                                                   *(("the script it runs", REPOSITORY / name) for name in SCRIPTS)])
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    args.repeats = args.repeats or (3 if cuda else 5)
-    args.chunk_steps = args.chunk_steps or (25 if cuda else 2)
-    args.endless_steps = args.endless_steps or (2 if cuda else 25)
+    args.repeats = (3 if cuda else 5) if args.repeats is None else args.repeats
+    args.chunk_steps = (25 if cuda else 2) if args.chunk_steps is None else args.chunk_steps
+    args.endless_steps = (2 if cuda else 25) if args.endless_steps is None else args.endless_steps
+    check_numbers(args)
     return args
+
+
+MOST_RUNS = 1000  # --repeats, --warmup, --chunk-steps, --endless-steps
+MOST_CHUNKS = 10_000  # each of --endless-chunks
+MOST_TFLOPS = 100_000  # --peak-tflops: 100 PFLOP/s, past any one accelerator's dense peak
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """ValueError naming the option, before any work, for a device or a number the runs cannot use:
+    no timed run, a negative count, a peak that would make every MFU 0, infinite or NaN."""
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
+        raise ValueError(f"--device {args.device!r}: give cpu, cuda or cuda:N")
+    counts = {"--repeats": (args.repeats, 1, MOST_RUNS), "--warmup": (args.warmup, 0, MOST_RUNS),
+              "--chunk-steps": (args.chunk_steps, 1, MOST_RUNS), "--endless-steps": (args.endless_steps, 1, MOST_RUNS),
+              "--threads": (args.threads, 1, os.cpu_count()), "--child": (args.child, 1, MOST_CHUNKS)}
+    for option, (value, low, high) in counts.items():
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{option} must be an integer in {low} .. {high}, got {value}")
+    if not (math.isfinite(args.peak_tflops) and 0 < args.peak_tflops <= MOST_TFLOPS):
+        raise ValueError(f"--peak-tflops must be a finite number in (0, {MOST_TFLOPS}], got {args.peak_tflops:g}")
+    text = args.endless_chunks
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    digits = [part.strip().lstrip("0") for part in text.split(",")]  # no int() of thousands of digits
+    if not all(d.isascii() and d.isdigit() and int(d[:6]) <= MOST_CHUNKS and len(d) <= 6 for d in digits):
+        raise ValueError(f"--endless-chunks {shown}: give chunk counts from 1 to {MOST_CHUNKS:,}, separated by commas")
+    if max(int(d) for d in digits) < 2:
+        raise ValueError(f"--endless-chunks {shown}: the largest count makes the endless row and must be at least 2 "
+                         "(its first chunk warms up)")
 
 
 # Models ----------------------------------------------------------------------------------------
