@@ -60,6 +60,7 @@ VARIANTS = (
     (r"\.to_(q|k|v|out)_lora\.(down|up)\.weight", "diffusers' old attention-processor LoRA (to_q_lora; "
                                                      "diffusers' load_lora_weights and save_lora_weights convert it)"),
 )
+VARIANT_ENDS = tuple((re.compile(pattern + "$"), name) for pattern, name in VARIANTS)
 # nn.Embedding weights are 2-D too, but a linear LoRA does not apply to them.
 NOT_LINEAR = re.compile(r"(^|\.)(token|position)_embedding$")
 SHOWN = 8  # names listed per problem
@@ -180,8 +181,8 @@ def file_sha256(path) -> str:
 
 def variant_of(keys) -> tuple[str, str] | None:
     """(the name of an adapter other than LoRA, a key of it) if the keys hold one."""
-    for pattern, name in VARIANTS:
-        if key := next((key for key in keys if re.search(pattern + "$", key)), None):
+    for pattern, name in VARIANT_ENDS:
+        if key := next((key for key in keys if pattern.search(key)), None):
             return name, key
     return None
 
@@ -320,7 +321,8 @@ def peft_alpha(config: dict, module: str) -> float | None:
 
 def named(text: str, limit: int = 200) -> str:
     """A key from a file as part of a one-line message: control characters escaped, cut at `limit`."""
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit + 1])
+    if not (len(text) <= limit and text.isprintable()):
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit + 1])
     return text if len(text) <= limit else text[:limit] + "..."
 
 
