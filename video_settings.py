@@ -195,7 +195,7 @@ def parse_lora(value: str, position) -> LoraSetting:
         text, at, where = item.partition("@")
         try:
             chunk, strength = position(where.strip()) if at else 0, float(text)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: seconds like 1e308s made a chunk index
             raise ValueError(f"--lora {value!r}: {item.strip()!r} is no strength; give {LORA_SYNTAX}") from None
         if not abs(strength) <= lora_files.MAX_STRENGTH:
             raise ValueError(f"--lora {value!r}: strengths must be {STRENGTH_RANGE}, got {text.strip()}")

@@ -315,3 +315,9 @@ def test_keys_split_as_the_regular_expressions_split_them():
         expected = None if match is None else (
             "kohya" if match.re is kohya else "peft", match["module"], lora_files.PARTS[match["part"]])
         assert lora_files.split_key(key) == expected, key
+
+
+def test_a_position_of_1e308_seconds_is_no_position():
+    """Found trying other values: 1e308 seconds overflowed into a traceback while placing the strength."""
+    with pytest.raises(ValueError, match="'1@1e308s' is no strength"):
+        sample.settings_from_arguments(sample.parse_arguments(["--prompt", "a", "--lora", "style.safetensors:1@1e308s"]))
