@@ -123,3 +123,16 @@ def test_a_refused_option_is_one_line_before_any_work():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "error: --repeats must be an integer in 1 .. 1000, got -1\n"
+
+
+def test_json_is_checked_writable_at_start_and_only_with_quick(tmp_path):
+    # The table comes after minutes on a GPU: a --json that cannot be written is refused before them,
+    # and without --quick (which alone writes it) --json is not silently ignored.
+    for arguments, message in [
+        (["--quick", "--json", str(tmp_path / "missing" / "quick.json")], "^--json .* cannot be written"),
+        (["--quick", "--json", str(tmp_path / ("x" * 300 + ".json"))], "^--json .* cannot be written"),
+        (["--json", str(tmp_path / "quick.json")], "^--json is written by --quick only"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bench.parse_arguments(arguments)
+    assert list(tmp_path.iterdir()) == []

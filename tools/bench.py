@@ -56,9 +56,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from shapes import world
+from evaluate import check_writable  # one check of an output's place, evaluate.py's
 from infra.checkpoint import DTYPES
 from infra.cli import OneLineParser
-from infra.files import check_not_an_input
+from infra.files import atomic_file, check_not_an_input
 from infra.memory import unet_inputs
 from model import UNet, UNetConfig
 from pipeline import StableDiffusionXLVideoPipeline
@@ -106,9 +107,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     unknown = set(args.rows) - set(CPU_ROWS) - set(GPU_ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {sorted(set(CPU_ROWS + GPU_ROWS))}")
-    if args.json:  # written at the end of a run of minutes: never over what the check reads or runs
+    if args.json and not args.quick:
+        raise ValueError("--json is written by --quick only: give --quick, or leave --json out")
+    if args.json:  # written at the end of a run of minutes: never over what the check reads or runs, and writable
         check_not_an_input("--json", args.json, [("SDXL's configs", SDXL), ("the script", Path(__file__)),
                                                   *(("the script it runs", REPOSITORY / name) for name in SCRIPTS)])
+        check_writable("--json", args.json)
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     args.repeats = (3 if cuda else 5) if args.repeats is None else args.repeats
     args.chunk_steps = (25 if cuda else 2) if args.chunk_steps is None else args.chunk_steps
@@ -959,7 +963,8 @@ def quick(args) -> None:
             print(json.dumps({"name": f"quick.{name}", **table["parts"][name]}), flush=True)
     table["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+        with atomic_file(args.json) as file:  # whole or not at all; the table is printed below either way
+            file.write((json.dumps(table, indent=2) + "\n").encode())
     print(format_table(table), flush=True)
 
 
