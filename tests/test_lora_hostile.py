@@ -5,8 +5,10 @@ header tells, and never hangs, overflows into black frames or ends in a tracebac
 - PEFT metadata (`alpha_pattern`, `rank_pattern`) is data: its keys are matched as literal
   module-name suffixes, as PEFT writes them; a key that is no module name is refused (item 2).
 - Merged weights are finite and of a size a model can hold; strengths lie in -10..10 (item 4).
+- A file given twice under two names (a hard link) is one file (item 5's rule, sample.py's too).
 - Rank 0, nested JSON, metadata of the wrong JSON types, tensors of integers, booleans or fp8, and
   a folder, FIFO or link loop given as the file (item 9).
+- Found trying other values: keys of 400,000 characters or with line breaks, 1e308 seconds.
 """
 
 import json
