@@ -49,6 +49,7 @@ from infra.cli import OneLineParser, option_name, without_nan
 from infra.files import check_not_an_input
 from infra.run_state import Progress, default_threads, resolve_device
 from pipeline import StableDiffusionXLVideoPipeline, vae_dtype_name
+from sample import check_device_name
 from scheduler import SAMPLERS
 from shapes.scoring import METRICS, SCORE_COLUMNS, caption, mean_over, parse_scene, video_score
 from shapes.failures import Blanks, failure_rows, failure_table, read_scores
@@ -388,6 +389,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--batch must be 1 with {options}, whose statistics span the batch")
     if args.ground_truth and first.height != first.width:
         raise ValueError(f"--ground-truth: the world's frames are square; got --height {first.height} --width {first.width}")
+    check_device_name(args.device)
     device = resolve_device(args.device)
     check_memory(first, device, min(args.batch, len(combinations) * len(args.seeds)), args.ground_truth)
     torch.set_num_threads(args.threads or default_threads())

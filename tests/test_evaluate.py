@@ -589,3 +589,11 @@ def test_hostile_seeds_are_one_line():
     assert evaluate.seed_list("0" * 100000 + "2") == [0, 1]  # leading zeros, however many, are no digits of the number
     assert evaluate.seed_list(f"{2**63 - 1}-{2**63 - 1}") == [2**63 - 1]
     assert len(evaluate.seed_list("100000")) == evaluate.MOST_SEEDS
+
+
+def test_a_device_torch_does_not_know_is_refused_before_the_run(no_run):
+    # Found trying issue 22's families: `--device foo` reached torch (a traceback after the checks);
+    # sample.py's check of the name now runs here too.
+    for device in ("foo", "cpu:0", "cuda:x"):
+        with pytest.raises(ValueError, match=f"^--device '{device}': expected one of cpu, cuda, cuda:N, mps"):
+            evaluate.main([*FAST, "--device", device])
