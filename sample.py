@@ -21,12 +21,12 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from infra.cli import OneLineParser, option_name
-from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, Settings, add_chunk_options, check_settings,
-                            check_sampler, parse_lora)
+from infra.cli import OneLineParser, of_type, option_name
+from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
+                            check_settings, check_sampler, parse_lora)
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are
 # (--offload changes no pixel: tests/test_memory_modes.py). --vae-dtype and --vae-tiles change the
@@ -491,12 +491,31 @@ def print_timeline(settings: Settings, chunks_to_write: int | None) -> None:
 
 def with_model_defaults(args: argparse.Namespace, model_config: dict) -> Settings:
     """The settings of a new run: the command line's, else the model's `sample_defaults`, else Settings'."""
-    defaults = model_config.get("sample_defaults", {})
+    config, defaults = f"{args.model or DEFAULT_MODEL}/config.json", model_config.get("sample_defaults", {})
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{config}: sample_defaults is not an object of option values, got {json_type(defaults)}")
     if unknown := sorted(set(defaults) - set(SETTING_NAMES)):
-        raise ValueError(f"{args.model}/config.json: unknown sample_defaults {unknown}")
+        raise ValueError(f"{config}: unknown sample_defaults {unknown}")
+    types = {f.name: f.type for cls in (Settings, DriftControls) for f in fields(cls)}
+    for name, value in defaults.items():  # the command line's types, as argparse gives them
+        if not of_type(value, types[name]):
+            raise ValueError(f"{config}: sample_defaults {name} {value!r} is not {type_name(types[name])}")
     settings = settings_from_arguments(args, defaults)
     check_settings(settings, model_config)
     return settings
+
+
+def type_name(annotation) -> str:
+    """'an int', 'a float', 'a str or None': a field's annotation (a type or a union), in words."""
+    names = [getattr(t, "__name__", str(t)) for t in getattr(annotation, "__args__", [annotation])]
+    words = " or ".join("None" if name == "NoneType" else name for name in names)
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def json_type(value) -> str:
+    """The JSON name of a value's type (what a user sees in a config.json)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def main(argv=None, on_chunk=None) -> None:

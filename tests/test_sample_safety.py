@@ -9,6 +9,7 @@ command line's one-line errors.
 """
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -565,6 +566,31 @@ def test_bad_input_is_refused_naming_the_option_before_any_file_is_made(model, i
     assert "\n" not in str(raised.value)
     assert list(tmp_path.iterdir()) == []
     assert snapshot(inputs) == before
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"empty_restart": "0.5"}, "sample_defaults empty_restart '0.5' is not a float"),
+    ({"empty_restart": None}, "sample_defaults empty_restart None is not a float"),
+    ({"empty_restart": True}, "sample_defaults empty_restart True is not a float"),
+    ({"steps": [3]}, r"sample_defaults steps \[3\] is not an int"),
+    ({"steps": 2.5}, "sample_defaults steps 2.5 is not an int"),
+    ({"scheduler": 5}, "sample_defaults scheduler 5 is not a str or None"),
+    ({"anchor_frame": 1}, "sample_defaults anchor_frame 1 is not a bool"),
+    ([["steps", 3]], "sample_defaults is not an object"),
+], ids=["float-a-string", "float-null", "float-a-bool", "int-a-list", "int-a-float", "str-a-number", "bool-a-number",
+        "a-list"])
+def test_a_model_s_sample_defaults_of_the_wrong_type_are_refused_naming_its_config(model, tmp_path, defaults, message):
+    """A model's config.json is a file a user is given: its sample_defaults are checked as the
+    command line's options are, in one line naming the file and the key (not a TypeError)."""
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sample_defaults": defaults}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))}/config.json: {message}") as raised:
+        sample.main(["--model", str(folder), *PROMPT, "--chunks", "1", "--out", str(out / "video.gif")])
+    assert "\n" not in str(raised.value) and list(out.iterdir()) == []
 
 
 def test_an_unwritable_output_folder_is_refused_even_if_the_old_output_is_writable(model, tmp_path, monkeypatch):
