@@ -251,6 +251,15 @@ def check_writable(option: str, path) -> None:
             os.unlink(path)
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """ValueError naming the option for a --compare or --failures file that is there but is no
+    regular file: a FIFO would wait for a writer for ever, a device such as /dev/zero never end."""
+    inputs = [("--compare", value.split("=", 1)[-1]) for value in args.compare or []]
+    for option, path in inputs + [("--failures", value) for value in args.failures or []]:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f"{option} {path} is not a regular file: give a file evaluate.py wrote")
+
+
 def compare(args: argparse.Namespace) -> dict:
     """--compare: the survival table of curves files (and their plot); returns {name: rows}."""
     settings = {}
@@ -356,6 +365,7 @@ def main(argv=None) -> dict:
     """Score every (prompt, seed) video; print the tables and the JSON line; return what the JSON says."""
     args = parse_arguments(argv)
     check_outputs(args)
+    check_inputs(args)
     if args.compare:
         refuse_unused(args, "compare", {"compare", "plot", "overwrite"})
     if args.failures:

@@ -597,3 +597,29 @@ def test_a_device_torch_does_not_know_is_refused_before_the_run(no_run):
     for device in ("foo", "cpu:0", "cuda:x"):
         with pytest.raises(ValueError, match=f"^--device '{device}': expected one of cpu, cuda, cuda:N, mps"):
             evaluate.main([*FAST, "--device", device])
+
+
+def test_compare_and_failures_read_regular_files_only(tmp_path):
+    # Found trying issue 22's families: a FIFO given to --compare or --failures waited for a writer for
+    # ever, and /dev/zero was read without end (a line that never ends). Both are refused unread.
+    import os
+    import signal
+
+    fifo = tmp_path / "curves.csv"
+    os.mkfifo(fifo)
+
+    def hung(*arguments):
+        raise TimeoutError("evaluate.py hung on an input")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        for arguments, message in [(["--compare", f"x={fifo}"], "^--compare .*curves.csv is not a regular file"),
+                                   (["--compare", "x=/dev/zero"], "^--compare /dev/zero is not a regular file"),
+                                   (["--failures", str(fifo)], "^--failures .*curves.csv is not a regular file"),
+                                   (["--failures", "/dev/zero"], "^--failures /dev/zero is not a regular file")]:
+            with pytest.raises(ValueError, match=message):
+                evaluate.main(arguments)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
