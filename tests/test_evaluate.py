@@ -623,3 +623,15 @@ def test_compare_and_failures_read_regular_files_only(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_write_that_fails_during_the_run_is_one_line(model, tmp_path, monkeypatch):
+    # Issue 22 item 12, the part no check can foresee: the disk fills during the run. One line naming
+    # the option, not a traceback (the tables are printed before --curves and --plot are written).
+    def full(*arguments):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_curves", full)
+    with pytest.raises(ValueError, match=r"^--curves .*curves.csv cannot be written \(No space left on device\)"):
+        evaluate.main(["--model", str(model), "--prompts", "a red circle moving left", "--seeds", "1", *FAST,
+                       "--curves", str(tmp_path / "curves.csv")])
