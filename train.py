@@ -19,7 +19,9 @@ Checkpoints resume exactly: model, optimiser, schedule, weight average and data 
 validation loss at fixed timesteps and noise, and the shapes world's metrics, go to OUT/log.jsonl
 and OUT/curves.png (training/validation.py). The same command (or only --out) resumes a run: options not given take the values
 stored in OUT/train_config.json, and a changed option that would change the result is refused.
-Ctrl-C (one process) stops after the step in progress, with a checkpoint.
+Ctrl-C (one process) stops after the step in progress, with a checkpoint. One run per --out at a time
+(OUT/train.lock). A loss, gradient or weights that are not finite stop the run in one line naming the
+step; nothing of them is written, so the last checkpoint and the model stay as they were.
 """
 
 import argparse
@@ -30,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -98,7 +101,9 @@ class TrainConfig:
     context_shorten: float = setting(
         0.5, "probability that a batch keeps only its last 1 .. k-1 context frames (--image gives 1)", FIXED,
         minimum=0, maximum=1)
-    context_noise: float = setting(0.1, "std of the noise added to the context when it is noised", FIXED, minimum=0)
+    context_noise: float = setting(0.1, "std of the noise added to the context when it is noised, at most 10 (the "
+                                        "latents have unit variance: 10 already drowns the context)", FIXED, minimum=0,
+                                   maximum=10)
     context_noise_probability: float = setting(0.3, "probability that a batch's context is noised", FIXED,
                                                minimum=0, maximum=1)
     self_context: Literal["off", "sampled", "one-step"] = setting(
@@ -119,10 +124,12 @@ class TrainConfig:
     batch_size: int = setting(16, "clips per step and process", FIXED, minimum=1)
     gradient_accumulation: int = setting(1, "micro-batches per step", FIXED, minimum=1)
     unet_steps: int = setting(9000, "steps of the UNet stage", EXTEND, minimum=1, aliases=("--steps",))
-    learning_rate: float = setting(1e-3, "peak learning rate of the UNet stage", FIXED, above=0)
+    learning_rate: float = setting(1e-3, "peak learning rate of the UNet stage, at most 1 (AdamW moves each weight "
+                                         "by about this much a step)", FIXED, above=0, maximum=1)
     warmup_steps: int = setting(200, "steps of linear warm-up of each stage, then a cosine decay to 10%", FIXED,
                                 minimum=0)
-    weight_decay: float = setting(0.0, "AdamW's weight decay", FIXED, minimum=0)
+    weight_decay: float = setting(0.0, "AdamW's weight decay: each step multiplies the weights by 1 - learning rate "
+                                       "x this, which must stay above 0", FIXED, minimum=0)
     grad_clip: float = setting(1.0, "the gradient norm is clipped to this", FIXED, above=0)
     autocast: Literal["none", "bf16", "fp16"] = setting("none", "mixed precision of the forward pass", FIXED)
     gradient_checkpointing: bool = setting(
@@ -137,7 +144,8 @@ class TrainConfig:
     validate_every: int = setting(
         500, "every n UNet steps: the validation loss (and on the shapes world the metrics of shapes/scoring.py) in "
              "OUT/log.jsonl and OUT/curves.png; 0: never", FREE, minimum=0)
-    validation_clips: int = setting(8, "held-out clips of the validation loss", FREE, minimum=1)
+    validation_clips: int = setting(8, "held-out clips of the validation loss, at most 100000", FREE, minimum=1,
+                                    maximum=100_000)
     validation_data: str = setting(
         "", "held-out clips for the validation loss: a folder of videos or prepared shards; the shapes world "
             "holds out its own", FREE)
@@ -149,17 +157,19 @@ class TrainConfig:
                                         "utilisation (H100 and H200 SXM, bf16: 989)", FREE, above=0)
     vae_steps: int = setting(1500, "mode baby: steps of the VAE stage, before the UNet stage", EXTEND, minimum=1)
     vae_batch_size: int = setting(32, "mode baby: images per VAE step and process", FIXED, minimum=1)
-    vae_learning_rate: float = setting(2e-3, "mode baby: peak learning rate of the VAE stage", FIXED, above=0)
+    vae_learning_rate: float = setting(2e-3, "mode baby: peak learning rate of the VAE stage, at most 1", FIXED,
+                                       above=0, maximum=1)
     log_every: int = setting(100, "a progress line every n steps (OUT/log.jsonl has every step)", FREE, minimum=1)
     sample_every: int = setting(3000, "sample GIFs in OUT/samples every n UNet steps", FREE, minimum=1)
     checkpoint_every: int = setting(250, "a checkpoint every n steps (and at the end of a stage, and on Ctrl-C)",
                                     FREE, minimum=1)
-    seed: int = setting(0, "seed of the data, the initial weights and every random draw", FIXED, minimum=0)
-    threads: int = setting(0, "CPU threads for torch (0: torch's default); 1 is fastest on a busy machine", FREE,
-                           minimum=0)
+    seed: int = setting(0, "seed of the data, the initial weights and every random draw (what a torch.Generator "
+                           "takes: below 2**64)", FIXED, minimum=0, maximum=2**64 - 1)
+    threads: int = setting(0, "CPU threads for torch (0: torch's default), at most the machine's cores; 1 is fastest "
+                              "on a busy machine", FREE, minimum=0)
     device: str = setting("auto", "auto (cuda if there is one, else cpu), cpu, cuda, cuda:N or mps", FREE)
-    workers: int = setting(0, "DataLoader processes that read and decode the batches ahead (0: the main process)",
-                           FREE, minimum=0)
+    workers: int = setting(0, "DataLoader processes that read and decode the batches ahead (0: the main process), "
+                              "at most 4 x the machine's cores", FREE, minimum=0)
     sample_steps: int = setting(25, "denoising steps of the samples; sample.py's default for the trained model",
                                 FREE, minimum=1)
     sample_guidance: float = setting(2.0, "guidance scale of the samples; sample.py's default for the trained model",
@@ -182,6 +192,10 @@ class TrainConfig:
             if (low is not None and value < low) or (high is not None and value > high) or (
                     above is not None and value <= above):
                 raise ValueError(f"{option} must be {value_range(field)}, got {value}")
+        for option, path in (("--out", self.out), ("--data", self.data),
+                             ("--model", self.model if self.mode == "temporal" else "unused")):
+            if not path.strip():  # Path("") is the current folder
+                raise ValueError(f"{option} is empty; give a folder (an empty path would be the current one)")
         if self.mode == "temporal" and not Path(self.model, "config.json").is_file():
             raise ValueError(f"--model {self.model!r}: mode temporal needs a checkpoint folder (convert_weights.py)")
         if self.data != "shapes" and not Path(self.data).is_dir():
@@ -190,6 +204,18 @@ class TrainConfig:
             raise ValueError(f"--out {self.out} is a file; give a folder (new or a run's)")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        cores = os.cpu_count() or 1
+        for option, value, most, what in (("--threads", self.threads, cores, "this machine's cores"),
+                                          ("--workers", self.workers, 4 * cores, "4 x this machine's cores")):
+            if value > most:
+                raise ValueError(f"{option} must be at most {most} ({what}), got {value}")
+        rates = [("--learning-rate", self.learning_rate)] + (
+            [("--vae-learning-rate", self.vae_learning_rate)] if self.mode == "baby" else [])
+        for option, rate in rates:
+            if rate * self.weight_decay >= 1:
+                raise ValueError(f"--weight-decay {self.weight_decay} with {option} {rate}: AdamW multiplies every "
+                                 f"weight by 1 - {option[2:]} x weight decay each step, which must stay above 0; give "
+                                 f"a --weight-decay below {1 / rate:g}")
         if self.ema_decay >= 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.validation_data and not Path(self.validation_data).is_dir():
@@ -221,7 +247,7 @@ def value_range(field: dataclasses.Field) -> str:
     """The range of a field's metadata in words: "at least 1", "in [0, 1]", "> 0"."""
     low, high, above = (field.metadata[key] for key in ("minimum", "maximum", "above"))
     if above is not None:
-        return f"> {above}"
+        return f"in ({above}, {high}]" if high is not None else f"> {above}"
     return f"in [{low}, {high}]" if high is not None else f"at least {low}"
 
 
@@ -358,18 +384,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from endless import Prompts, VideoState, decoded_chunks
 from infra.checkpoint import model_configs
 from infra.files import atomic_file, fsync_tree, naming
-from infra.run_state import resolve_device
+from infra.run_state import OutputLock, resolve_device
 from model import UNet, micro_conditioning
 from pipeline import StableDiffusionXLVideoPipeline
-from scheduler import SchedulerConfig, add_noise, training_target
+from scheduler import SchedulerConfig, add_noise, make_schedule, training_target
 from training.self_context import SelfContext
 from vae import AutoencoderKL
 from training.baby import baby_configs, baby_text_encoder
-from training.data import Batches, batch_of, encoded_batch, make_data
+from training.data import Batches, ShardData, batch_of, encoded_batch, make_data
 from infra.video_io import open_writer
 from training.loop import (AUTOCAST_DTYPES, Stage, Stopped, append_log, gathered, read_checkpoint,
                       replace_folder, shard)
-from infra.memory import Sample, plan_table, training_flops, unet_units
+from infra.memory import Sample, available_memory, gib, plan_table, training_flops, unet_units
 from training.validation import SHAPES_PROMPTS, HeldOutShapes, plot_curves, shapes_metrics, validation_loss
 
 
@@ -507,7 +533,12 @@ def scaling_factor(vae: AutoencoderKL, data, config: TrainConfig) -> float:
     """1 / std of the VAE's latents over a few batches, so that scaled latents have unit variance."""
     with torch.no_grad():
         videos = torch.cat([batch_of(data, 10_000 + i, config.vae_batch_size, 0, 1)[0][:, :, 0] for i in range(4)])
-        return 1.0 / vae.encode(videos.to(next(vae.parameters()).device)).mean.std().item()
+        std = vae.encode(videos.to(next(vae.parameters()).device)).mean.std().item()
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"the VAE's latents have a standard deviation of {std:g} after its stage, which no scaling "
+                         f"makes 1: it collapsed or diverged; move {Path(config.out) / 'vae.pt'} away and train it "
+                         f"again with other settings")
+    return 1.0 / std
 
 
 def write_curves(config: TrainConfig) -> None:
@@ -586,11 +617,70 @@ def unet_flops(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) ->
     return training_flops(pipeline.unet.config, config.mode == "temporal", sample)
 
 
+class RunLock(OutputLock):
+    """The lock of a run's folder, OUT/train.lock (infra/run_state.py's OutputLock): one run per
+    --out at a time; a killed run's lock is free again."""
+
+    def __init__(self, out):
+        super().__init__(str(out))
+        self.path = Path(out) / "train.lock"
+
+
+def check_batches_fit(config: TrainConfig, data=None) -> None:
+    """ValueError naming the options when one batch of clips (float32 pixels, as the shapes world or a
+    folder of videos gives each step on the CPU, in every process of this machine) is more than the
+    memory free here: such a run could only fail, after drawing its batch for a long time. Prepared
+    shards hold latents, of the size their index fixes. Without `data` (--plan): one clip, which
+    the plan draws to count with."""
+    if isinstance(data, ShardData):
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if data is not None else 1
+    clip = 4 * 3 * config.size**2 * (config.context_frames + config.frames)  # bytes of one clip
+    free = available_memory("cpu")
+    shape = f"--size {config.size} --context-frames {config.context_frames} --frames {config.frames}"
+    batches = [(f"--batch-size {config.batch_size} {shape}: a batch of clips is", config.batch_size, "--batch-size, ")]
+    if config.mode == "baby":
+        batches.append((f"--vae-batch-size {config.vae_batch_size} {shape}: a batch of clips is", config.vae_batch_size,
+                        "--vae-batch-size, "))
+    if data is None:
+        batches = [(f"{shape}: --plan draws one clip of", 1, "")]
+    for what, batch, option in batches:
+        if processes * batch * clip > free:
+            need = batch * clip
+            size = gib(need) if need < 2**50 else f"{min(need, 10**300) / 2**30:.3g} GiB"
+            each = f" in each of {processes} processes" if processes > 1 else ""
+            plan = " (--plan says what a step needs)" if data is not None else ""
+            raise ValueError(f"{what} {size} of float32 pixels{each}, and this machine has {gib(free)} free; give a "
+                             f"smaller {option}--size or --frames{plan}")
+
+
+def check_sampler_steps(config: TrainConfig) -> None:
+    """ValueError naming --sample-steps (the samples', the validation's and sample.py's default) or
+    --self-context-steps when the model's scheduler cannot sample in that many steps."""
+    scheduler_config = model_configs(config.model)["scheduler"] if config.mode == "temporal" else \
+        SchedulerConfig.video_model()
+    steps = [("--sample-steps", config.sample_steps)]
+    if config.self_context == "sampled":
+        steps.append(("--self-context-steps", config.self_context_steps))
+    for option, count in steps:
+        try:
+            make_schedule(scheduler_config, count)
+        except ValueError as error:
+            raise ValueError(f"{option} {count}: {error}") from None
+
+
 def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline | None:
     """Run every stage of `config` (resuming any that has a checkpoint) and write the model to out/model
     (the weights' average with --ema-decay). Before any work: the settings are compared with those of
-    a run already in out (`resume_changes`), its checkpoints are read, and the data and the device are
-    checked (ValueError). Returns the pipeline as written (under --fsdp on rank 0; None elsewhere)."""
+    a run already in out (`resume_changes`), its checkpoints are read, the data, the batch's memory,
+    the sampler's steps and the device are checked (ValueError), and OUT is locked (`RunLock`) for the
+    whole run. Returns the pipeline as written (under --fsdp on rank 0; None elsewhere)."""
+    with ExitStack() as locks:
+        return train_locked(config, on_step, locks)
+
+
+def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffusionXLVideoPipeline | None:
+    """`train`, which takes OUT's lock into `locks` before it writes anything."""
     out = Path(config.out)
     changes = resume_changes(config)
     distributed = "WORLD_SIZE" in os.environ
@@ -610,6 +700,8 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline |
                          f"missing: move {paths['unet'].name} away too, or use a new --out")
     data = make_data(config)
     clips = validation_clips(config)
+    check_batches_fit(config, data)
+    check_sampler_steps(config)
     device = resolve_device(config.device)
     if config.mode == "baby":
         try:
@@ -624,11 +716,12 @@ def train(config: TrainConfig, on_step=None) -> StableDiffusionXLVideoPipeline |
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if rank == 0:
+        with naming(out):
+            out.mkdir(parents=True, exist_ok=True)
+        locks.enter_context(RunLock(out))
         if (out / "train_config.json").exists():
             found = ", ".join(f"{paths[name].name} at step {step}" for name, step in steps.items()) or "no checkpoint yet"
             print(f"resuming {out} ({found})" + (f"; accepted {', '.join(changes)}" if changes else ""), flush=True)
-        with naming(out):
-            out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "train_config.json") as file:  # and the processes that train it
             file.write((json.dumps({**asdict(config), "world_size": world_size}, indent=2) + "\n").encode())
     pipeline = build_pipeline(config)
@@ -696,6 +789,7 @@ def plan(config: TrainConfig) -> str:
     """The --plan table (infra/memory.py plan_table) for the run's UNet: --model's (mode temporal: from
     its config.json alone, no weights are read) or the baby's, over --processes (or WORLD_SIZE)."""
     processes = config.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    check_batches_fit(config)
     if config.mode == "temporal":
         configs = model_configs(config.model)
         unet_config, vae_config, tokens = configs["unet"], configs["vae"], 77
@@ -728,6 +822,15 @@ def main(config: TrainConfig) -> None:
         sys.exit(130)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in str(error):
+            raise  # a bug, with its traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: out of memory ({first}); {config.out} keeps its last checkpoints. --plan says what a step "
+              f"needs; --gradient-checkpointing, a smaller --batch-size (with more --gradient-accumulation) or --fsdp "
+              f"take less", file=sys.stderr)
         sys.exit(1)
 
 

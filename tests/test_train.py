@@ -491,3 +491,71 @@ def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_model_is_kept(tin
     status, lines = main_exit(TrainConfig(out=str(out), **TINY), capsys)  # the stage is done: only the model is left
     assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / 'unet.pt'} holds weights"), lines
     assert kept(out) == before
+
+
+# Hostile values (issue 22): refused before any work, in one line ------------------------------------
+
+
+def test_a_range_open_at_one_end_says_so():
+    with pytest.raises(ValueError, match=r"--self-context-level must be in \(0, 1\], got 2.0"):
+        TrainConfig(self_context_level=2.0)
+    with pytest.raises(ValueError, match=r"--learning-rate must be in \(0, 1\], got 1e\+300"):
+        TrainConfig(learning_rate=1e300)
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(batch_size=10**12), "--batch-size"), (dict(vae_batch_size=10**12), "--vae-batch-size"),
+    (dict(size=400_000), "--size"), (dict(frames=10**12), "--frames"),
+    (dict(sample_steps=5000), "--sample-steps"), (dict(self_context="sampled", self_context_steps=5000),
+                                                  "--self-context-steps")])
+def test_a_batch_that_cannot_fit_or_a_sampler_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, settings,
+                                                                                          named):
+    status, lines = main_exit(TrainConfig(out=str(tmp_path / "run"), **{**TINY, **settings}), capsys)
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: --") and f"{named} " in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_runs_on_one_out_at_once_are_refused_and_the_first_keeps_its_files(tiny_run, tmp_path, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    before = files(out)
+    with train.RunLock(out):  # a run of this --out in progress
+        status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
+        assert status == 1 and len(lines) == 1, lines
+        assert lines[0] == (f"error: --out {out} is being written by process {os.getpid()} (it holds "
+                            f"{out / 'train.lock'}); wait for that run to end or stop it")
+        assert {name: data for name, data in files(out).items() if name != "train.lock"} == before
+    assert not (out / "train.lock").exists()
+    train.train(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}))  # once it has ended
+    assert not (out / "train.lock").exists() and len(losses(out, "unet")) == 3
+
+
+def test_running_out_of_memory_is_one_line_that_keeps_the_checkpoints(tiny_run, tmp_path, monkeypatch, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    before = kept(out)
+
+    def out_of_memory(*args):
+        def loss(unet, index, generator):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB\nmore lines")
+        return loss
+
+    monkeypatch.setattr(train, "unet_loss", out_of_memory)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: out of memory (CUDA out of memory. Tried to allocate 80.00 GiB)")
+    assert "--plan" in lines[0] and "--batch-size" in lines[0] and kept(out) == before
+
+
+def test_a_vae_whose_latents_do_not_vary_is_refused_not_scaled_by_infinity(tmp_path):
+    config = TrainConfig(out=str(tmp_path), **SMALL)
+    vae = train.build_pipeline(config).vae
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()  # every latent 0: a VAE collapsed by its training
+    data = video_data.ShapesData(config.size, config.context_frames + config.frames, config.seed)
+    with pytest.raises(ValueError, match=r"the VAE's latents have a standard deviation of 0"):
+        train.scaling_factor(vae, data, config)
+
+
+def test_plan_refuses_a_clip_it_could_not_draw_to_count_with(tmp_path):
+    with pytest.raises(ValueError, match=r"^--size 400000 --context-frames 2 --frames 4: --plan draws one clip of "):
+        train.plan(TrainConfig(out=str(tmp_path), size=400_000))

@@ -88,6 +88,16 @@ def test_the_choices_are_those_the_modules_take():
     (["--sample-guidance", "-1"], "--sample-guidance"), (["--text-drop", "1.5"], "--text-drop"),
     (["--steps", "seven"], "--steps"), (["--mode", "video"], "--mode"), (["--device", "gpu"], "--device"),
     (["--mode", "temporal", "--model", "missing"], "--model"),
+    # Issue 22, hostile values: 0, negative, nan, and those too large to mean anything.
+    (["--shapes", "0"], "--shapes"), (["--shapes", "3"], "--shapes"), (["--shapes", "nan"], "--shapes"),
+    (["--ema-decay", "nan"], "--ema-decay"), (["--ema-decay", "1"], "--ema-decay"),
+    (["--validate-every", "-1"], "--validate-every"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--sample-every", "0"], "--sample-every"), (["--log-every", "0"], "--log-every"),
+    (["--batch-size", "0"], "--batch-size"), (["--steps", "1e12"], "--steps"), (["--steps", "inf"], "--steps"),
+    (["--seed", str(2**64)], "--seed"), (["--threads", "100000"], "--threads"), (["--workers", "100000"], "--workers"),
+    (["--learning-rate", "1e300"], "--learning-rate"), (["--vae-learning-rate", "2"], "--vae-learning-rate"),
+    (["--weight-decay", "1e300"], "--weight-decay"), (["--weight-decay", "1000"], "--weight-decay"),
+    (["--context-noise", "1e30"], "--context-noise"), (["--validation-clips", "1000000000"], "--validation-clips"),
 ])
 def test_a_bad_option_is_one_line_before_anything_is_imported_or_written(tmp_path, options, option):
     result = run_train("--out", str(tmp_path / "run"), *options)
@@ -234,3 +244,13 @@ def test_an_output_beside_its_inputs_is_accepted(tmp_path):
     TrainConfig(mode="temporal", model=str(model), data=str(tmp_path / "videos"), out=str(tmp_path / "checkpoint-run"),
                 size=16)
     TrainConfig(out=str(tmp_path / "shapes"))  # --data shapes is the shapes world, not a folder
+
+
+@pytest.mark.parametrize("settings, option", [(dict(out=""), "--out"), (dict(out="  "), "--out"),
+                                              (dict(data=""), "--data"), (dict(mode="temporal", model=""), "--model")])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, settings, option):
+    # --out "" trained into the current folder (and replaced a ./model there); --data "" read it as videos.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"vae": {"block_out_channels": [8, 16, 32]}}))
+    with pytest.raises(ValueError, match=f"^{option} "):
+        TrainConfig(**{"out": str(tmp_path / "run"), **settings})
