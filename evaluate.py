@@ -45,11 +45,10 @@ import torch
 from endless import Prompts, VideoState, decoded_chunks, frames_of
 from infra import memory
 from infra.checkpoint import DTYPES, load_checkpoint_config
-from infra.cli import OneLineParser, option_name, without_nan
-from infra.files import check_not_an_input
+from infra.cli import OneLineParser, check_device_name, option_name, without_nan
+from infra.files import check_not_an_input, check_writable, writing
 from infra.run_state import Progress, default_threads, resolve_device
 from pipeline import StableDiffusionXLVideoPipeline, vae_dtype_name
-from sample import check_device_name
 from scheduler import SAMPLERS
 from shapes.scoring import METRICS, SCORE_COLUMNS, caption, mean_over, parse_scene, video_score
 from shapes.failures import Blanks, failure_rows, failure_table, read_scores
@@ -224,31 +223,6 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} {value} is also --{seen[resolved]}")
         seen[resolved] = name
         check_writable(f"--{name}", value)
-
-
-@contextmanager
-def writing(option: str, path):
-    """An OSError inside (writing `path`, or looking at it) becomes a ValueError naming the option."""
-    try:
-        yield
-    except OSError as error:
-        raise ValueError(f"{option} {path} cannot be written ({error.strerror or error})") from None
-
-
-def check_writable(option: str, path) -> None:
-    """ValueError naming the option unless the file `path` can be written, found before any work and
-    without changing what is there: a file that exists must be a regular file (not a FIFO that would
-    wait for a reader, nor a device) that opens for appending, nothing appended; a new one is made,
-    exclusively (never a file that appeared meanwhile), and removed."""
-    with writing(option, path):
-        if os.path.lexists(path):
-            if not os.path.isfile(path):
-                raise ValueError(f"{option} {path} is not a regular file: give a file to write")
-            with open(path, "ab"):
-                pass
-        else:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            os.unlink(path)
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from infra.cli import OneLineParser, of_type, option_name
+from infra.cli import OneLineParser, check_device_name, of_type, option_name
 from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
                             check_settings, check_sampler, parse_lora)
 
@@ -33,7 +33,6 @@ from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, DriftCont
 # decoded pixels: the state file keeps them (`decoding`), and --resume refuses another value.
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload"}
 OFFLOAD_MODES = ("none", "model", "sequential")  # infra/offload.py's modes, and none
-DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,15 +181,6 @@ def total_chunks(args: argparse.Namespace, settings: Settings) -> int | None:
             raise ValueError(f"--seconds must be a positive finite number, got {args.seconds}")
         return math.ceil(args.seconds * settings.fps / settings.frames)
     return None
-
-
-def check_device_name(device: str | None) -> None:
-    """ValueError unless `device` is a device name torch knows (availability is checked later)."""
-    if device is None:
-        return
-    kind, _, index = device.partition(":")
-    if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")
 
 
 def check_not_an_input(out: str, settings: Settings) -> None:

@@ -36,3 +36,15 @@ def without_nan(value):
     if isinstance(value, dict):
         return {key: without_nan(item) for key, item in value.items()}
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_device_name(device: str | None) -> None:
+    """ValueError unless `device` is a device name torch knows (availability is checked later)."""
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")

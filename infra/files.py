@@ -190,3 +190,28 @@ def check_not_an_input(option: str, output, inputs: list[tuple[str, object]]) ->
         if inside or (os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path)):
             raise ValueError(f"{option} {output} is {name} {path} (or contains it, or lies inside it): "
                              f"give another {option}, so that the input is not overwritten")
+
+
+@contextmanager
+def writing(option: str, path):
+    """An OSError inside (writing `path`, or looking at it) becomes a ValueError naming the option."""
+    try:
+        yield
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written ({error.strerror or error})") from None
+
+
+def check_writable(option: str, path) -> None:
+    """ValueError naming the option unless the file `path` can be written, found before any work and
+    without changing what is there: a file that exists must be a regular file (not a FIFO that would
+    wait for a reader, nor a device) that opens for appending, nothing appended; a new one is made,
+    exclusively (never a file that appeared meanwhile), and removed."""
+    with writing(option, path):
+        if os.path.lexists(path):
+            if not os.path.isfile(path):
+                raise ValueError(f"{option} {path} is not a regular file: give a file to write")
+            with open(path, "ab"):
+                pass
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(path)

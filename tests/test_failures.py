@@ -90,7 +90,7 @@ def test_failures_reads_scores_files_and_refuses_what_is_not_one(tmp_path, capsy
     for name in ("skipped.csv", "curves.csv", "missing.csv"):
         with pytest.raises(ValueError, match=f"--failures .*{name}: not a scores file"):
             read_scores(tmp_path / name)
-    with pytest.raises(ValueError, match="--scores .* is also an input"):
+    with pytest.raises(ValueError, match="--scores .* is --failures"):
         evaluate.main(["--failures", str(scores), "--scores", str(scores), "--overwrite"])
 
 

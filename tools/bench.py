@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from shapes import world
-from evaluate import check_writable  # one check of an output's place, evaluate.py's
+from infra.files import check_writable
 from infra.checkpoint import DTYPES
 from infra.cli import OneLineParser
 from infra.files import atomic_file, check_not_an_input
