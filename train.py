@@ -180,18 +180,7 @@ class TrainConfig:
     def __post_init__(self):
         """ValueError naming the option for a value the run cannot use."""
         for field in dataclasses.fields(self):
-            value, option, choices = getattr(self, field.name), option_name(field.name), literal_choices(field)
-            kind = str if choices else field.type
-            if not of_type(value, kind):
-                raise ValueError(f"{option} must be of type {kind.__name__}, got {value!r}")
-            if choices and value not in choices:
-                raise ValueError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
-            if field.type is float and not math.isfinite(value):
-                raise ValueError(f"{option} must be a finite number, got {value}")
-            low, high, above = (field.metadata.get(key) for key in ("minimum", "maximum", "above"))
-            if (low is not None and value < low) or (high is not None and value > high) or (
-                    above is not None and value <= above):
-                raise ValueError(f"{option} must be {value_range(field)}, got {value}")
+            check_setting(field, getattr(self, field.name))
         for option, path in (("--out", self.out), ("--data", self.data),
                              ("--model", self.model if self.mode == "temporal" else "unused")):
             if not path.strip():  # Path("") is the current folder
@@ -238,6 +227,32 @@ class TrainConfig:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
 
 
+def check_setting(field: dataclasses.Field, value) -> None:
+    """ValueError naming the option unless `value` is of the field's type, one of its choices, finite
+    and in its range."""
+    option, choices = option_name(field.name), literal_choices(field)
+    kind = str if choices else field.type
+    if not of_type(value, kind):
+        raise ValueError(f"{option} must be of type {kind.__name__}, got {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+    if field.type is float and not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number, got {value}")
+    low, high, above = (field.metadata.get(key) for key in ("minimum", "maximum", "above"))
+    if (low is not None and value < low) or (high is not None and value > high) or (
+            above is not None and value <= above):
+        raise ValueError(f"{option} must be {value_range(field)}, got {value}")
+
+
+def read_object(path) -> dict:
+    """infra/files.read_json_object, and a file nested too deeply for json (a RecursionError) refused
+    in one line naming it too."""
+    try:
+        return read_json_object(path)
+    except RecursionError:
+        raise ValueError(f"{path} is not a JSON object of settings (nested too deeply to read)") from None
+
+
 def literal_choices(field: dataclasses.Field) -> tuple:
     """The values of a Literal[...] field; () for any other."""
     return get_args(field.type) if get_origin(field.type) is Literal else ()
@@ -263,7 +278,7 @@ def vae_factor(config: TrainConfig) -> int:
     channels = BABY_VAE_CHANNELS[config.vae_downsampling]
     if config.mode == "temporal":
         path = Path(config.model, "config.json")
-        vae = read_json_object(path).get("vae")
+        vae = read_object(path).get("vae")
         channels = vae.get("block_out_channels") if isinstance(vae, dict) else None
         if not isinstance(channels, list) or not channels:
             raise ValueError(f"--model {config.model}: {path} has no vae.block_out_channels")
@@ -297,14 +312,32 @@ def stored_settings(out: Path) -> dict | None:
     path = out / "train_config.json"
     if not path.exists():
         return None
-    values = read_json_object(path)
+    values = read_object(path)
     for old, new in RENAMED_SETTINGS.items():
         if old in values and new not in values:
             values[new] = values.pop(old)
     added = {name: value for name, (since, value) in ADDED_WITH.items() if since in values}
     values = {**ADDED_SETTINGS, **added, **values}
-    names = {field.name for field in dataclasses.fields(TrainConfig)}
-    return {name: value for name, value in values.items() if name in names}
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for name, value in values.items():
+        if name in fields:
+            try:
+                check_setting(fields[name], value)
+            except ValueError as error:
+                raise ValueError(f"{path}: the stored {error}; is the file damaged? It is the run's record of its "
+                                 f"settings: mend it, or use a new --out") from None
+    return {name: value for name, value in values.items() if name in fields}
+
+
+def stored_processes(out: Path) -> int:
+    """The processes that started the run in `out` (its train_config.json's "world_size"; 1 when it has
+    none); ValueError naming the file for anything but a whole number of at least 1."""
+    path = out / "train_config.json"
+    count = read_object(path).get("world_size", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{path}: world_size must be a whole number of processes of at least 1, got {count!r}; is the "
+                         f"file damaged?")
+    return count
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -325,21 +358,24 @@ def resume_changes(config: TrainConfig) -> list[str]:
     their global batch must stay."""
     out = Path(config.out)
     stored = stored_settings(out) or {}
-    stored_processes = read_json_object(out / "train_config.json").get("world_size", 1) if stored else 1
+    started_on = stored_processes(out) if stored else 1
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     accepted, refused = [], []
     for field in dataclasses.fields(TrainConfig):
-        if field.name in PER_PROCESS and field.name in stored and processes != stored_processes:
+        if field.name in PER_PROCESS and field.name in stored and processes != started_on:
             if field.name == "vae_batch_size" and config.mode == "temporal":
                 continue  # mode temporal has no VAE stage
             old, new = stored[field.name], getattr(config, field.name)
-            change = (f"{option_name(field.name)} {old} x {stored_processes} processes -> {new} x {processes} "
-                      f"processes")
-            if old * stored_processes == new * processes:
+            change = f"{option_name(field.name)} {old} x {started_on} processes -> {new} x {processes} processes"
+            total = old * started_on  # the global batch
+            if total == new * processes:
                 accepted.append(change + " (the same global batch)")
+            elif total % processes == 0:
+                refused.append(change + f" (give {option_name(field.name)} {total // processes}: the global batch is "
+                                        f"{total})")
             else:
-                refused.append(change + f" (give {option_name(field.name)} {old * stored_processes / processes:g}: "
-                                        f"the global batch is {old * stored_processes})")
+                refused.append(change + f" (the global batch is {total}, which {processes} processes cannot share "
+                                        f"evenly)")
             continue
         if field.name not in stored or stored[field.name] == getattr(config, field.name):
             continue

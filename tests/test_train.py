@@ -559,3 +559,14 @@ def test_a_vae_whose_latents_do_not_vary_is_refused_not_scaled_by_infinity(tmp_p
 def test_plan_refuses_a_clip_it_could_not_draw_to_count_with(tmp_path):
     with pytest.raises(ValueError, match=r"^--size 400000 --context-frames 2 --frames 4: --plan draws one clip of "):
         train.plan(TrainConfig(out=str(tmp_path), size=400_000))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named_in_one_line(tiny_run, tmp_path, capsys):
+    out = copy_of(tiny_run, tmp_path)
+    state = torch.load(out / "unet.pt", weights_only=True)
+    del state["module"][next(iter(state["module"]))]  # as a checkpoint of another model, or a damaged one
+    torch.save(state, out / "unet.pt")
+    before = kept(out)
+    status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
+    assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / 'unet.pt'} does not fit"), lines
+    assert kept(out) == before

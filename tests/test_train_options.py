@@ -254,3 +254,36 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monk
     (tmp_path / "config.json").write_text(json.dumps({"vae": {"block_out_channels": [8, 16, 32]}}))
     with pytest.raises(ValueError, match=f"^{option} "):
         TrainConfig(**{"out": str(tmp_path / "run"), **settings})
+
+
+@pytest.mark.parametrize("damage, named", [
+    (dict(unet_steps="9"), "--unet-steps"), (dict(seed=None), "--seed"), (dict(learning_rate=1e300), "--learning-rate"),
+    (dict(mode="video"), "--mode"), (dict(world_size="2"), "world_size"), (dict(world_size=None), "world_size"),
+    (dict(world_size=0), "world_size"), (dict(world_size=True), "world_size"), ("nested", "nested")])
+def test_a_damaged_train_config_json_is_named_in_one_line_before_anything_is_imported(tmp_path, damage, named):
+    # Issue 22's other damaged JSON: valid JSON of the wrong types was blamed on an option not given, or a traceback.
+    store_run(tmp_path, size=16, vae_downsampling=4)
+    path = tmp_path / "train_config.json"
+    if damage == "nested":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **damage}))
+    before = path.read_bytes()
+    result = run_train("--out", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    error, marker = result.stderr.splitlines()
+    assert error.startswith(f"error: {path}") and named in error and marker == "torch not imported", error
+    assert path.read_bytes() == before
+
+
+def test_a_global_batch_that_the_processes_cannot_share_says_so(tmp_path, monkeypatch):
+    stored = store_run(tmp_path, size=16, vae_downsampling=4, batch_size=1, vae_batch_size=3)
+    values = json.loads((tmp_path / "train_config.json").read_text())
+    (tmp_path / "train_config.json").write_text(json.dumps({**values, "world_size": 3}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError) as error:
+        train.resume_changes(dataclasses.replace(stored, batch_size=2, vae_batch_size=5))
+    assert ("--batch-size 1 x 3 processes -> 2 x 2 processes (the global batch is 3, which 2 processes cannot share "
+            "evenly)") in str(error.value)
+    assert ("--vae-batch-size 3 x 3 processes -> 5 x 2 processes (the global batch is 9, which 2 processes cannot "
+            "share evenly)") in str(error.value)

@@ -380,9 +380,14 @@ class Stage:
         if self.sharded:
             self.load_sharded(state)
             return
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        try:
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:  # another model's, or damaged
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{self.path} does not fit this run's model ({message}); it is another model's or "
+                             f"damaged: move it away to train its stage from the start") from None
         if self.ema is not None:
             if "ema" not in state:
                 raise ValueError(f"{self.path} holds no weight averages (--ema-decay)")
