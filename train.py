@@ -661,6 +661,12 @@ class RunLock(OutputLock):
         super().__init__(str(out))
         self.path = Path(out) / "train.lock"
 
+    def __enter__(self) -> "RunLock":
+        try:
+            return super().__enter__()
+        except ValueError as error:  # OutputLock's words are sample.py's
+            raise ValueError(str(error).replace("a lock of sample.py", "a lock of train.py")) from None
+
 
 def check_batches_fit(config: TrainConfig, data=None) -> None:
     """ValueError naming the options when one batch of clips (float32 pixels, as the shapes world or a

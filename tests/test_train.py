@@ -570,3 +570,11 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named_in_one_line(tiny_run,
     status, lines = main_exit(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}), capsys)
     assert status == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out / 'unet.pt'} does not fit"), lines
     assert kept(out) == before
+
+
+def test_a_file_in_the_place_of_the_lock_that_is_not_one_is_kept_and_named(tiny_run, tmp_path):
+    out = copy_of(tiny_run, tmp_path)
+    (out / "train.lock").write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"train.lock exists and is not a lock of train.py \(it holds no process id\)"):
+        train.train(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}))
+    assert (out / "train.lock").read_text() == "my notes\n"
