@@ -578,3 +578,33 @@ def test_a_file_in_the_place_of_the_lock_that_is_not_one_is_kept_and_named(tiny_
     with pytest.raises(ValueError, match=r"train.lock exists and is not a lock of train.py \(it holds no process id\)"):
         train.train(TrainConfig(out=str(out), **{**TINY, "unet_steps": 3}))
     assert (out / "train.lock").read_text() == "my notes\n"
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(REPOSITORY)!r})\n"
+        "import train\n"
+        "unet_loss = train.unet_loss\n"
+        "def poisoned(*args):\n"
+        "    loss = unet_loss(*args)\n"
+        "    return lambda unet, index, generator: loss(unet, index, generator) * (\n"
+        "        float('nan') if index >= 2 and dist.get_rank() == 1 else 1.0)  # a damaged clip of one process\n"
+        "train.unet_loss = poisoned\n"
+        f"config = train.TrainConfig(out={str(tmp_path / 'out')!r}, vae_steps=1, unet_steps=4, checkpoint_every=1, "
+        f"**{SMALL!r})\n"
+        "try:\n"
+        "    train.train(config)\n"
+        "except ValueError as error:\n"
+        "    print(f'rank {dist.get_rank()}: {error}')\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stops = sorted(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [rank for rank, _ in stops] == ["rank 0", "rank 1"] and stops[0][1] == stops[1][1], result.stdout
+    assert stops[0][1].startswith("unet step 3/4: the loss is nan, not a finite number") and "keeps step 2" in stops[0][1]
+    assert torch.load(tmp_path / "out" / "unet.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "out" / "model").exists()
