@@ -213,6 +213,9 @@ class TrainConfig:
         check_not_an_input("--out", self.out, [("--model", self.model if self.mode == "temporal" else None),
                                                ("--data", None if self.data == "shapes" else self.data),
                                                ("--validation-data", self.validation_data or None)])
+        if (model := model_folder_holding(self.out)) is not None:
+            raise ValueError(f"--out {self.out} is or lies inside the model folder {model} (it holds a checkpoint's "
+                             f"config.json); give a run's folder outside it")
         if self.fsdp and self.self_context != "off":
             raise ValueError("--fsdp with --self-context: the self-made contexts call the UNet a number of times "
                              "that differs between processes, which FSDP cannot gather for; use DDP")
@@ -225,6 +228,23 @@ class TrainConfig:
         factor = vae_factor(self)
         if self.size % factor:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
+
+
+def model_folder_holding(path) -> Path | None:
+    """The nearest folder at or above `path` (links resolved) that holds a checkpoint's config.json
+    (convert_weights.py's, the embedded baby's, a run's OUT/model), or None."""
+    path = Path(os.path.realpath(path))
+    for folder in (path, *path.parents):
+        config = folder / "config.json"
+        try:
+            if not config.is_file() or config.stat().st_size > 2**20:  # a checkpoint's is a few kB
+                continue
+            values = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue  # not a checkpoint's
+        if isinstance(values, dict) and str(values.get("format")).startswith("sdxl-video-checkpoint/"):
+            return folder
+    return None
 
 
 def check_setting(field: dataclasses.Field, value) -> None:

@@ -287,3 +287,18 @@ def test_a_global_batch_that_the_processes_cannot_share_says_so(tmp_path, monkey
             "evenly)") in str(error.value)
     assert ("--vae-batch-size 3 x 3 processes -> 5 x 2 processes (the global batch is 9, which 2 processes cannot "
             "share evenly)") in str(error.value)
+
+
+@pytest.mark.parametrize("inside", ["", "run"])
+def test_an_output_that_is_or_lies_inside_a_model_folder_is_refused_in_mode_baby_too(tmp_path, inside):
+    # A model folder is no run's folder: --out models/baby put checkpoints, logs and samples among its files.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"format": "sdxl-video-checkpoint/1"}))
+    result = run_train("--out", str(model / inside), "--size", "16", "--vae-downsampling", "4", "--steps", "1",
+                       "--vae-steps", "1", "--batch-size", "2", "--vae-batch-size", "2", "--threads", "1")
+    assert result.returncode == 2, result.stderr
+    error, marker = result.stderr.splitlines()
+    assert error == (f"error: --out {model / inside} is or lies inside the model folder {model} (it holds a "
+                     f"checkpoint's config.json); give a run's folder outside it"), error
+    assert sorted(model.rglob("*")) == [model / "config.json"]
