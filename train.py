@@ -172,7 +172,7 @@ class TrainConfig:
                               "at most 4 x the machine's cores", FREE, minimum=0)
     sample_steps: int = setting(25, "denoising steps of the samples; sample.py's default for the trained model",
                                 FREE, minimum=1)
-    sample_guidance: float = setting(2.0, "guidance scale of the samples; sample.py's default for the trained model",
+    sample_guidance: float = setting(3.0, "guidance scale of the samples; sample.py's default for the trained model",
                                      FREE, minimum=0)
     sample_anchor_frame: bool = setting(
         True, "keep the first frame in the samples' context; sample.py's default for the trained model", FREE)

@@ -248,10 +248,10 @@ def test_the_trained_model_samples_as_the_baby_does(tiny_run):
     baby = json.loads((REPOSITORY / "models" / "baby" / "config.json").read_text())["sample_defaults"]
     assert written == {**baby, "height": 16, "width": 16}
     assert set(written) <= set(SETTING_NAMES)  # names sample.py takes from a model's sample_defaults
-    config = train.parse_config(["--out", str(tiny_run), "--sample-steps", "12", "--sample-guidance", "3",
+    config = train.parse_config(["--out", str(tiny_run), "--sample-steps", "12", "--sample-guidance", "4",
                                  "--no-sample-anchor-frame"])
     assert {k: train.sample_defaults(config)[k] for k in ("steps", "guidance", "anchor_frame")} == dict(
-        steps=12, guidance=3.0, anchor_frame=False)
+        steps=12, guidance=4.0, anchor_frame=False)
 
 
 def main_exit(config: TrainConfig, capsys) -> tuple[int, list[str]]:

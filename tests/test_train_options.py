@@ -146,7 +146,7 @@ def test_the_conditioner_is_a_setting_and_an_unknown_one_is_refused_before_any_f
 
 def test_options_not_given_take_the_values_of_the_run_in_out(tmp_path):
     stored = store_run(tmp_path, prediction_type="epsilon", context_drop=0.1, context_shorten=0.0, unet_steps=7,
-                       sample_guidance=3.0, gradient_checkpointing=True)
+                       sample_guidance=5.0, gradient_checkpointing=True)
     assert train.parse_config(["--out", str(tmp_path)]) == stored  # resumes as it was started, not as the defaults
     given = train.parse_config(["--out", str(tmp_path), "--unet-steps", "9"])
     assert given == dataclasses.replace(stored, unet_steps=9)
@@ -173,7 +173,7 @@ def test_a_resumed_run_accepts_only_changes_that_extend_it(tmp_path):
                                    gradient_checkpointing=True, sample_guidance=4.0)
     assert train.resume_changes(extended) == [
         "--unet-steps 10 -> 20", "--gradient-checkpointing off -> on", "--vae-steps 5 -> 6", "--log-every 100 -> 7",
-        "--threads 0 -> 2", "--device auto -> cpu", "--sample-guidance 2.0 -> 4.0"]
+        "--threads 0 -> 2", "--device auto -> cpu", "--sample-guidance 3.0 -> 4.0"]
     refused = dict(size=32, learning_rate=0.01, prediction_type="epsilon", context_shorten=0.0, seed=1,
                    batch_size=4, autocast="bf16", unet_steps=9)
     with pytest.raises(ValueError) as error:
