@@ -97,17 +97,23 @@ def test_a_pattern_that_is_no_module_name_is_refused_naming_the_file_and_the_key
     assert str(path) in message and f"unet.{field}" in message and json.dumps(key) in message, message
 
 
+def read_in_a_child(model, path, hang: str) -> subprocess.CompletedProcess:
+    """Read the LoRA file at `path` for `model` in a child process (its refusal printed); fail with
+    `hang` if it takes more than 60 s."""
+    code = ("import sys; from formats import lora_files as f; t, c = f.checkpoint_targets(sys.argv[1])\n"
+            "try: f.read_lora_file(sys.argv[2], t, c)\nexcept f.LoraError as e: print(e)")
+    try:
+        return subprocess.run([sys.executable, "-c", code, str(model), str(path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(hang)
+
+
 def test_a_backtracking_pattern_does_not_hang(model, tmp_path):
     """(.*)*Z backtracks through about 2^58 ways on a 58-character module name (51 s for 28 characters):
     as a regular expression it runs for ages; as data it is refused at once."""
     path = peft_lora(tmp_path / "hostile.safetensors", {"unet.alpha_pattern": {"(.*)*Z": 1.0}})
-    code = ("import sys; from formats import lora_files as f; t, c = f.checkpoint_targets(sys.argv[1])\n"
-            "try: f.read_lora_file(sys.argv[2], t, c)\nexcept f.LoraError as e: print(e)")
-    try:
-        done = subprocess.run([sys.executable, "-c", code, str(model), str(path)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("reading the file's alpha_pattern hangs")
+    done = read_in_a_child(model, path, "reading the file's alpha_pattern hangs")
     assert "unet.alpha_pattern" in done.stdout and done.returncode == 0, done.stdout + done.stderr
 
 
@@ -292,13 +298,7 @@ def test_a_long_key_neither_hangs_nor_floods_the_message(model, tmp_path):
              long_key: torch.ones(1), "x.y\nz.lora_A.weight": torch.ones(1)}
     path = tmp_path / "long.safetensors"
     save_file(state, path)
-    code = ("import sys; from formats import lora_files as f; t, c = f.checkpoint_targets(sys.argv[1])\n"
-            "try: f.read_lora_file(sys.argv[2], t, c)\nexcept f.LoraError as e: print(e)")
-    try:
-        done = subprocess.run([sys.executable, "-c", code, str(model), str(path)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("splitting a long key hangs")
+    done = read_in_a_child(model, path, "splitting a long key hangs")
     message = done.stdout.strip()
     assert "\n" not in message and len(message) < 1000 and "x.y\\nz.lora_A.weight" in message, message
 
