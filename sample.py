@@ -43,11 +43,11 @@ def parse_position(text: str, fps: float, frames: int) -> int:
     """A timeline position, a chunk index ("12") or seconds ("12.5s"), as a chunk index; ValueError if not."""
     if text.endswith("s"):
         seconds = float(text[:-1])
-        if not (math.isfinite(seconds) and seconds >= 0):
+        if not (math.isfinite(seconds) and 0 <= seconds * fps / frames < 2**63):
             raise ValueError
         return round(seconds * fps / frames)
     chunk = int(text)
-    if chunk < 0:
+    if not 0 <= chunk < 2**63:
         raise ValueError
     return chunk
 

@@ -269,3 +269,9 @@ def test_the_run_builds_no_autograd_graph(model, tmp_path, monkeypatch):
                         lambda self, *a, **kw: grad_enabled.append(torch.is_grad_enabled()) or decode(self, *a, **kw))
     run(model, tmp_path / "video.mp4", "--prompt", "a red circle", "--chunks", "2")
     assert grad_enabled == [False, False]
+
+
+@pytest.mark.parametrize("position", ["1e308s", "99999999999999999999999", "-1", "inf s"])
+def test_a_timeline_position_past_any_chunk_is_one_line(position):
+    with pytest.raises(ValueError, match="after the last '@' give a chunk index"):
+        sample.main(["--prompt", "a", "--prompt", f"b@{position}", "--chunks", "1", "--out", "unused.gif"])
