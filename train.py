@@ -264,15 +264,6 @@ def check_setting(field: dataclasses.Field, value) -> None:
         raise ValueError(f"{option} must be {value_range(field)}, got {value}")
 
 
-def read_object(path) -> dict:
-    """infra/files.read_json_object, and a file nested too deeply for json (a RecursionError) refused
-    in one line naming it too."""
-    try:
-        return read_json_object(path)
-    except RecursionError:
-        raise ValueError(f"{path} is not a JSON object of settings (nested too deeply to read)") from None
-
-
 def literal_choices(field: dataclasses.Field) -> tuple:
     """The values of a Literal[...] field; () for any other."""
     return get_args(field.type) if get_origin(field.type) is Literal else ()
@@ -298,7 +289,7 @@ def vae_factor(config: TrainConfig) -> int:
     channels = BABY_VAE_CHANNELS[config.vae_downsampling]
     if config.mode == "temporal":
         path = Path(config.model, "config.json")
-        vae = read_object(path).get("vae")
+        vae = read_json_object(path).get("vae")
         channels = vae.get("block_out_channels") if isinstance(vae, dict) else None
         if not isinstance(channels, list) or not channels:
             raise ValueError(f"--model {config.model}: {path} has no vae.block_out_channels")
@@ -332,7 +323,7 @@ def stored_settings(out: Path) -> dict | None:
     path = out / "train_config.json"
     if not path.exists():
         return None
-    values = read_object(path)
+    values = read_json_object(path)
     for old, new in RENAMED_SETTINGS.items():
         if old in values and new not in values:
             values[new] = values.pop(old)
@@ -353,7 +344,7 @@ def stored_processes(out: Path) -> int:
     """The processes that started the run in `out` (its train_config.json's "world_size"; 1 when it has
     none); ValueError naming the file for anything but a whole number of at least 1."""
     path = out / "train_config.json"
-    count = read_object(path).get("world_size", 1)
+    count = read_json_object(path).get("world_size", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"{path}: world_size must be a whole number of processes of at least 1, got {count!r}; is the "
                          f"file damaged?")

@@ -165,6 +165,9 @@ def read_json_object(path) -> dict:
         raise ValueError(f"{path} cannot be read ({error.strerror or error})") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); is it truncated?") from error
+    except (RecursionError, ValueError) as error:  # nested too deeply; an integer of too many digits
+        raise ValueError(f"{path} is not JSON this program reads ({type(error).__name__}): "
+                         "nested too deeply or a number too long") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
     return values

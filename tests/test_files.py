@@ -223,3 +223,12 @@ def test_a_device_that_is_not_there_is_one_line_naming_it(one_gpu, name, rank, m
     with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
         resolve_device(name)
     assert "\n" not in str(error.value)
+
+
+def test_json_nested_too_deeply_or_with_huge_numbers_is_one_line_naming_the_file(tmp_path):
+    from infra.files import read_json_object
+
+    for name, text in (("deep.json", "[" * 100_000 + "]" * 100_000), ("long.json", '{"a": ' + "9" * 5000 + "}")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} is not JSON this program reads"):
+            read_json_object(tmp_path / name)
