@@ -1,16 +1,17 @@
 """diffusers' UNet and VAE built from our configs (random weights): the references that
 tests/diffusers_oracle.py holds our models against and that tools/bench.py compares with. diffusers
-is a test dependency: import this module only where diffusers is installed.
+is a test dependency (requirements-dev.txt), not a run-time one: it is imported inside each function,
+so this module imports without it and only a call needs it.
 """
-
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from model import UNetConfig
 from vae import VAEConfig
 
 
-def diffusers_unet(config: UNetConfig) -> UNet2DConditionModel:
+def diffusers_unet(config: UNetConfig):
     """diffusers' UNet2DConditionModel with the spatial layers of `config` (no temporal modules)."""
+    from diffusers import UNet2DConditionModel
+
     depths = config.transformer_layers_per_block
     return UNet2DConditionModel(
         sample_size=config.sample_size,
@@ -30,8 +31,10 @@ def diffusers_unet(config: UNetConfig) -> UNet2DConditionModel:
     )
 
 
-def diffusers_vae(config: VAEConfig) -> AutoencoderKL:
+def diffusers_vae(config: VAEConfig):
     """diffusers' AutoencoderKL with the layers of `config`."""
+    from diffusers import AutoencoderKL
+
     levels = len(config.block_out_channels)
     return AutoencoderKL(
         in_channels=config.in_channels,
