@@ -5,6 +5,7 @@
                           "sample_defaults": {...}}
     unet.safetensors     the UNet, spatial and temporal weights
     vae.safetensors      the VAE
+    refiner.safetensors  the refiner (refiner.py), only when config.json has a "refiner" section
     text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   transformers' layout
 
 `save_checkpoint` writes config.json last, after every other file is on disk (`fsync_tree`): a folder
@@ -24,15 +25,18 @@ from safetensors.torch import load_file, save_file
 
 from infra.files import fsync, fsync_tree, listing, naming, read_json_object
 from model import UNet, UNetConfig
+from refiner import Refiner, RefinerConfig
 from scheduler import SchedulerConfig
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 
 CHECKPOINT_FORMAT = "sdxl-video-checkpoint/1"
-CHECKPOINT_FILES = ("config.json", "unet.safetensors", "vae.safetensors")  # and the folders text.SUBFOLDERS
+CHECKPOINT_FILES = ("config.json", "unet.safetensors", "vae.safetensors",
+                    "refiner.safetensors")  # and the folders text.SUBFOLDERS
 # The sections of config.json that build the models: name -> its config from the stored dict.
 MODEL_CONFIGS = {"unet": lambda values: UNetConfig(**values), "vae": lambda values: VAEConfig(**values),
-                 "scheduler": SchedulerConfig.from_dict}
+                 "scheduler": SchedulerConfig.from_dict, "refiner": lambda values: RefinerConfig(**values)}
+OPTIONAL_CONFIGS = {"refiner"}  # sections a checkpoint may lack (absent or null)
 # What each subfolder of text.SUBFOLDERS needs: any one of these sets of files.
 TEXT_FILES = {"text_encoder": (("config.json", "model.safetensors"),),
               "tokenizer": (("tokenizer_config.json", "tokenizer.json"),
@@ -56,10 +60,13 @@ def load_checkpoint_config(folder) -> dict:
 
 
 def model_configs(folder) -> dict:
-    """The UNet's, the VAE's and the scheduler's configs of config.json, built and so checked."""
+    """The UNet's, the VAE's and the scheduler's configs of config.json, built and so checked, and
+    the refiner's when it has one."""
     path, config = Path(folder) / "config.json", load_checkpoint_config(folder)
     configs = {}
     for name, make in MODEL_CONFIGS.items():
+        if name in OPTIONAL_CONFIGS and config.get(name) is None:
+            continue
         if not isinstance(config.get(name), dict):
             raise ValueError(f"{path}: {name!r} must be an object of settings, got {config.get(name)!r}")
         try:
@@ -100,13 +107,14 @@ def data_bytes(header: dict[str, dict]) -> int:
 
 def check_checkpoint_files(folder) -> int:
     """Check a checkpoint folder's files without loading any weights, and return the bytes of the
-    UNet's and the VAE's weights (for a memory estimate): config.json and its model settings, the
-    safetensors headers of unet.safetensors and vae.safetensors (complete, file size as declared),
+    UNet's, the VAE's and the refiner's weights (for a memory estimate): config.json and its model
+    settings, the safetensors headers of unet.safetensors, vae.safetensors and refiner.safetensors
+    when config.json has a refiner (complete, file size as declared),
     and the files of the text encoders (config.json, a complete model.safetensors) and tokenizers.
     ValueError naming the first broken file."""
     folder = Path(folder)
-    model_configs(folder)
-    weights = sum(data_bytes(safetensors_header(folder / name)) for name in ("unet.safetensors", "vae.safetensors"))
+    parts = ("unet", "vae", "refiner") if "refiner" in model_configs(folder) else ("unet", "vae")
+    weights = sum(data_bytes(safetensors_header(folder / f"{name}.safetensors")) for name in parts)
     for name in SUBFOLDERS:
         kind, subfolder = name.removesuffix("_2"), folder / name
         choices = TEXT_FILES[kind]
@@ -154,6 +162,7 @@ class Checkpoint(NamedTuple):
     text_encoder: TextEncoder
     scheduler_config: SchedulerConfig
     provenance: dict  # where each part came from (config.json's "provenance")
+    refiner: Refiner | None = None  # None: the checkpoint has none
 
 
 def load_checkpoint(folder, device=None, dtype=None) -> Checkpoint:
@@ -170,7 +179,10 @@ def load_checkpoint(folder, device=None, dtype=None) -> Checkpoint:
         message = str(error).strip().splitlines()[0]
         raise ValueError(f"the text encoders and tokenizers in {folder} cannot be loaded: {message}") from error
     provenance = load_checkpoint_config(folder).get("provenance", {})
-    return Checkpoint(unet, vae, text_encoder, configs["scheduler"], provenance)
+    refiner = None
+    if "refiner" in configs:
+        refiner = load_module(Refiner, configs["refiner"], folder / "refiner.safetensors", device, dtype)
+    return Checkpoint(unet, vae, text_encoder, configs["scheduler"], provenance, refiner)
 
 
 # Saving: every file on disk before config.json, which comes last.
@@ -178,8 +190,9 @@ def load_checkpoint(folder, device=None, dtype=None) -> Checkpoint:
 
 def save_checkpoint(folder, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder,
                     scheduler_config: SchedulerConfig, provenance: dict | None = None,
-                    sample_defaults: dict | None = None) -> None:
-    """Write the checkpoint folder (weights in their current dtype). config.json also keeps
+                    sample_defaults: dict | None = None, refiner: Refiner | None = None) -> None:
+    """Write the checkpoint folder (weights in their current dtype), with refiner.safetensors and
+    a "refiner" section when there is a `refiner`. config.json also keeps
     `provenance` (where each part came from) and `sample_defaults` (sample.py's defaults for
     this model: height, width, frames, context_frames, steps, guidance).
 
@@ -189,7 +202,8 @@ def save_checkpoint(folder, unet: UNet, vae: AutoencoderKL, text_encoder: TextEn
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").unlink(missing_ok=True)
-    for name, module in (("unet.safetensors", unet), ("vae.safetensors", vae)):
+    modules = (("unet.safetensors", unet), ("vae.safetensors", vae), ("refiner.safetensors", refiner))
+    for name, module in [(name, module) for name, module in modules if module is not None]:
         with naming(folder / name) as path:
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
     with naming(folder):
@@ -200,6 +214,7 @@ def save_checkpoint(folder, unet: UNet, vae: AutoencoderKL, text_encoder: TextEn
         "unet": unet.config.to_dict(),
         "vae": asdict(vae.config),
         "scheduler": scheduler_config.to_dict(),
+        **({"refiner": refiner.config.to_dict()} if refiner is not None else {}),
         "provenance": provenance or {},
         "sample_defaults": sample_defaults or {},
     }
