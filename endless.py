@@ -51,6 +51,15 @@ class VideoState:
     # then takes what that version did).
     vae_dtype: str | None = None  # fp32, fp16 or bf16
     vae_tiles: bool | None = None  # decoded in tiles, where a frame is more than one tile
+    # With a refiner: the latents it may still change, (batch, 4, <= 2 * frames, h, w), the newest
+    # last, and how many latents the video has made (`through_refiner`).
+    refiner_window: torch.Tensor | None = None
+    latents_made: int = 0
+    # With --context-matching: the next context, and every latent's count, sum and sum of squares
+    # per (video, channel), (3, batch, 4) float64 (video_settings.match_statistics).
+    matched_context: torch.Tensor | None = None
+    followed_bytes: int = 0  # with sample.py --follow: how much of the followed file has been read
+    latent_moments: torch.Tensor | None = field(default=None, metadata={"on_cpu": True})
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """Every tensor field's value by name (None where there is none yet)."""
@@ -134,25 +143,36 @@ class Prompts:
 def timeline_prompts(pipeline, settings: Settings) -> Prompts:
     """The prompts of `settings`' timeline, encoded (then the text encoders leave the device), with
     its transition and LoRAs; merge the LoRAs first (`load_loras`): the text encoders have them too."""
-    texts = [text for _, text in settings.timeline]
-    encode = lambda: pipeline.encode_prompts(texts, settings.negative_prompt, settings.guidance > 1)
+    encode = lambda: pipeline.encode_prompts([text for _, text in settings.timeline], settings.negative_prompt,
+                                             settings.guidance > 1)  # the timeline as it is then (`place_prompt`)
     placed = list(zip([start for start, _ in settings.timeline], encode()))
     return Prompts(placed, settings.transition, settings.loras, encode)
 
 
+def place_prompt(settings: Settings, prompts: Prompts, chunk: int, text: str) -> None:
+    """Put `text` on the timeline at `chunk` while a video is made (sample.py --follow): in
+    `settings.timeline`, which the state file keeps, and in `prompts`, encoded with the others
+    (whose embeddings come out as before). `chunk` must be free and not yet made."""
+    settings.timeline = sorted([*settings.timeline, (chunk, text)])
+    prompts.placed = list(zip([start for start, _ in settings.timeline], prompts.encode()))
+
+
 def generate_latents(pipeline, chunk: ChunkSpec, drift: DriftControls, prompts: Prompts, state: VideoState,
                      generator, latent_image=None, image_strength: float = Settings.image_strength,
-                     callback=None, on_chunk=None):
+                     callback=None, on_chunk=None, refine: bool = False):
     """Yield the latents of chunk after chunk (batch, 4, chunk.frames, h, w), updating `state` before each.
 
     The drift controls make each chunk's context and post-process each finished chunk, in the order
     DriftControls' docstring lists. Each chunk's prompt embeddings and LoRA strengths come from
     `prompts` (`Prompts.at`). generator: a torch.Generator, or one per batch item. latent_image
     (1, 4, 1, h, w): where the first chunk starts, keeping `image_strength` of it. Every chunk is
-    sampled with `chunk.scheduler` (None: the pipeline's scheduler config's sampler), here for every
-    caller: sample.py, evaluate.py, training's samples and validation. callback(step,
-    steps): after every denoising step. on_chunk(index, context, embeddings): before every chunk,
+    sampled with `chunk.scheduler` (None: the pipeline's scheduler config's sampler) at its
+    timestep_spacing or explicit timesteps, here for every caller: sample.py, evaluate.py, training's
+    samples and validation. callback(step, steps): after every denoising step. on_chunk(index, context, embeddings): before every chunk,
     with what the chunk is made from (its context, None for the first, and its prompt embeddings).
+    refine: each chunk goes through `pipeline.refiner` over its last two chunks' latents
+    (`through_refiner`), and what is yielded are the latents that left its window (fewer frames,
+    none at first); the next context is taken from the refined latents, as the published loop does.
     """
     noise = lambda shape: randn(shape, generator, state.context.device, state.context.dtype)
     if prompts.loras and (pipeline.loras is None or pipeline.loras.paths != [lora.path for lora in prompts.loras]):
@@ -177,12 +197,50 @@ def generate_latents(pipeline, chunk: ChunkSpec, drift: DriftControls, prompts: 
             output_type="latent",
             callback=callback,
             sampler=chunk.scheduler,
+            timestep_spacing=chunk.timestep_spacing,
+            timesteps=chunk.timestep_list,
         )
         latents = drift.finish_chunk(latents, state, chunk)
-        previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
+        if refine:
+            latents = through_refiner(pipeline.refiner, state, latents, 2 * chunk.frames)
+            previous = state.refiner_window
+        else:
+            previous = latents if state.context is None else torch.cat([state.context, latents], dim=2)
         state.context = previous[:, :, -chunk.context_frames:].clone()  # (b, 4, k, h, w)
         state.chunk_index += 1
         yield latents
+
+
+def through_refiner(refiner, state: VideoState, latents: torch.Tensor, window: int) -> torch.Tensor:
+    """The published loop's refiner, streamed: a chunk's latents (b, 4, f, h, w) join the refiner's
+    window (`state.refiner_window`); once the video has more than `window` latents, the window's
+    last `window` are replaced by `refiner(them)`. Returns the latents that left the window, which
+    no later chunk changes (b, 4, 0 to f, h, w); the window's are the video's last (`unfinished`).
+
+    The published program refines the last `window` latents of its whole stack after every chunk
+    (so the first chunk is never refined and later latents are refined twice) and decodes the
+    stack at the end: writing each latent when it leaves the window gives the same frames.
+    """
+    stack = latents if state.refiner_window is None else torch.cat([state.refiner_window, latents], dim=2)
+    state.latents_made += latents.shape[2]
+    if state.latents_made > window:
+        stack = torch.cat([stack[:, :, :-window], refiner(stack[:, :, -window:])], dim=2)  # (b, 4, <= window + f, h, w)
+    state.refiner_window = stack[:, :, -window:]
+    return stack[:, :, :max(stack.shape[2] - window, 0)]
+
+
+def final_latents(state: VideoState, frames: int) -> int:
+    """How many of the video's latents no later chunk changes: all of them without a refiner
+    (`frames` per chunk), else those that left its window."""
+    if state.refiner_window is None:
+        return state.chunk_index * frames
+    return state.latents_made - state.refiner_window.shape[2]
+
+
+def unfinished(state: VideoState) -> torch.Tensor | None:
+    """The latents still in the refiner's window (b, 4, <= window, h, w): final once the video
+    ends there. None without a refiner."""
+    return state.refiner_window
 
 
 def decoded_chunks(pipeline, chunk: ChunkSpec, drift: DriftControls, prompts: Prompts, state: VideoState,
@@ -289,9 +347,9 @@ def state_from_dict(values: dict) -> VideoState:
     if missing or unknown:
         raise TypeError(f"its state lacks the fields {missing} or has unknown ones {unknown}")
     state = VideoState(**values)
-    if not (isinstance(state.chunk_index, int) and isinstance(state.frames_written, int)
-            and 0 <= state.frames_written and 0 <= state.chunk_index):
-        raise TypeError("chunk_index / frames_written")
+    counts = (state.chunk_index, state.frames_written, state.latents_made, state.followed_bytes)
+    if not all(isinstance(count, int) and count >= 0 for count in counts):
+        raise TypeError("chunk_index / frames_written / latents_made / followed_bytes")
     for name, value in state.tensors().items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(name)

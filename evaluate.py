@@ -325,6 +325,9 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     settings = Settings.from_options(timeline=[(0, text)], seed=seed, **values)
     check_settings(settings, config)
     check_sampler(settings, SAMPLERS)
+    if settings.refiner or settings.skip_frames:
+        raise ValueError(f"--model {model}: its recipe has a refiner or skipped frames, which evaluate.py "
+                         f"does not score yet (its chunks are scored as they are made)")
     return settings
 
 

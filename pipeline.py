@@ -13,8 +13,9 @@ from formats.lora import MergedLoras
 from infra.checkpoint import DTYPES, load_checkpoint, save_checkpoint
 from infra.offload import Offload
 from model import UNet, micro_conditioning
-from scheduler import (SAMPLERS, History, SchedulerConfig, add_noise, denoised_from, make_schedule, vp_coefficients,
-                       with_sampler)
+from refiner import Refiner
+from scheduler import (SAMPLERS, History, SchedulerConfig, add_noise, denoised_from, make_schedule, training_sigmas_of,
+                       vp_coefficients, with_sampler)
 from text import PromptEmbeddings, TextEncoder
 from vae import AutoencoderKL
 
@@ -44,10 +45,13 @@ def vae_dtype_name(dtype: str, requested: str | None, force_upcast: bool) -> str
 
 
 class StableDiffusionXLVideoPipeline:
-    """UNet + VAE + text encoders + DPM-Solver++ scheduler settings."""
+    """UNet + VAE + text encoders + DPM-Solver++ scheduler settings, and the refiner (refiner.py)
+    when the model has one (None otherwise)."""
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, scheduler_config: SchedulerConfig):
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, scheduler_config: SchedulerConfig,
+                 refiner: Refiner | None = None):
         self.unet = unet
+        self.refiner = refiner
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = scheduler_config
@@ -62,7 +66,8 @@ class StableDiffusionXLVideoPipeline:
         """Load a checkpoint folder (`infra.checkpoint.load_checkpoint`), keeping the stored dtype
         unless `dtype` is given; ValueError naming the file for a missing or broken one."""
         checkpoint = load_checkpoint(folder, device, dtype)
-        pipeline = cls(checkpoint.unet, checkpoint.vae, checkpoint.text_encoder, checkpoint.scheduler_config)
+        pipeline = cls(checkpoint.unet, checkpoint.vae, checkpoint.text_encoder, checkpoint.scheduler_config,
+                       checkpoint.refiner)
         pipeline.provenance = checkpoint.provenance
         return pipeline
 
@@ -71,7 +76,7 @@ class StableDiffusionXLVideoPipeline:
         dtype, config.json last); `provenance` says where each part came from, `sample_defaults` are
         sample.py's defaults for this model. An error while writing is an OSError naming the file."""
         save_checkpoint(folder, self.unet, self.vae, self.text_encoder, self.scheduler_config, provenance,
-                        sample_defaults)
+                        sample_defaults, self.refiner)
 
     def load_loras(self, paths: list[str], strengths: list[float] | None = None,
                    keep_originals: bool = True) -> MergedLoras:
@@ -82,8 +87,9 @@ class StableDiffusionXLVideoPipeline:
         return self.loras
 
     def to(self, device=None, dtype=None) -> "StableDiffusionXLVideoPipeline":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+        for module in (self.unet, self.vae, self.text_encoder, self.refiner):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
         return self
 
     def set_vae_dtype(self, name: str | None, dtype: str) -> str:
@@ -115,9 +121,12 @@ class StableDiffusionXLVideoPipeline:
 
     def encode_prompts(self, prompts: list[str], negative_prompt=None, do_classifier_free_guidance=True
                        ) -> list[PromptEmbeddings]:
-        """`encode_prompt` of each of `prompts` (a timeline's, all of them first), then the text
-        encoders leave the accelerator (to the CPU): the loop and the decode get their memory. With
-        an offload, its hooks move them."""
+        """`encode_prompt` of each of `prompts` (a timeline's, all of them first), on the device (where
+        they are encoded again later in a run: a LoRA's new strength, a followed prompt; so that a
+        resumed run gets the same numbers), then the text encoders leave the accelerator (to the CPU):
+        the loop and the decode get their memory. With an offload, its hooks move them."""
+        if self.offload is None:
+            self.text_encoder.to(self.device)
         embeddings = [self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance) for prompt in prompts]
         if self.offload is None:
             self.text_encoder.to("cpu")
@@ -165,6 +174,8 @@ class StableDiffusionXLVideoPipeline:
         prompt_embeds: PromptEmbeddings | None = None,
         callback=None,
         sampler: str | None = None,
+        timestep_spacing: str | None = None,
+        timesteps: list[int] | None = None,
     ):
         """Generate one chunk of `num_frames` frames.
 
@@ -177,12 +188,15 @@ class StableDiffusionXLVideoPipeline:
         generator: a torch.Generator, or a list of one per batch item, for every random draw
         (starting noise, SDE noise); never the global RNG. callback(step, total): progress.
         sampler: a name of scheduler.SAMPLERS to sample with in place of the scheduler config's.
+        timestep_spacing: one of scheduler.TIMESTEP_SPACINGS in place of the sampler's own or the
+        scheduler config's (`scheduler.with_sampler`). timesteps: the training timesteps to sample at,
+        descending, in place of num_inference_steps and the spacing.
         Returns latents (batch, 4, frames, h, w) for output_type "latent"; a video in [0, 1]
         (batch, 3, frames, H, W) for "pt"; (batch, frames, H, W, 3) float for "np"; lists of PIL
         images for "pil".
         """
         # 0. Checks: a bad argument is a ValueError naming it, before any work.
-        scheduler_config = with_sampler(self.scheduler_config, sampler)
+        scheduler_config = with_sampler(self.scheduler_config, sampler, timestep_spacing)
         height, width = self.check_inputs(height, width, num_frames, output_type, conditioning_strength, generator,
                                           latents, scheduler_config)
         do_classifier_free_guidance = guidance_scale > 1.0
@@ -191,7 +205,8 @@ class StableDiffusionXLVideoPipeline:
                                                        do_classifier_free_guidance)
         time_ids = micro_conditioning(text.shape[0], height, width, dtype=self.dtype, device=self.device)
         # 2. Timesteps and starting latents: noise, or latent_image noised to the first kept step.
-        timesteps, sigmas = make_schedule(scheduler_config, num_inference_steps)
+        steps = None if timesteps is not None else num_inference_steps
+        timesteps, sigmas = make_schedule(scheduler_config, steps, timesteps)
         latents = self.prepare_latents(batch_size, num_frames, height, width, generator, latents)
         timesteps, sigmas, latents = self.starting_point(scheduler_config, timesteps.to(self.device), sigmas, latents,
                                                          latent_image, conditioning_strength)
@@ -259,7 +274,8 @@ class StableDiffusionXLVideoPipeline:
         step and kept in `cache` for the others."""
         do_classifier_free_guidance = guidance_scale > 1.0
         step, stochastic = SAMPLERS[scheduler_config.algorithm_type]
-        history = History(scheduler_config.solver_order)
+        history = History(scheduler_config.solver_order, training_sigmas=training_sigmas_of(scheduler_config))
+        run_timesteps = timesteps.tolist() + [0]  # and 0 after the last step
         if previous_latents is not None:
             previous_latents = previous_latents.to(self.device, self.dtype)
         cache = self.unet.prepare_chunk(text, pooled, time_ids, previous_latents, *latents.shape[-2:], latents.dtype)
@@ -271,6 +287,7 @@ class StableDiffusionXLVideoPipeline:
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
             noise = randn(latents.shape, generator, self.device, torch.float32) if stochastic else None
             sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+            history.timestep, history.timestep_next = run_timesteps[index], run_timesteps[index + 1]
             sample = latents.float()  # the step in float32
             denoised = denoised_from(scheduler_config, noise_pred.float(), sample, *vp_coefficients(sigma))
             latents = step(sample, denoised, sigma, sigma_next, history, noise).to(latents.dtype)

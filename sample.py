@@ -20,17 +20,18 @@ import os
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from infra.cli import OneLineParser, check_device_name, of_type, option_name
-from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
+from video_settings import (DEFAULT_MODEL, LORA_SYNTAX, RECIPES, SETTING_NAMES, DriftControls, Settings, add_chunk_options,
                             check_settings, check_sampler, parse_lora)
 
 # Options that only say how long a resumed run goes on or how it runs, not what its frames are
 # (--offload changes no pixel: tests/test_memory_modes.py). --vae-dtype and --vae-tiles change the
 # decoded pixels: the state file keeps them (`decoding`), and --resume refuses another value.
+STANDARD_OUTPUT = "-"  # --out -: a fragmented MP4 stream, chunk by chunk (infra/video_io.Mp4StreamWriter)
 RESUME_MAY_CHANGE = {"out", "resume", "chunks", "seconds", "threads", "offload"}
 OFFLOAD_MODES = ("none", "model", "sequential")  # infra/offload.py's modes, and none
 
@@ -79,6 +80,60 @@ def parse_timeline(values: list[str], fps: float, frames: int) -> list[tuple[int
     return entries
 
 
+def follow_start(path: str) -> int:
+    """The size of the --follow file now; ValueError naming it unless it is a readable file."""
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"--follow {path}: not a readable file (create it, then append prompts to it while the run goes on)")
+    return os.path.getsize(path)
+
+
+def followed_lines(settings: Settings, state) -> list[str]:
+    """The complete lines appended to the --follow file since `state.followed_bytes` (which moves past
+    them); a line still being written waits for its newline. A file that cannot be read now, or that
+    shrank (replaced), gives a warning and no line; a shrunk file is followed from its new end."""
+    try:
+        with open(settings.follow, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            if size < state.followed_bytes:
+                warnings.warn(f"--follow {settings.follow}: the file shrank; following it from its end")
+                state.followed_bytes = size
+                return []
+            file.seek(state.followed_bytes)
+            data = file.read(size - state.followed_bytes)
+    except OSError as error:
+        warnings.warn(f"--follow {settings.follow}: cannot read it now ({error.strerror}); trying again at the next chunk")
+        return []
+    complete = data[:data.rfind(b"\n") + 1]
+    state.followed_bytes += len(complete)
+    return complete.decode("utf-8", "replace").splitlines()
+
+
+def place_followed(settings: Settings, prompts, state, lines: list[str]) -> None:
+    """Place each followed line on the timeline, "TEXT" at the first chunk not yet made plus
+    --transition (so the blend toward it starts now), "TEXT@T" at T or, if T is past, as "TEXT" would;
+    a blank line or one starting with # is skipped silently, a bad one with a warning."""
+    import endless
+
+    now = state.chunk_index + settings.transition
+    for line in (line.strip() for line in lines):
+        if not line or line.startswith("#"):
+            continue
+        text, _, position = line.rpartition("@") if "@" in line else (line, "", "")
+        try:
+            chunk = max(parse_position(position.strip(), settings.fps, settings.frames), now) if position else now
+        except (ValueError, OverflowError):
+            warnings.warn(f"--follow {settings.follow}: {line!r} skipped: after its last '@' give a chunk index or "
+                          f"seconds like 12.5s")
+            continue
+        if "\ufffd" in line or not text.strip():
+            warnings.warn(f"--follow {settings.follow}: {line!r} skipped: {'not UTF-8' if text.strip() else 'no text'}")
+        elif chunk in {start for start, _ in settings.timeline}:
+            warnings.warn(f"--follow {settings.follow}: {line!r} skipped: chunk {chunk} has a prompt already")
+        else:
+            endless.place_prompt(settings, prompts, chunk, text.strip())
+            print(f"\nchunk {chunk}: {text.strip()!r} (from --follow)", file=sys.stderr)
+
+
 def check_text(option: str, text: str) -> None:
     """ValueError unless `text` (from the command line or a file) is valid UTF-8."""
     try:
@@ -102,13 +157,26 @@ def read_timeline_file(path: str) -> list[str]:
 # Options
 
 
+def on_off(text: str) -> bool:
+    """An on|off option's value."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"give on or off, not {text!r}")
+    return text == "on"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
     parser.add_argument("--timeline", help='UTF-8 text file with one "TEXT@T" per line')
+    parser.add_argument("--follow", metavar="FILE",
+                        help='a UTF-8 text file to follow while the run goes on: each line appended to it, "TEXT" or '
+                             '"TEXT@T", places a prompt, "TEXT" at the next chunk (blended over --transition from '
+                             'there); a bad line is skipped with a warning; the state file keeps the timeline as used')
     add_chunk_options(parser)
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--out", default="video.mp4", help=".mp4, .gif, or a folder (PNG frames)")
+    parser.add_argument("--out", default="video.mp4",
+                        help=".mp4, .gif, a folder (PNG frames), or - (an MP4 stream to standard output, chunk by chunk: "
+                             "| ffplay - plays it while it is made)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out, once the new video's first chunk is complete")
     length = parser.add_mutually_exclusive_group()
@@ -128,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                              f"encoders; repeat for more: {LORA_SYNTAX}; strengths blend over --transition chunks "
                              f"like prompts, e.g. style.safetensors:0@0,1@10,0.3@20s")
     parser.add_argument("--drop-first-chunk", action="store_true", default=None, help="drop the first chunk (made without context), as the original did")
+    parser.add_argument("--refiner", type=on_off, metavar="on|off",
+                        help="refine the last two chunks' latents after every chunk with the model's refiner, as the "
+                             "published release does; a frame is written once no later chunk changes it "
+                             "(default: on when the model has one)")
+    parser.add_argument("--skip-frames", type=int,
+                        help="frames not written at the start of a new video (default: the model's, else 0; "
+                             "the published release's recipe: 7)")
     parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                         help="model: each of text encoders, UNet, VAE on the device only while it runs; sequential: "
                              "also the UNet's levels one at a time (smallest cards, slowest); default none")
@@ -155,7 +230,7 @@ def given_options(args: argparse.Namespace) -> set[str]:
 def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | None = None) -> Settings:
     """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
     given = {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name) is not None}
-    values = {**(model_defaults or {}), **given}
+    values = {**(model_defaults or {}), **(RECIPES[args.recipe] if args.recipe else {}), **given}
     for name in ("model", "image", "extend", "negative_prompt"):
         if isinstance(values.get(name), str):
             check_text(f"--{name.replace('_', '-')}", values[name])
@@ -188,7 +263,7 @@ def check_not_an_input(out: str, settings: Settings) -> None:
     from infra.files import check_not_an_input as refuse_an_input
 
     refuse_an_input("--out", out, [("--extend", settings.extend), ("--image", settings.image), ("--model", settings.model),
-                                   *(("--lora", lora.path) for lora in settings.loras)])
+                                   ("--follow", settings.follow), *(("--lora", lora.path) for lora in settings.loras)])
 
 
 def decoding(settings: Settings, model_config: dict, vae_dtype: str | None, vae_tiles: str | None) -> tuple[str, bool]:
@@ -233,6 +308,11 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
         elif name in ("overwrite",):
             conflicts.append("--overwrite (a resumed run keeps what was written)")
+        elif name == "recipe":  # a None height or width: the model's, whichever the run took
+            differ = {key: stored_values[key] for key, value in RECIPES[args.recipe].items()
+                      if value is not None and stored_values[key] != value}
+            if differ:
+                conflicts.append(f"{option} {args.recipe} (the state file has {differ})")
         elif name == "scheduler":  # none stored: the model's sampler, which may be named
             if sampler(args.scheduler) != sampler(stored.scheduler):
                 conflicts.append(f"{option} {args.scheduler} (the state file has {sampler(stored.scheduler)})")
@@ -290,7 +370,10 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
         if not getattr(error, "__notes__", None):
             error.add_note(what_now(error, args.out, resumable=args.resume))
         raise
-    if in_place:
+    if in_place and plan.state_file is None:
+        print(f"\nstandard output: {plan.state.frames_written} frames at {plan.settings.fps:g} fps, made in "
+              f"{format_seconds(time.time() - started)}", file=sys.stderr)
+    elif in_place:
         out, frames, fps = plan.out, plan.state.frames_written, plan.settings.fps
         print(f"\n{out}: {frames} frames, {frames / fps:.1f} s at {fps:g} fps, "
               f"made in {format_seconds(time.time() - started)}; state in {plan.state_file}: "
@@ -315,12 +398,15 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
     from scheduler import SAMPLERS
 
     out = args.out
-    check_output_path(out)  # its format and folder, before the lock is made next to it
-    if settings is not None:  # and that it is no input (its lock would go inside --model)
+    streaming = out == STANDARD_OUTPUT  # no file: no lock, no state file, nothing to resume
+    if not streaming:
+        check_output_path(out)  # its format and folder, before the lock is made next to it
+    if settings is not None and not streaming:  # and that it is no input (its lock would go inside --model)
         check_not_an_input(out, settings)
-    with OutputLock(out):
-        state_file = endless.state_path(out)
-        remove_stale_temporaries(state_file)
+    with nullcontext() if streaming else OutputLock(out):
+        state_file = None if streaming else endless.state_path(out)
+        if state_file is not None:
+            remove_stale_temporaries(state_file)
         if args.resume:
             settings, state, pending = endless.load_state(state_file)
             model_config = load_checkpoint_config(settings.model)
@@ -334,13 +420,17 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
                 raise ValueError(f"no --model given, and the embedded baby model is missing from {DEFAULT_MODEL}")
             model_config = load_checkpoint_config(settings.model)
             settings = with_model_defaults(args, model_config)
-            if os.path.lexists(out) and not args.overwrite:
+            if not streaming and os.path.lexists(out) and not args.overwrite:
                 raise ValueError(f"--out {out} exists: give --overwrite to replace it, or --resume to continue it")
             state = endless.VideoState()
-        check_not_an_input(out, settings)
+            if settings.follow:  # only what is appended from now on counts
+                state.followed_bytes = follow_start(settings.follow)
+        if not streaming:
+            check_not_an_input(out, settings)
         check_sampler(settings, SAMPLERS)
         check_checkpoint_files(settings.model)
-        check_output_path(out, state.frames_written if args.resume else None)
+        if not streaming:
+            check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
         settings.device = device = resolve_device(settings.device)  # stored as it is run
         vae_dtype, vae_tiles = decoding(settings, model_config, args.vae_dtype, args.vae_tiles)
@@ -404,8 +494,11 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
     warn_unknown_words(pipeline.text_encoder.tokenizer, settings)
 
     dropping_first_chunk = settings.drop_first_chunk and not (settings.image or settings.extend)
-    written_chunks = state.frames_written // settings.frames
-    progress = Progress(plan.chunks_to_write, written_chunks)
+    # With a refiner or skipped frames, --chunks counts the chunks made (frames leave the refiner's
+    # window two chunks late); else the chunks written, as before.
+    by_chunks_made = settings.refiner or settings.skip_frames > 0
+    written_chunks = state.chunk_index if by_chunks_made else state.frames_written // settings.frames
+    progress = Progress(plan.chunks_to_write, written_chunks, video_seconds_per_chunk=settings.frames / settings.fps)
     old_state = []  # the old output's state file (its bytes, or None), once `placing` replaced it
 
     def placing(temporary: str | None) -> None:
@@ -423,18 +516,32 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
                          before_placing=placing)
     try:
         chunks = endless.generate_latents(pipeline, settings.chunk, settings.drift, prompts, state, generator,
-                                          latent_image, settings.image_strength, progress.step, on_chunk)
+                                          latent_image, settings.image_strength, progress.step, on_chunk,
+                                          refine=settings.refiner)
         while plan.chunks_to_write is None or written_chunks < plan.chunks_to_write:
+            if settings.follow:
+                place_followed(settings, prompts, state, followed_lines(settings, state))
             latents = next(chunks)
             state.generator_state = generator.get_state()
-            if not (dropping_first_chunk and state.chunk_index == 1):
+            if by_chunks_made:
+                latents = not_skipped(latents, endless.final_latents(state, settings.frames), settings.skip_frames)
+                if latents.shape[2]:
+                    frames = endless.frames_of(pipeline, latents, settings.decode_frames)[0]  # (n, H, W, 3)
+                    state.frames_written += len(frames)
+                    writer.write_chunk(frames)  # a new output's first: `placing`
+                written_chunks = progress.chunk = state.chunk_index
+            elif not (dropping_first_chunk and state.chunk_index == 1):
                 frames = endless.frames_of(pipeline, latents, settings.decode_frames)[0]  # (frames, H, W, 3)
                 state.frames_written += settings.frames
                 writer.write_chunk(frames)  # a new output's first: `placing`
                 written_chunks += 1
                 progress.chunk = written_chunks
-            if writer.in_place:
+            if writer.in_place and state_file is not None:
                 endless.save_state(state_file, settings, state)
+        write_unfinished(pipeline, writer, settings, state)
+    except BrokenPipeError:  # --out -: the player reading the stream quit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that no flush at exit fails again
+        print(f"\nstopped: standard output was closed after {state.frames_written} frames", file=sys.stderr)
     except OSError as error:  # a full disk, say: the state file describes the output, or nothing of this run is kept
         error.add_note(what_now(error, out, resumable=writer.in_place))
         raise
@@ -451,6 +558,27 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
             # output is still there, so its state file goes back.
             endless.restore_state(state_file, old_state[0])
     return writer.in_place
+
+
+def not_skipped(latents, final: int, skip: int):
+    """Of the latents (b, 4, n, h, w) that just became final, the last n of `final` so far, those
+    at or past the video's frame `skip`."""
+    first = final - latents.shape[2]
+    return latents[:, :, max(skip - first, 0):]
+
+
+def write_unfinished(pipeline, writer, settings: Settings, state) -> None:
+    """At the end of a run with a refiner: write the frames still in its window, final since the video
+    ends here. The state file still ends before them, so --resume and --extend write them again as
+    the chunks after them change them."""
+    import endless
+
+    latents = endless.unfinished(state)
+    if latents is not None:
+        latents = not_skipped(latents, endless.final_latents(state, settings.frames) + latents.shape[2],
+                              settings.skip_frames)
+    if latents is not None and latents.shape[2]:
+        writer.write_chunk(endless.frames_of(pipeline, latents, settings.decode_frames)[0])
 
 
 def warn_unknown_words(tokenizer, settings: Settings) -> None:
@@ -514,6 +642,11 @@ def main(argv=None, on_chunk=None) -> None:
     # 1. The options alone: no torch yet, no file touched.
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue --out) or --overwrite (replace it), not both")
+    if args.out == STANDARD_OUTPUT and (args.resume or args.overwrite):
+        raise ValueError("--out - streams the video to standard output: there is nothing to --resume or --overwrite")
+    if args.out == STANDARD_OUTPUT and sys.stdout.isatty():
+        raise ValueError("--out - writes an MP4 stream to standard output, which is a terminal here; pipe it to a "
+                         "player (| ffplay -) or a file")
     check_device_name(args.device)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")

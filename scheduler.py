@@ -13,7 +13,7 @@ estimate (the clean x_0), and a sampler's step function moves the sample to the 
 
 sample, denoised, noise: float32 tensors of one shape, e.g. (batch, channels, frames, height, width);
 sigma > sigma_next >= 0, floats (0 at the last step); history: a `History`, which the caller
-updates after each step; noise: None for deterministic samplers.
+updates before and after each step; noise: None for deterministic samplers.
 
 `SAMPLERS` names each step function and says whether it takes fresh noise each step (`stochastic`:
 the pipeline draws that noise, and only for those). A new sampler is one function and one entry.
@@ -22,11 +22,16 @@ the pipeline draws that noise, and only for those). A new sampler is one functio
     "sde-dpmsolver++"  its SDE form, which adds fresh noise each step
     "euler"            Euler's method on the probability-flow ODE (Karras et al., 2022, arXiv:2206.00364)
     "euler-ancestral"  Euler steps down to below sigma_next, then fresh noise back up to it
+    "lcm"              LCM's multistep consistency sampling (Luo et al., 2023, arXiv:2310.04378)
+    "tcd"              TCD's strategic stochastic sampling (Zheng et al., 2024, arXiv:2402.19159)
 
 The Euler samplers work in k-diffusion's scaling, `x = x_0 + sigma * noise = sample / alpha_t`.
 Schedules, timesteps and results match diffusers' `DPMSolverMultistepScheduler` with the same
 settings and its defaults otherwise (no Karras sigmas, a final sigma of zero, midpoint solver); the
-Euler steps match its `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler` on our sigmas.
+Euler steps match its `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler` on our sigmas,
+and "lcm" and "tcd" its `LCMScheduler` and `TCDScheduler`, with their own choice of timesteps
+(the "lcm" spacing, `OWN_SPACINGS`). LCM's and TCD's maths is in training timesteps: the caller
+gives every step function the step's timesteps and the training schedule's sigmas in `History`.
 """
 
 import dataclasses
@@ -38,7 +43,10 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "lcm")
+LCM_ORIGINAL_STEPS = 50  # the "lcm" spacing picks among 50 evenly spaced timesteps (diffusers' original_inference_steps)
+LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA = 10.0, 0.5  # of LCM's boundary-condition scalings (`consistency_scalings`)
+TCD_GAMMA = 0.3  # TCD's gamma (diffusers' `eta`), its paper's and diffusers' default
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SOLVER_ORDERS = (1, 2)
 
@@ -160,9 +168,12 @@ def make_training_sigmas(alphas_cumprod):
 def make_timesteps(config, num_inference_steps):
     """Descending training timesteps to sample at, (num_inference_steps,) int64 numpy array.
 
-    The three spacings of Lin et al., 2023 (arXiv:2305.08891, table 2), as diffusers computes them.
+    The three spacings of Lin et al., 2023 (arXiv:2305.08891, table 2), as diffusers computes them,
+    and "lcm": diffusers' `LCMScheduler`'s and `TCDScheduler`'s choice (`lcm_timesteps`).
     """
     steps, count = config.num_train_timesteps, num_inference_steps
+    if config.timestep_spacing == "lcm":
+        return lcm_timesteps(steps, count)
     if config.timestep_spacing == "linspace":
         return np.linspace(0, steps - 1, count + 1).round()[::-1][:-1].astype(np.int64)
     if config.timestep_spacing == "leading":
@@ -173,19 +184,55 @@ def make_timesteps(config, num_inference_steps):
     return np.arange(steps, 0, -steps / count).round()[:count].astype(np.int64) - 1
 
 
-def make_schedule(config, num_inference_steps):
-    """What a sampling run steps through: (timesteps (num_inference_steps,) int64, sigmas
-    (num_inference_steps + 1,) float32 ending in 0), on the CPU; the model is called at timesteps[i],
-    whose noise level is sigmas[i], and step i goes from sigmas[i] to sigmas[i + 1].
+def lcm_timesteps(num_train_timesteps, num_inference_steps):
+    """LCM's timesteps (Luo et al., 2023, arXiv:2310.04378), as diffusers' `LCMScheduler` picks them:
+    of the LCM_ORIGINAL_STEPS timesteps k - 1, 2k - 1, ..., num_train_timesteps - 1 (k = num_train_timesteps
+    // LCM_ORIGINAL_STEPS; 19, 39, ..., 999 for SDXL), `num_inference_steps` evenly spaced by index from
+    the top; (num_inference_steps,) int64 numpy array. ValueError for more steps than LCM_ORIGINAL_STEPS."""
+    stride = num_train_timesteps // LCM_ORIGINAL_STEPS
+    if stride < 1 or num_inference_steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"num_inference_steps={num_inference_steps} with timestep_spacing='lcm' needs at most "
+                         f"{LCM_ORIGINAL_STEPS} steps and at least {LCM_ORIGINAL_STEPS} training timesteps")
+    original = np.arange(LCM_ORIGINAL_STEPS, 0, -1) * stride - 1  # (LCM_ORIGINAL_STEPS,) descending
+    picked = np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, num_inference_steps, endpoint=False)).astype(np.int64)
+    return original[picked].astype(np.int64)
 
-    ValueError for a step count outside [1, num_train_timesteps], or one that repeats a noise level.
+
+def check_timesteps(config, timesteps):
+    """ValueError unless `timesteps` (a sequence of ints) are distinct training timesteps in [0,
+    num_train_timesteps) in descending order, at least one."""
+    steps = config.num_train_timesteps
+    values = list(timesteps)
+    if not (values and all(type(t) is int and 0 <= t < steps for t in values)
+            and all(a > b for a, b in zip(values, values[1:]))):
+        raise ValueError(f"timesteps must be distinct ints in [0, {steps}) in descending order, got {values!r}")
+
+
+def training_sigmas_of(config):
+    """The noise level sigma of each training timestep, (num_train_timesteps,) float32."""
+    return make_training_sigmas(make_alphas_cumprod(make_betas(config)))
+
+
+def make_schedule(config, num_inference_steps=None, timesteps=None):
+    """What a sampling run steps through: (timesteps (steps,) int64, sigmas (steps + 1,) float32 ending
+    in 0), on the CPU; the model is called at timesteps[i], whose noise level is sigmas[i], and step i
+    goes from sigmas[i] to sigmas[i + 1]. Give the number of steps (the timesteps are then the config's
+    timestep_spacing's) or the timesteps themselves (descending ints, `check_timesteps`), not both.
+
+    ValueError for a step count outside [1, num_train_timesteps], or one that repeats a noise level,
+    or bad timesteps.
     """
     steps = config.num_train_timesteps
-    if type(num_inference_steps) is not int or not 1 <= num_inference_steps <= steps:
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("give num_inference_steps or timesteps, not both")
+    if timesteps is not None:
+        check_timesteps(config, timesteps)
+        timesteps = torch.tensor(list(timesteps), dtype=torch.int64)
+    elif type(num_inference_steps) is not int or not 1 <= num_inference_steps <= steps:
         raise ValueError(f"num_inference_steps must be an int in [1, {steps}], got {num_inference_steps!r}")
-    timesteps = torch.from_numpy(make_timesteps(config, num_inference_steps))
-    training_sigmas = make_training_sigmas(make_alphas_cumprod(make_betas(config)))
-    sigmas = training_sigmas[timesteps.clamp(0, steps - 1)]  # diffusers interpolates, clamping the ends
+    else:
+        timesteps = torch.from_numpy(make_timesteps(config, num_inference_steps))
+    sigmas = training_sigmas_of(config)[timesteps.clamp(0, steps - 1)]  # diffusers interpolates, clamping the ends
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"num_inference_steps={num_inference_steps} with timestep_spacing="
                          f"{config.timestep_spacing!r} repeats a noise level; use fewer steps")
@@ -291,12 +338,18 @@ def second_order_update(sample, denoised, previous_denoised, sigma_previous, sig
 
 @dataclass
 class History:
-    """What multistep samplers keep between the steps of one run: the highest solver order they may
-    use, and the last step's noise level and denoised estimate (None before the first step)."""
+    """What a sampler knows of its run besides a step's arguments. Multistep samplers keep the last
+    step's noise level and denoised estimate (None before the first step; the caller sets them after
+    each step) and use at most solver order `order`. Samplers whose maths is in training timesteps
+    (LCM, TCD) read the step's timestep and the next one (0 after the last step; the caller sets them
+    before each step) and the sigma of every training timestep (`training_sigmas_of`)."""
 
     order: int = 2
     sigma: float | None = None
     denoised: torch.Tensor | None = None
+    training_sigmas: torch.Tensor | None = None  # (num_train_timesteps,)
+    timestep: int | None = None
+    timestep_next: int | None = None
 
 
 def dpm_solver_plus_plus(sample, denoised, sigma, sigma_next, history, noise=None):
@@ -328,6 +381,44 @@ def euler_ancestral(sample, denoised, sigma, sigma_next, history, noise):
     return alpha_next * (denoised + (sigma_down / sigma) * (x - denoised) + sigma_up * noise)
 
 
+def consistency_scalings(timestep):
+    """LCM's boundary-condition scalings (c_skip, c_out) at a training timestep, as diffusers'
+    `LCMScheduler` computes them: the consistency models' c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    and c_out = s / sqrt(s**2 + sigma_data**2) at s = 10 * timestep, sigma_data = 0.5, so that
+    c_skip = 1 and c_out = 0 at timestep 0."""
+    scaled, sigma_data = LCM_TIMESTEP_SCALING * timestep, LCM_SIGMA_DATA
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / math.sqrt(scaled**2 + sigma_data**2)
+
+
+def lcm(sample, denoised, sigma, sigma_next, history, noise):
+    """LCM (Luo et al., 2023, arXiv:2310.04378): the consistency function's estimate
+    c_skip * sample + c_out * denoised at the step's training timestep (history.timestep), then
+    fresh noise to sigma_next; at the last step (sigma_next 0) the estimate itself."""
+    c_skip, c_out = consistency_scalings(history.timestep)
+    estimate = c_skip * sample + c_out * denoised
+    if sigma_next == 0:
+        return estimate
+    alpha_next, std_next = vp_coefficients(sigma_next)
+    return alpha_next * estimate + std_next * noise
+
+
+def tcd(sample, denoised, sigma, sigma_next, history, noise):
+    """TCD (Zheng et al., 2024, arXiv:2402.19159): a DDIM step from the step's timestep down to
+    s = floor((1 - TCD_GAMMA) * timestep_next) (history.timestep_next, 0 after the last step), then
+    forward noise from s back up to sigma_next; at the last step, the DDIM step to timestep 0 (whose
+    sigma is small but not 0: diffusers' `TCDScheduler` ends there). A gamma of 0 would be DDIM."""
+    below = int(torch.floor((1 - TCD_GAMMA) * torch.tensor(history.timestep_next)))  # in float32, as diffusers
+    alpha, std = vp_coefficients(sigma)
+    alpha_below, std_below = vp_coefficients(float(history.training_sigmas[below]))
+    noise_estimate = (sample - alpha * denoised) / std
+    at_below = alpha_below * denoised + std_below * noise_estimate
+    if sigma_next == 0:
+        return at_below
+    alpha_next, _ = vp_coefficients(sigma_next)
+    kept = (alpha_next / alpha_below) ** 2  # the signal variance kept from s to the next timestep
+    return math.sqrt(kept) * at_below + math.sqrt(1 - kept) * noise
+
+
 class Sampler(NamedTuple):
     """An entry of SAMPLERS: the step function, and whether its steps take fresh noise."""
 
@@ -340,9 +431,21 @@ SAMPLERS = {
     "sde-dpmsolver++": Sampler(dpm_solver_plus_plus, stochastic=True),
     "euler": Sampler(euler, stochastic=False),
     "euler-ancestral": Sampler(euler_ancestral, stochastic=True),
+    "lcm": Sampler(lcm, stochastic=True),  # the noise of the last step is not used (diffusers draws none)
+    "tcd": Sampler(tcd, stochastic=True),
 }
+# The samplers that choose their own timesteps unless a spacing is named, as diffusers' schedulers of
+# those names do (they ignore timestep_spacing).
+OWN_SPACINGS = {"lcm": "lcm", "tcd": "lcm"}
 
 
-def with_sampler(config, name):
-    """`config` sampling with SAMPLERS[name] (as its algorithm_type); `config` itself for None."""
-    return config if name is None else dataclasses.replace(config, algorithm_type=name)
+def with_sampler(config, name, timestep_spacing=None):
+    """`config` sampling with SAMPLERS[name] (as its algorithm_type; None: the config's own) at
+    `timestep_spacing` (None: the sampler's own if OWN_SPACINGS has one, else the config's);
+    `config` itself when both are None."""
+    changes = {}
+    if name is not None:
+        changes = {"algorithm_type": name, "timestep_spacing": OWN_SPACINGS.get(name, config.timestep_spacing)}
+    if timestep_spacing is not None:
+        changes["timestep_spacing"] = timestep_spacing
+    return dataclasses.replace(config, **changes) if changes else config

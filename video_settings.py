@@ -9,6 +9,7 @@ and checked against the model here too, from their headers (formats/lora_files.p
 import argparse
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,7 +20,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 # scheduler.SAMPLERS' own samplers, for --help without torch (tests/test_scheduler.py holds them equal);
 # --scheduler takes any name of the registry, `check_sampler` checks it.
-SAMPLER_NAMES = ("dpmsolver++", "sde-dpmsolver++", "euler", "euler-ancestral")
+SAMPLER_NAMES = ("dpmsolver++", "sde-dpmsolver++", "euler", "euler-ancestral", "lcm", "tcd")
+# scheduler.TIMESTEP_SPACINGS, for --timestep-spacing without torch (tests/test_few_step_samplers.py holds them equal).
+SPACING_NAMES = ("leading", "trailing", "linspace", "lcm")
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,35 @@ class ChunkSpec:
     steps: int  # denoising steps per chunk
     guidance: float  # classifier-free guidance scale; 1 or less: none
     scheduler: str | None = None  # the sampler, a name of scheduler.SAMPLERS; None: the model's scheduler config's
+    timestep_spacing: str | None = None  # one of SPACING_NAMES; None: the sampler's own, else the scheduler config's
+    timesteps: str | None = None  # explicit training timesteps, "999,749,499,249" (`parse_timesteps`); they override steps
 
     @classmethod
     def from_options(cls, options: dict) -> "ChunkSpec":
         """The ChunkSpec of flat options (Settings' names, as a model's `sample_defaults` gives them);
         a field with a default may be missing; other names are ignored."""
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+    @property
+    def timestep_list(self) -> list[int] | None:
+        """The explicit timesteps as ints, descending (None if not given)."""
+        return None if self.timesteps is None else parse_timesteps(self.timesteps)
+
+
+TIMESTEPS_SYNTAX = "distinct training timesteps in descending order, comma-separated integers >= 0, e.g. 999,749,499,249"
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """--timesteps "999,749,499,249" -> [999, 749, 499, 249]; ValueError naming --timesteps unless
+    they are distinct integers >= 0 in descending order (the model's bound is `check_settings`')."""
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        if not re.fullmatch("-?[0-9]+", item):
+            raise ValueError(f"--timesteps {text!r}: {item!r} is no integer; give {TIMESTEPS_SYNTAX}")
+    values = [int(item) for item in items]
+    if min(values) < 0 or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"--timesteps {text!r}: give {TIMESTEPS_SYNTAX}")
+    return values
 
 
 def control(default, help: str, low: float = -math.inf, high: float = math.inf, spans_batch: bool = False):
@@ -60,11 +86,13 @@ class DriftControls:
         2. empty_restart: a video whose newest context frame is empty (its spatial latent std below
            this fraction of the first frame's) starts again from the first frame: every context
            frame becomes it
-        3. context_noise: Gaussian noise of this std is added to the context
+        3. context_matching: the context is the last chunk matched to every latent's statistics (7.)
+        4. context_noise: Gaussian noise of this std is added to the context
     `finish_chunk`, after it: its latents, before they are decoded and kept as the next context
-        4. renormalize: the original's renormalisation over every latent made so far
-        5. statistics_lock: each channel's mean and std move this far toward the first chunk's
-        6. anchor_frame, empty_restart: at the first chunk, the first frame is kept (in `state.anchor`)
+        5. renormalize: the original's renormalisation over every latent made so far
+        6. statistics_lock: each channel's mean and std move this far toward the first chunk's
+        7. anchor_frame, empty_restart: at the first chunk, the first frame is kept (in `state.anchor`);
+           context_matching: the next context is kept (in `state.matched_context`)
 
     Every control defaults to off, so a default video is made without any of them. `state` is
     endless.VideoState: what the controls keep between chunks lives there, a field each (its
@@ -80,6 +108,9 @@ class DriftControls:
     empty_restart: float = control(
         0.0, "restart a video from its first frame when its newest frame is empty: its spatial latent std "
              "below this fraction, in [0, 1], of the first frame's", 0, 1)
+    context_matching: bool = control(
+        False, "the earlier release's (FluxDiff's) context: each chunk's per-channel latent mean and std "
+               "matched to those of every latent made so far, then clipped to [-1, 1]; the frames keep their own")
 
     @classmethod
     def from_options(cls, options: dict) -> "DriftControls":
@@ -106,6 +137,8 @@ class DriftControls:
             if empty.any():
                 context = context.clone()
                 context[empty] = state.anchor[empty].expand_as(context[empty])  # (e, 4, k, h, w)
+        if self.context_matching and state.matched_context is not None:
+            context = state.matched_context
         if self.context_noise > 0:
             context = context + self.context_noise * noise(context.shape)
         return context
@@ -119,6 +152,8 @@ class DriftControls:
             latents = lock_statistics(latents, state, self.statistics_lock)
         if (self.anchor_frame or self.empty_restart > 0) and state.anchor is None:
             state.anchor = latents[:, :, :1] if state.context is None else state.context[:, :, :1]
+        if self.context_matching:
+            state.matched_context = match_statistics(latents, state)[:, :, -chunk.context_frames:]
         return latents
 
 
@@ -147,6 +182,29 @@ def renormalize(latents, statistics: list[float]):
     deviation = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1)) + 1e-8
     statistics[:] = [count, (total - count * mean) / deviation, (squares - 2 * mean * total + count * mean**2) / deviation**2]
     return (latents - mean) / deviation
+
+
+def match_statistics(latents, state):
+    """FluxDiff's context: the chunk's latents (b, 4, f, h, w) with each (video, channel)'s mean and
+    std over its frames and pixels moved to those of every latent the video made so far, this chunk
+    included, then clipped to [-1, 1]. The running count, sum and sum of squares per (video, channel)
+    are kept in float64 in `state.latent_moments` (3, b, 4), so memory does not grow."""
+    values = latents.double()
+    moments = values.new_empty((3, *values.shape[:2]))  # (3, b, 4): count, sum, sum of squares
+    moments[0] = values[0, 0].numel()
+    moments[1] = values.sum(dim=(2, 3, 4))
+    moments[2] = values.square().sum(dim=(2, 3, 4))
+    if state.latent_moments is not None:
+        moments += state.latent_moments.to(moments.device)
+    state.latent_moments = moments.cpu()
+    count, total, squares = moments
+    mean = total / count  # (b, 4)
+    std = ((squares - count * mean**2).clamp(min=0) / (count - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+    chunk_mean = values.mean(dim=(2, 3, 4), keepdim=True)  # (b, 4, 1, 1, 1)
+    chunk_std = values.std(dim=(2, 3, 4), keepdim=True)
+    target_mean, target_std = mean[..., None, None, None], std[..., None, None, None]  # (b, 4, 1, 1, 1)
+    matched = (values - chunk_mean) * (target_std / (chunk_std + 1e-8)) + target_mean
+    return matched.clamp(-1, 1).to(latents.dtype)
 
 
 def lock_statistics(latents, state, strength: float):
@@ -230,9 +288,14 @@ class Settings:
     image_strength: float = 0.5
     extend: str | None = None
     scheduler: str | None = None
+    timestep_spacing: str | None = None
+    timesteps: str | None = None  # ChunkSpec's: "999,749,499,249"; given, `check_settings` makes steps their count
     device: str | None = None  # None: cuda if there is one, else cpu (decided when the run starts)
     dtype: str = "fp32"
     decode_frames: int = 2
+    refiner: bool = False  # the model's refiner over the last two chunks' latents (endless.through_refiner)
+    skip_frames: int = 0  # frames not written at the start of a new video (the published recipe: 7)
+    follow: str | None = None  # a file whose appended lines place prompts while the run goes on (sample.py --follow)
 
     @classmethod
     def from_options(cls, **values) -> "Settings":
@@ -268,10 +331,29 @@ def add_drift_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(option_name(f.name), type=f.type, help=help)
 
 
+# Named recipes: sample.py's defaults for a model, as its `sample_defaults` give them; `--recipe NAME`
+# puts one over the model's. Each names the same settings, so that any one replaces any other whole.
+RECIPES = {
+    # The seed text's inference loop (docs/SEED_FORMAT.md), what convert_weights.py stores for a model
+    # without a refiner: chunks of 4 frames, a context of 4, 50 steps, guidance 9, the model's size.
+    "seed": {"frames": 4, "context_frames": 4, "steps": 50, "guidance": 9.0, "negative_prompt": "", "height": None,
+             "width": None, "refiner": False, "skip_frames": 0},
+    # The published FlowingFrames release's program (run.py of motexture/FlowingFrames at d408c50):
+    # chunks of 6, a context of 4, 30 steps, guidance 12, its negative prompt, 1024x576, the refiner
+    # over the last two chunks, the video decoded from latent 7 on.
+    "flowingframes": {"frames": 6, "context_frames": 4, "steps": 30, "guidance": 12.0,
+                      "negative_prompt": "low quality, grainy, bad textures", "height": 576, "width": 1024,
+                      "refiner": True, "skip_frames": 7},
+}
+
+
 def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     """The options that shape every chunk, shared by sample.py and evaluate.py. Unset (None) options
     take the model's `sample_defaults`, then Settings' defaults (sample.py's `with_model_defaults`)."""
     parser.add_argument("--model", help="checkpoint folder (convert_weights.py makes one); default: the embedded baby")
+    parser.add_argument("--recipe", choices=list(RECIPES),
+                        help="defaults of a named recipe over the model's own: seed (the seed text's loop) or "
+                             "flowingframes (the published release's program); options given still win")
     parser.add_argument("--frames", type=int, help=f"frames per chunk (default: the model's, else {Settings.frames})")
     parser.add_argument("--context-frames", type=int,
                         help=f"latents of the last frames each chunk sees (default: the model's, else {Settings.context_frames})")
@@ -283,6 +365,11 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--scheduler", metavar="SAMPLER",
                         help=f"the sampler: {', '.join(SAMPLER_NAMES)} (default: the model's, else its scheduler config's)")
+    parser.add_argument("--timestep-spacing", choices=list(SPACING_NAMES),
+                        help="which training timesteps --steps samples at; lcm: LCM's (default: the model's, else "
+                             "the sampler's own for lcm and tcd, else the scheduler config's)")
+    parser.add_argument("--timesteps", metavar="T,T,...",
+                        help=f"sample at these training timesteps, in place of --steps and the spacing: {TIMESTEPS_SYNTAX}")
     add_drift_options(parser)
     parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
     parser.add_argument("--threads", type=int,
@@ -296,8 +383,11 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
     """Every check that needs no model weights; ValueError naming the option.
 
     With `model_config` (a checkpoint's config.json), also fills in a None height and width with
-    the model's size and checks that the VAE can take them.
+    the model's size and checks that the VAE can take them. Explicit --timesteps set the steps to
+    their count.
     """
+    if settings.timesteps is not None:
+        settings.steps = len(parse_timesteps(settings.timesteps))
     positive = {"--frames": settings.frames, "--context-frames": settings.context_frames, "--steps": settings.steps,
                 "--decode-frames": settings.decode_frames}
     for option, value in positive.items():
@@ -321,10 +411,14 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
         raise ValueError(f"--seed must be in 0 .. 2**64 - 1 (what a torch.Generator takes), got {settings.seed}")
     if settings.transition < 0:
         raise ValueError(f"--transition must be >= 0, got {settings.transition}")
+    if settings.skip_frames < 0:
+        raise ValueError(f"--skip-frames must be >= 0, got {settings.skip_frames}")
     if settings.dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {settings.dtype!r}")
     if settings.image and settings.extend:
         raise ValueError("give --image or --extend, not both")
+    if settings.timestep_spacing is not None and settings.timestep_spacing not in SPACING_NAMES:
+        raise ValueError(f"--timestep-spacing must be one of {list(SPACING_NAMES)}, got {settings.timestep_spacing!r}")
     check_lora_values(settings.loras)
     if model_config is None:
         return
@@ -335,7 +429,14 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
     for option, value in (("--height", settings.height), ("--width", settings.width)):
         if value < factor or value % factor:
             raise ValueError(f"{option} must be a positive multiple of {factor} (the VAE's downsampling), got {value}")
+    training_timesteps = model_config["scheduler"]["num_train_timesteps"]
+    if settings.timesteps is not None and max(parse_timesteps(settings.timesteps)) >= training_timesteps:
+        raise ValueError(f"--timesteps {settings.timesteps!r}: the model has training timesteps 0 to "
+                         f"{training_timesteps - 1}; give {TIMESTEPS_SYNTAX}")
     check_lora_files(settings)
+    if settings.refiner and not model_config.get("refiner"):
+        raise ValueError(f"--refiner on: the model {settings.model} has no refiner (convert_weights.py takes one "
+                         f"from a release's refiner/ folder)")
 
 
 def check_sampler(settings: Settings, samplers) -> None:
@@ -389,10 +490,17 @@ def check_lora_files(settings: Settings) -> None:
         lora.sha256 = sha256
 
 
+# Settings added since STATE_VERSION 4: a state file written before lacks them, and its video was
+# made as their values here make one.
+ADDED_SETTINGS = {"refiner": False, "skip_frames": 0, "follow": None, "timestep_spacing": None, "timesteps": None}
+
+
 def settings_from_dict(values: dict) -> Settings:
     """Settings from a state file's dict, every field present and of its type, the drift controls'
     too (TypeError otherwise); a drift control the file does not name was added after it was
     written, so the video was made without it: it is off."""
+    if isinstance(values, dict):
+        values = {**ADDED_SETTINGS, **values}
     check_fields(Settings, values)
     drift = values["drift"]
     if isinstance(drift, dict):

@@ -18,7 +18,9 @@ The order of the moves, recorded in `events` as (name, "in" | "out"), is for a c
    sequential: then for every spatial transformer and conditioner in module order, (its name,
    "in"), (its name, "out"), and at every step, for every level in the order it runs
    (down_blocks.0, ..., mid_block, up_blocks.0, ...), (its name, "in"), (its name, "out");
-3. ("unet", "out"), ("vae", "in") at the decode; the next chunk's `prepare_chunk` moves the VAE out
+3. with a refiner, ("unet", "out"), ("refiner", "in") when it runs after the chunk's steps, then
+   ("refiner", "out") before the next model;
+4. ("unet", "out"), ("vae", "in") at the decode; the next chunk's `prepare_chunk` moves the VAE out
    and the UNet in again.
 The inputs of a hooked module are moved to the device with it. Moving changes no number: outputs
 equal those without offload (tests/test_memory_modes.py).
@@ -63,6 +65,8 @@ class Offload:
             "unet": stem if mode == "sequential" else [unet],
             "vae": [pipeline.vae],
         }
+        if pipeline.refiner is not None:  # it runs after the chunk's steps, before the decode
+            self.components["refiner"] = [pipeline.refiner]
         for modules in self.components.values():
             for module in modules:
                 module.to(self.offload_device)
@@ -74,6 +78,8 @@ class Offload:
         self.hook_method("unet", unet, "prepare_chunk")
         self.hook_forward("vae", [pipeline.vae.encoder, pipeline.vae.quant_conv, pipeline.vae.post_quant_conv,
                                   pipeline.vae.decoder])
+        if pipeline.refiner is not None:
+            self.hook_forward("refiner", [pipeline.refiner])
         if mode == "sequential":
             self.hook_levels(unet)
 

@@ -104,13 +104,16 @@ def default_threads() -> int:
 
 
 class Progress:
-    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA) in a terminal, else a
+    """Progress on stderr: a live line (chunk, step, seconds per chunk, ETA, and with
+    `video_seconds_per_chunk` how fast the video is made against its own time) in a terminal, else a
     line per chunk."""
 
-    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None):
+    def __init__(self, total_chunks: int | None, first_chunk: int, live: bool | None = None,
+                 video_seconds_per_chunk: float | None = None):
         self.total, self.first, self.start = total_chunks, first_chunk, time.time()
         self.chunk = first_chunk
         self.live = sys.stderr.isatty() if live is None else live
+        self.video_seconds_per_chunk = video_seconds_per_chunk
 
     def line(self, step: int, steps: int) -> str:
         done = self.chunk - self.first
@@ -118,7 +121,10 @@ class Progress:
         per_chunk = elapsed / (done + step / steps) if done or step else 0.0
         total = f"/{self.total}" if self.total else ""
         eta = f" | ETA {format_seconds(per_chunk * (self.total - self.chunk - step / steps))}" if self.total else ""
-        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{eta}"
+        speed = ""
+        if self.video_seconds_per_chunk and per_chunk > 0:  # above 1x, the video plays while it is made
+            speed = f" | {self.video_seconds_per_chunk / per_chunk:.2g}x real time"
+        return f"chunk {self.chunk + 1}{total} step {step}/{steps} | {per_chunk:.1f} s/chunk{speed}{eta}"
 
     def step(self, step: int, steps: int) -> None:
         if self.live:

@@ -50,6 +50,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 from collections import deque
 from fractions import Fraction
 
@@ -135,8 +136,9 @@ def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None, be
     """Open a streaming writer for `path` (format from the extension, see `output_format`).
 
     fps: frames per second (MP4 and GIF). crf: x264 quality, 0 (best) to 51 (MP4 only).
-    frames_per_chunk: if given, every chunk must have exactly this many frames (else the first
-    chunk sets it). resume_frames: keep the first N frames already in `path` and append after
+    path "-": an MP4 stream to standard output (`Mp4StreamWriter`), nothing else applies.
+    frames_per_chunk: if given, every chunk must have exactly this many frames (else chunks may
+    differ: a run with a refiner writes its frames as they leave the refiner's window). resume_frames: keep the first N frames already in `path` and append after
     them (None or 0: start a new output, which replaces any old one once its first chunk is
     complete). before_placing: for a new output, called with the temporary (file, or folder for
     a PNG folder that did not exist) once the first chunk is complete in it, just before it is
@@ -146,6 +148,8 @@ def open_writer(path, fps, crf=18, frames_per_chunk=None, resume_frames=None, be
     for bad input before anything is written. Temporaries of `path` left by dead processes are
     removed.
     """
+    if path == "-":
+        return Mp4StreamWriter(sys.stdout.buffer, Fraction(fps).limit_denominator(1001), crf)
     kind = check_output_path(path, resume_frames)
     resume_frames = resume_frames or 0
     if fps <= 0:
@@ -213,7 +217,7 @@ class VideoWriter:
                 self.close()
                 raise
             self.in_place = True
-        self.frames_per_chunk, self.frame_size = len(frames), frames.shape[1:3]
+        self.frame_size = frames.shape[1:3]
         self.frames_written += len(frames)
 
     def close(self):
@@ -337,6 +341,41 @@ class Mp4Writer(_FileWriter):
         moof_at = self.size + len(data)
         self._commit(data + moof[:4] + b"free" + moof[8:] + mdat, b"moof", moof_at + 4)
         self.header, self.sequence, self.decode_time = header, self.sequence + 1, self.decode_time + duration
+
+
+class Mp4StreamWriter:
+    """H.264 in fragmented MP4 to a stream (`--out -`: standard output), one fragment per chunk,
+    flushed as soon as it is made, so that a player reading the pipe shows each chunk as it comes.
+    The fragments are the ones Mp4Writer writes to a file; a stream keeps nothing to resume."""
+
+    temporary = None  # a stream has no temporary and no old output to replace
+
+    def __init__(self, stream, fps, crf):
+        self.stream, self.fps, self.crf = stream, fps, crf
+        self.header, self.sequence, self.decode_time = None, 0, 0
+        self.in_place = False  # the first chunk has been sent
+        self.frames_written = 0
+
+    def write_chunk(self, frames):
+        """Send one chunk: uint8 numpy (frames, height, width, 3), even height and width."""
+        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+                and frames.shape[-1] == 3 and len(frames) > 0):
+            raise ValueError(f"frames must be a uint8 array (frames, height, width, 3), got {frames.shape}")
+        if frames.shape[1] % 2 or frames.shape[2] % 2:
+            raise ValueError(f"MP4 (H.264, yuv420p) needs an even width and height, got "
+                             f"{frames.shape[1]}x{frames.shape[2]} (height x width)")
+        header, moof, mdat = _split_chunk(_encode_chunk(np.ascontiguousarray(frames), self.fps, self.crf))
+        if self.header not in (None, header):
+            raise ValueError("a chunk's MP4 header differs from the first chunk's (another size?)")
+        moof, duration = _shift_fragment(moof, self.sequence + 1, self.decode_time)
+        self.stream.write((header if self.header is None else b"") + moof + mdat)
+        self.stream.flush()
+        self.header, self.sequence, self.decode_time = header, self.sequence + 1, self.decode_time + duration
+        self.in_place = True
+        self.frames_written += len(frames)
+
+    def close(self):
+        self.stream.flush()
 
 
 class GifWriter(_FileWriter):

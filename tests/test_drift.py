@@ -211,7 +211,8 @@ def test_a_new_tensor_field_of_the_state_is_found_moved_and_optional_in_older_st
     monkeypatch.setattr(endless, "VideoState", Later)
     state = endless.state_from_dict(dict(older))
     assert isinstance(state, Later) and state.first_context is None and state.chunk_index == 2
-    assert list(state.tensors()) == ["context", "anchor", "reference_statistics", "generator_state", "first_context"]
+    assert list(state.tensors()) == ["context", "anchor", "reference_statistics", "generator_state", "refiner_window",
+                                     "matched_context", "latent_moments", "first_context"]
     state.first_context = torch.ones(1, 4, 2, 2, 2)
     state.to("cpu", torch.float64)
     assert state.first_context.dtype == torch.float64 and state.context.dtype == torch.float64

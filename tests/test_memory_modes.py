@@ -105,7 +105,8 @@ def test_text_encoders_leave_the_device_once_every_prompt_is_encoded(fresh, monk
     monkeypatch.setattr(fresh, "encode_prompt", lambda prompt, *a: calls.append(prompt) or encode(prompt, *a))
     monkeypatch.setattr(fresh.text_encoder, "to", lambda *a, **kw: calls.append(("to", a, kw)) or move(*a, **kw))
     embeddings = fresh.encode_prompts(["a red circle", "a blue square", "a green circle"], None, True)
-    assert calls == ["a red circle", "a blue square", "a green circle", ("to", ("cpu",), {})]
+    # onto the device first (where they were moved off after an earlier encoding), then off it
+    assert calls == [("to", (fresh.device,), {}), "a red circle", "a blue square", "a green circle", ("to", ("cpu",), {})]
     assert len(embeddings) == 3 and all(p.device.type == "cpu" for p in fresh.text_encoder.parameters())
 
 

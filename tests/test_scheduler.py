@@ -195,7 +195,7 @@ def test_euler_trajectory_equals_diffusers(preset, name, prediction_type, num_st
 def test_the_registry_names_its_samplers_and_their_noise():
     assert tuple(SAMPLERS) == SAMPLER_NAMES  # --help lists them without importing torch
     assert {name: sampler.stochastic for name, sampler in SAMPLERS.items()} == {
-        "dpmsolver++": False, "sde-dpmsolver++": True, "euler": False, "euler-ancestral": True}
+        "dpmsolver++": False, "sde-dpmsolver++": True, "euler": False, "euler-ancestral": True, "lcm": True, "tcd": True}
     config = SchedulerConfig.video_model()
     assert with_sampler(config, None) is config
     assert with_sampler(config, "euler") == dataclasses.replace(config, algorithm_type="euler")
