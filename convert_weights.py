@@ -2,6 +2,7 @@
 
     python convert_weights.py SRC OUT [--video-unet DIR] [--tokenizers DIR] [--configs DIR]
                                       [--dtype fp32|fp16|bf16] [--lora FILE[:STRENGTH]]... [--overwrite]
+                                      [--revision REV] [--unet FILE] [--schedule video|sdxl]
 
 SRC is one of:
 - an SDXL folder in diffusers' layout (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
@@ -10,9 +11,17 @@ SRC is one of:
   It holds no configs and no tokenizers: the configs come from `--configs` (SDXL base 1.0's copy in
   configs/ by default), the tokenizers from the SDXL folder given with `--tokenizers`;
 - a full folder of the original video release: diffusers' layout with a video UNet in the original
-  design's layout (docs/SEED_FORMAT.md: `.spatial_conv` wrappers, `temp_attentions`, `temp_cond_attentions`).
+  design's layout (docs/SEED_FORMAT.md: `.spatial_conv` wrappers, `temp_attentions`, `temp_cond_attentions`),
+  and FlowingFrames' `refiner/` when it has one (refiner.py; its sizes read from its config.json and weights).
 `--video-unet DIR` takes the whole UNet, spatial and temporal weights, from such a video UNet next to
 an SDXL SRC (the video UNet's spatial weights were trained with its temporal ones, so they win).
+`--unet FILE` takes the UNet from one file holding a UNet alone, a few-step one such as SDXL-Lightning's
+or DMD2's (.safetensors or a .bin, in diffusers' names or the original layout's), with SRC's UNet
+config and fresh temporal modules; `--schedule sdxl` stores SDXL's own noise schedule (trailing
+timesteps, Euler), which few-step SDXL models and LoRAs need (docs/convert.md, "Few-step SDXL models").
+SRC, `--video-unet` and `--tokenizers` may also be hub names (`stabilityai/stable-diffusion-xl-base-1.0`,
+`motexture/FlowingFrames`; SRC at `--revision`): only the files read are fetched into huggingface_hub's
+cache, or taken from it offline (formats/hub.py). A local path that exists wins over a hub name.
 
 OUT is written by `StableDiffusionXLVideoPipeline.save_pretrained` (pipeline.py): UNet and VAE as
 safetensors, text encoders and tokenizers in transformers' layout, and a config.json with the model
@@ -42,7 +51,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -51,6 +60,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from formats.hub import HubError, is_hub_name, local_sources
 from formats.lora import MergedLoras, check_loras, read_updates
 from formats.lora_files import MAX_STRENGTH, LoraError, file_sha256
 from model import NUM_TIME_IDS, UNet, UNetConfig
@@ -58,8 +68,9 @@ from infra.checkpoint import CHECKPOINT_FILES, DTYPES, load_checkpoint_config
 from infra.cli import OneLineParser
 from infra.files import fsync, listing, process_alive, read_json_object
 from pipeline import StableDiffusionXLVideoPipeline
+from refiner import Refiner, config_from_release
 from scheduler import SchedulerConfig
-from formats.sdxl_layout import Rule, clip_rules, single_file_rules
+from formats.sdxl_layout import Rule, clip_rules, single_file_rules, unet_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
 from video_settings import lora_given_twice, parse_lora
@@ -73,6 +84,15 @@ FRESH_SEED = 0
 SAMPLE_DEFAULTS = {"frames": 4, "context_frames": 4, "steps": 50, "guidance": 9.0}
 SHOWN = 5  # names listed per problem
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+UNET_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # --unet FILE; pickles read weights_only
+# The noise schedules OUT may sample with (--schedule), as its provenance names them. Few-step SDXL
+# models (Lightning, LCM-LoRA, DMD2, Turbo, Hyper-SD) are distilled on SDXL's own: at timestep 999
+# its sigma is 14.6, the video model's 21.1.
+SCHEDULES = {
+    "video": "SchedulerConfig.video_model(): the original video model's inference setup",
+    "sdxl": "SDXL base 1.0's schedule (SchedulerConfig.sdxl_base()), trailing timesteps, Euler: what few-step "
+            "SDXL models are distilled on",
+}
 
 
 class ConversionError(ValueError):
@@ -267,6 +287,32 @@ def imported_temporal_config(shapes: dict[str, tuple]) -> dict:
     )
 
 
+def temporal_depths(shapes: dict[str, tuple], levels: int) -> dict[str, int]:
+    """The temporal transformers' depth at each place of a video UNet's keys, {"level 1": 2, ...,
+    "mid block": 2}, levels numbered as in the original's `temporal_layers_per_block` (down block L
+    and up block levels-1-L are level L; the mid block takes the last entry)."""
+    depths = defaultdict(int)
+    pattern = r"(down_blocks\.|up_blocks\.|mid_block)(\d*)\.?temp_attentions\.\d+\.transformer_blocks\.(\d+)\."
+    for key in shapes:
+        if not (match := re.match(pattern, key)):
+            continue
+        block, index = match[1], int(match[2] or 0)
+        level = index if block == "down_blocks." else levels - 1 - index
+        place = "mid block" if block == "mid_block" else f"level {level}"
+        depths[place] = max(depths[place], int(match[3]) + 1)
+    return dict(sorted(depths.items(), key=lambda item: (item[0] == "mid block", len(item[0]), item[0])))
+
+
+def check_temporal_depths(shapes: dict[str, tuple], levels: int, path: Path) -> None:
+    """ConversionError naming `path` when the temporal depth differs per level: UNetConfig has one
+    `temporal_layers` for every level."""
+    depths = temporal_depths(shapes, levels)
+    if len(set(depths.values())) > 1:
+        found = ", ".join(f"{place}: {depth}" for place, depth in depths.items())
+        raise ConversionError(f"{path}: temporal_layers_per_block differs per level, which is not supported "
+                              f"(temporal blocks at {found}); UNetConfig.temporal_layers is one depth for every level")
+
+
 def vae_config(path: Path) -> VAEConfig:
     values = load_json(path)
     check_config(values, VAE_READ_KEYS, VAE_REQUIRED_VALUES, VAE_INERT_KEYS, path)
@@ -380,9 +426,25 @@ def read_video_unet(folder: Path) -> Part:
     path = find_weights(folder)
     weights = {key.replace(".spatial_conv.", "."): tensor for key, tensor in read_weights(path).items()}
     spatial = unet_spatial_config(folder / "config.json", "original")
-    temporal = imported_temporal_config({key: tensor.shape for key, tensor in weights.items()})
+    shapes = {key: tensor.shape for key, tensor in weights.items()}
+    check_temporal_depths(shapes, len(spatial["block_out_channels"]), path)
+    temporal = imported_temporal_config(shapes)
     config = make_config(UNetConfig, folder / "config.json", **spatial, **temporal)
     return Part(meta_model("unet", config, folder / "config.json"), weights, f"{path} (original video layout)")
+
+
+def read_refiner(folder: Path) -> Part:
+    """FlowingFrames' refiner/: its sizes from its config.json and weights (`config_from_release`),
+    its weights under their own names, which are ours."""
+    path = find_weights(folder)
+    weights, values = read_weights(path), load_json(folder / "config.json")
+    try:
+        config = config_from_release(values, {key: tensor.shape for key, tensor in weights.items()},
+                                     str(folder / "config.json"), str(path))
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    with torch.device("meta"):
+        return Part(Refiner(config), weights, str(path))
 
 
 def read_unet_folder(folder: Path) -> Part:
@@ -394,9 +456,41 @@ def read_unet_folder(folder: Path) -> Part:
     return Part(image_unet_model(folder / "config.json"), weights, str(path), fresh_temporal=True)
 
 
+def read_unet_file(path: Path, source: Path, configs) -> Part:
+    """`--unet FILE`: a UNet alone in place of SRC's, such as a few-step one (SDXL-Lightning's
+    `sdxl_lightning_4step_unet.safetensors`, DMD2's `dmd2_sdxl_4step_unet_fp16.bin`), in diffusers'
+    names (a UNet2DConditionModel's state dict) or the original layout's (`input_blocks.`, with or
+    without `model.diffusion_model.`), built with SRC's UNet config; temporal modules made fresh."""
+    folder = source / "unet" if source.is_dir() else Path(configs or SDXL_CONFIGS) / "unet"
+    if source.is_dir() and is_original_video_layout(read_weights(find_weights(folder))):
+        raise ConversionError(f"--unet {path} replaces an SDXL UNet, but SRC {source} holds a video UNet: "
+                              "give an SDXL SRC")
+    weights = read_weights(path)
+    model = image_unet_model(folder / "config.json")
+    if is_original_video_layout(weights):
+        raise ConversionError(f"--unet {path} is a video UNet in the original layout: give its folder with "
+                              "--video-unet")
+    if any(key.startswith(("first_stage_model.", "conditioner.")) for key in weights):
+        raise ConversionError(f"--unet {path} is a whole single-file checkpoint (VAE and text encoders too): "
+                              "give it as SRC, with --tokenizers")
+    if "conv_in.weight" in weights:
+        return Part(model, weights, f"{path} (a UNet alone, diffusers' names)", fresh_temporal=True)
+    prefix = next((p for p in ("model.diffusion_model.", "") if f"{p}input_blocks.0.0.weight" in weights), None)
+    if prefix is None:
+        raise ConversionError(f"--unet {path} holds no SDXL UNet: it has neither conv_in.weight (diffusers' names) "
+                              f"nor input_blocks.0.0.weight (the original layout's); its keys start "
+                              f"{', '.join(list(weights)[:3])}")
+    mapped = map_weights(weights, unet_rules(model.config, prefix))
+    if mapped.unknown:
+        raise ConversionError(f"--unet {path}: {listing('keys of no UNet module', mapped.unknown, SHOWN)}")
+    return Part(model, mapped.parts["unet"], f"{path} (a UNet alone, the original layout's names)", fresh_temporal=True)
+
+
 def read_diffusers_folder(folder: Path, unet: Part | None) -> tuple[dict[str, Part], Mapped]:
     """An SDXL folder in diffusers' layout or the original release's folder (its UNet unless given)."""
     parts = {"unet": unet or read_unet_folder(folder / "unet")}
+    if (folder / "refiner").is_dir():
+        parts["refiner"] = read_refiner(folder / "refiner")
     mapped = Mapped({}, [], [])
     for name, model in vae_and_text_models(folder).items():
         path = find_weights(folder / name)
@@ -449,6 +543,9 @@ def consistency_problems(parts: dict[str, Part]) -> list[str]:
         ("UNet in_channels", unet.in_channels, "the VAE's latent_channels is", vae.latent_channels),
         ("UNet out_channels", unet.out_channels, "the VAE's latent_channels is", vae.latent_channels),
     ]
+    if "refiner" in parts:
+        pairs.append(("refiner in_channels", parts["refiner"].model.config.in_channels,
+                      "the VAE's latent_channels is", vae.latent_channels))
     return [f"{a} is {x}, but {b} {y}" for a, x, b, y in pairs if x != y]
 
 
@@ -626,18 +723,44 @@ def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dt
         raise ConversionError("; ".join(failed))
 
 
+def few_step_problems(out: Path, unet_file, video_unet, schedule: str) -> list[str]:
+    """Why `--unet FILE` or `--schedule` cannot be used: the file missing or of no weight format,
+    given with --video-unet (each replaces the whole UNet), OUT the file or around it."""
+    problems = {
+        f"--schedule must be one of {list(SCHEDULES)}, got {schedule!r}": schedule not in SCHEDULES,
+        f"--unet {unet_file} is not a file": unet_file is not None and not Path(unet_file).is_file(),
+        f"--unet must be a {' or '.join(UNET_FILE_SUFFIXES)} file, got {Path(unet_file or '').name}":
+            unet_file is not None and Path(unet_file).suffix not in UNET_FILE_SUFFIXES,
+        "--unet and --video-unet each give the whole UNet: give one": unet_file is not None and video_unet is not None,
+    }
+    failed = [message for message, fails in problems.items() if fails]
+    return failed + nesting_problems(out, {"--unet": unet_file})
+
+
+def stored_schedule(name: str) -> SchedulerConfig:
+    """The scheduler config OUT stores for `--schedule NAME` (SCHEDULES)."""
+    if name == "video":
+        return SchedulerConfig.video_model()
+    return replace(SchedulerConfig.sdxl_base(), timestep_spacing="trailing", algorithm_type="euler")
+
+
 def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: str = "fp32",
-            overwrite: bool = False, loras: list[tuple[str, float]] = ()) -> dict:
-    """Convert SRC (and a video UNet) into a checkpoint folder OUT, with `loras` [(file, strength)]
-    merged; return its provenance."""
+            overwrite: bool = False, loras: list[tuple[str, float]] = (), unet_file=None,
+            schedule: str = "video") -> dict:
+    """Convert SRC (and a video UNet, or a UNet alone) into a checkpoint folder OUT, with `loras`
+    [(file, strength)] merged, sampling with `schedule` (SCHEDULES); return its provenance."""
     started = time.perf_counter()
     source, out = Path(source), Path(out)
 
     # 1. Read names, shapes and configs, and check them all: nothing is written unless this passes.
     clean_up_killed_conversions(out)
     check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite, loras)
+    if problems := few_step_problems(out, unet_file, video_unet, schedule):
+        raise ConversionError("; ".join(problems))
     print(f"reading {source}" + (f" and {video_unet}" if video_unet else ""))
     unet = read_video_unet(Path(video_unet)) if video_unet else None
+    if unet_file:
+        unet = read_unet_file(Path(unet_file), source, configs)
     if source.is_file():
         configs = Path(configs or SDXL_CONFIGS)
         parts, mapped = read_single_file(source, configs, unet)
@@ -657,8 +780,9 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     models = {name: build(part, DTYPES[dtype]) for name, part in parts.items()}
     clip_tokenizers = [CLIPTokenizer.from_pretrained(path, local_files_only=True) for path in tokenizer_paths]
     text_encoder = TextEncoder(*clip_tokenizers, models["text_encoder"], models["text_encoder_2"])
-    scheduler = SchedulerConfig.video_model()
-    pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler)
+    scheduler = stored_schedule(schedule)
+    pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler,
+                                              models.get("refiner"))
     if loras:
         print(f"merging {len(loras)} LoRA(s)")
         try:
@@ -669,6 +793,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
 
     # 3. Write a complete folder next to OUT, then move it into place.
     provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype, loras)
+    provenance["scheduler"] = SCHEDULES[schedule]
     print(f"writing {out}")
     write_checkpoint(pipeline, out, provenance, overwrite)
     print(summary(models, provenance, mapped.dropped, time.perf_counter() - started))
@@ -708,7 +833,7 @@ def summary(models: dict[str, nn.Module], provenance: dict, dropped: list[str], 
         f"  {'':<16}{count(unet.temporal_parameters())}  temporal, {provenance['unet_temporal']}; "
         f"GroupNorm scope {provenance['groupnorm_scope']!r}",
         *(f"  {name:<16}{count(models[name].parameters())}  from {provenance[name]}"
-          for name in ("vae", "text_encoder", "text_encoder_2")),
+          for name in ("vae", "text_encoder", "text_encoder_2", "refiner") if name in models),
         f"  {'tokenizers':<16}{'':>15}  from {provenance['tokenizer']}, {provenance['tokenizer_2']}",
         f"  {'scheduler':<16}{'':>15}  {provenance['scheduler']}",
         *(f"  {'lora':<16}{'':>15}  {lora['path']} merged at strength {lora['strength']:g}"
@@ -732,26 +857,40 @@ def lora_option(value: str) -> tuple[str, float]:
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", metavar="SRC",
-                        help="SDXL folder (diffusers' layout or the original video release) or single .safetensors")
+                        help="SDXL folder (diffusers' layout or the original video release), single .safetensors, "
+                             "or a hub name (owner/name) of such a folder")
     parser.add_argument("out", metavar="OUT", help="checkpoint folder to write")
     parser.add_argument("--video-unet", metavar="DIR",
-                        help="video UNet in the original layout: the whole UNet comes from it")
+                        help="video UNet in the original layout, or a hub name (its unet/): the whole UNet comes "
+                             "from it")
     parser.add_argument("--tokenizers", metavar="DIR",
-                        help="SDXL folder whose tokenizer/ and tokenizer_2/ a single-file SRC uses")
+                        help="SDXL folder (or hub name) whose tokenizer/ and tokenizer_2/ a single-file SRC uses")
     parser.add_argument("--configs", metavar="DIR",
                         help=f"component configs for a single-file SRC (default {SDXL_CONFIGS})")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                         help="merge a LoRA (kohya-ss or diffusers/PEFT .safetensors) into the UNet and text encoders "
                              f"at STRENGTH (default 1, from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}); repeat for more")
+    parser.add_argument("--unet", metavar="FILE",
+                        help="a UNet alone (.safetensors or .bin, diffusers' or the original names) in place of "
+                             "SRC's, e.g. SDXL-Lightning's or DMD2's few-step UNet")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="video",
+                        help="the noise schedule to sample with: the original video model's (default) or SDXL's "
+                             "own, which few-step SDXL models need")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT, a checkpoint folder or an empty one, once the new folder is complete")
+    parser.add_argument("--revision", metavar="REV", help="branch, tag or commit of a SRC given by its hub name")
     args = parser.parse_args(argv)
     try:
         loras = [lora_option(value) for value in args.lora]
-        convert(args.source, args.out, args.video_unet, args.tokenizers, args.configs, args.dtype, args.overwrite,
-                loras)
-    except ConversionError as error:
+        if any(map(is_hub_name, (args.source, args.video_unet, args.tokenizers))) and (
+                problems := out_problems(Path(args.out), args.overwrite)):  # before a download
+            raise ConversionError("; ".join(problems))
+        source, video_unet, tokenizers = local_sources(args.source, args.video_unet, args.tokenizers, args.revision,
+                                                       WEIGHT_NAMES, fp16=args.dtype == "fp16")
+        convert(source, args.out, video_unet, tokenizers, args.configs, args.dtype, args.overwrite, loras,
+                args.unet, args.schedule)
+    except (ConversionError, HubError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 

@@ -3,10 +3,12 @@
 Two formats hold nearly every SDXL LoRA:
 - kohya-ss / sd-scripts: modules `lora_unet_*`, `lora_te1_*` (CLIP ViT-L) and `lora_te2_*` (OpenCLIP
   ViT-bigG), each with `.lora_down.weight` (rank, in[, kh, kw]), `.lora_up.weight` (out, rank[, 1, 1])
-  and `.alpha`; the module's name is its dotted name with dots written as underscores, for the UNet
-  in the original SDXL layout (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what sd-scripts
-  trains) or in diffusers' (`down_blocks_1_attentions_0_...`). Linear layers, 1x1 convolutions and
-  3x3 convolutions (LoCon: the down projection is a convolution of the layer's kernel, the up 1x1).
+  and `.alpha` (without one, alpha = rank, as sd-scripts and diffusers read it); the module's name
+  is its dotted name with dots written as underscores, for the UNet in the original SDXL layout
+  (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what sd-scripts trains) or in diffusers'
+  (`down_blocks_1_attentions_0_...`, as LCM-LoRA's and DMD2's scripts write them). Linear layers,
+  1x1 convolutions and 3x3 convolutions (LoCon: the down projection is a convolution of the layer's
+  kernel, the up 1x1).
 - diffusers / PEFT (`pytorch_lora_weights.safetensors`): `unet.<module>.lora_A.weight` (down) and
   `.lora_B.weight` (up), `text_encoder.` and `text_encoder_2.` alike, or in the names diffusers'
   training scripts write (`.lora.down.weight` / `.lora.up.weight`, the text encoders'

@@ -886,3 +886,83 @@ def kohya_state_of(reference: StableDiffusionXLPipeline) -> dict:
     from test_lora import kohya_state
 
     return kohya_state(reference, "sgm", 5, "folded")
+
+
+# FlowingFrames' refiner/ and the temporal depth per level.
+
+REFINER_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original-refiner-tiny"
+
+
+@pytest.mark.parametrize("weights", ["bin", "safetensors"])
+def test_release_refiner_converts_loads_and_reproduces_the_original_outputs(video_sdxl_folder, tmp_path, weights):
+    """A release folder with the fixture's refiner/ (pickled as released, or as safetensors): the
+    checkpoint stores it, the pipeline loads it and it computes what the original code computed; it
+    survives a save; a folder without one loads with `pipeline.refiner` None."""
+    from refiner import RefinerConfig
+
+    release = release_folder(video_sdxl_folder, tmp_path)
+    shutil.copytree(REFINER_FIXTURE / "refiner", release / "refiner")
+    if weights == "safetensors":
+        pickled = release / "refiner" / "diffusion_pytorch_model.bin"
+        save_file(torch.load(pickled, weights_only=True), pickled.with_suffix(".safetensors"))
+        pickled.unlink()
+    provenance = convert(release, tmp_path / "out")
+    assert provenance["refiner"] == str(release / "refiner" / f"diffusion_pytorch_model.{weights}")
+    assert (tmp_path / "out" / "refiner.safetensors").is_file()
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    assert ours.refiner.config == RefinerConfig(inner_channels=64, spatial_heads=2, spatial_head_dim=16,
+                                                spatial_layers=2, temporal_heads=2, temporal_head_dim=16,
+                                                temporal_layers=2)
+    io = load_file(REFINER_FIXTURE / "reference_io.safetensors")
+    with torch.no_grad():
+        assert max_difference(ours.refiner(io["latents"]), io["expected"]) <= 3e-5  # the fixture README's
+    ours.save_pretrained(tmp_path / "saved")
+    assert_same_tensors(StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "saved").refiner.state_dict(),
+                        ours.refiner.state_dict())
+    (tmp_path / "saved" / "refiner.safetensors").unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'saved' / 'refiner.safetensors'} is missing")):
+        StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "saved")
+    if weights == "bin":
+        shutil.rmtree(release / "refiner")
+        convert(release, tmp_path / "without")
+        assert StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "without").refiner is None
+        assert not (tmp_path / "without" / "refiner.safetensors").exists()
+
+
+def video_unet_with_temporal_depths(depths: list[int], tmp_path: Path) -> tuple[UNet, Path]:
+    """A video UNet in the original layout whose temporal transformers have depths[level] blocks
+    (the mid block the last entry's), written with `temporal_layers_per_block` = depths."""
+    torch.manual_seed(0)
+    unet = perturbed(UNet(dataclasses.replace(VIDEO_UNET_CONFIG, temporal_layers=max(depths), groupnorm_scope="chunk")))
+    levels = len(depths)
+    places = {**{f"down_blocks.{level}.": depths[level] for level in range(levels)},
+              **{f"up_blocks.{levels - 1 - level}.": depths[level] for level in range(levels)},
+              "mid_block.": depths[-1]}
+    state = {key: value for key, value in original_video_state(unet).items()
+             if not (match := re.match(r"(\w+\.(?:\d+\.)?)temp_attentions\.\d+\.transformer_blocks\.(\d+)\.", key))
+             or int(match[2]) < places[match[1]]}
+    folder = write_video_unet(state, unet.config, tmp_path / "video")
+    values = json.loads((folder / "config.json").read_text()) | {"temporal_layers_per_block": depths}
+    (folder / "config.json").write_text(json.dumps(values))
+    return unet, folder
+
+
+def test_the_release_temporal_depth_per_level_loads(video_sdxl_folder, tmp_path):
+    """temporal_layers_per_block [2, 2, 2], the release's: one depth, loaded tensor for tensor."""
+    unet, folder = video_unet_with_temporal_depths([2, 2, 2], tmp_path)
+    convert(video_sdxl_folder, tmp_path / "out", video_unet=folder)
+    ours = StableDiffusionXLVideoPipeline.from_pretrained(tmp_path / "out")
+    assert ours.unet.config.temporal_layers == 2
+    assert_same_tensors(ours.unet.state_dict(), unet.state_dict())
+
+
+def test_a_temporal_depth_that_differs_per_level_is_refused_in_one_line(video_sdxl_folder, tmp_path, capsys):
+    """[2, 1, 2]: level 1 has one block, level 2 and the mid block two; UNetConfig has one depth."""
+    _, folder = video_unet_with_temporal_depths([2, 1, 2], tmp_path)
+    with pytest.raises(SystemExit):
+        main([str(video_sdxl_folder), str(tmp_path / "out"), "--video-unet", str(folder)])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "missing keys" not in error
+    assert (f"{folder / 'diffusion_pytorch_model.safetensors'}: temporal_layers_per_block differs per level, which "
+            "is not supported (temporal blocks at level 1: 1, level 2: 2, mid block: 2)") in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video"]
