@@ -73,14 +73,15 @@ from scheduler import SchedulerConfig
 from formats.sdxl_layout import Rule, clip_rules, single_file_rules, unet_rules
 from text import SUBFOLDERS, TextEncoder
 from vae import AutoencoderKL, VAEConfig
-from video_settings import lora_given_twice, parse_lora
+from video_settings import RECIPES, lora_given_twice, parse_lora
 
 SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl-base-1.0"
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                  "text_encoder_2": CLIPTextModelWithProjection}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 FRESH_SEED = 0
-# sample.py's defaults for a converted model: the original inference loop's chunk, context and steps.
+# sample.py's defaults for a converted model without a refiner: the seed text's loop's chunk, context,
+# steps and guidance (video_settings.RECIPES["seed"]: its other values are Settings' defaults).
 SAMPLE_DEFAULTS = {"frames": 4, "context_frames": 4, "steps": 50, "guidance": 9.0}
 SHOWN = 5  # names listed per problem
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -92,7 +93,10 @@ SCHEDULES = {
     "video": "SchedulerConfig.video_model(): the original video model's inference setup",
     "sdxl": "SDXL base 1.0's schedule (SchedulerConfig.sdxl_base()), trailing timesteps, Euler: what few-step "
             "SDXL models are distilled on",
+    "release": "SRC's scheduler/scheduler_config.json with trailing timesteps and SDE DPM-Solver++, as the published "
+               "release's run.py builds its scheduler",
 }
+RELEASE_SCHEDULER = Path("scheduler") / "scheduler_config.json"
 
 
 class ConversionError(ValueError):
@@ -623,14 +627,15 @@ def write_error(error: OSError, staging: Path, out: Path) -> ConversionError:
     return ConversionError(f"{reason} while writing {path}; nothing was written, {out} is as it was")
 
 
-def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, provenance: dict, overwrite: bool) -> None:
+def write_checkpoint(pipeline: StableDiffusionXLVideoPipeline, out: Path, provenance: dict, overwrite: bool,
+                     defaults: dict = SAMPLE_DEFAULTS) -> None:
     """Save into a hidden sibling of OUT, on disk (fsync) before it replaces OUT, which is checked
     again first: whatever came to OUT during the conversion is kept unless --overwrite may replace it."""
     staging, previous = staging_folder(out, "converting"), staging_folder(out, "previous")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
-        pipeline.save_pretrained(staging, provenance, SAMPLE_DEFAULTS)
+        pipeline.save_pretrained(staging, provenance, defaults)
         if problems := out_problems(out, overwrite):
             raise ConversionError("; ".join(problems))
         if out.exists():
@@ -727,7 +732,7 @@ def few_step_problems(out: Path, unet_file, video_unet, schedule: str) -> list[s
     """Why `--unet FILE` or `--schedule` cannot be used: the file missing or of no weight format,
     given with --video-unet (each replaces the whole UNet), OUT the file or around it."""
     problems = {
-        f"--schedule must be one of {list(SCHEDULES)}, got {schedule!r}": schedule not in SCHEDULES,
+        f"--schedule must be one of {list(SCHEDULES)}, got {schedule!r}": schedule not in (None, *SCHEDULES),
         f"--unet {unet_file} is not a file": unet_file is not None and not Path(unet_file).is_file(),
         f"--unet must be a {' or '.join(UNET_FILE_SUFFIXES)} file, got {Path(unet_file or '').name}":
             unet_file is not None and Path(unet_file).suffix not in UNET_FILE_SUFFIXES,
@@ -737,18 +742,42 @@ def few_step_problems(out: Path, unet_file, video_unet, schedule: str) -> list[s
     return failed + nesting_problems(out, {"--unet": unet_file})
 
 
-def stored_schedule(name: str) -> SchedulerConfig:
-    """The scheduler config OUT stores for `--schedule NAME` (SCHEDULES)."""
+def stored_schedule(name: str, source: Path | None = None) -> SchedulerConfig:
+    """The scheduler config OUT stores for `--schedule NAME` (SCHEDULES); ConversionError naming
+    SRC's scheduler config if "release" cannot read it (SRC: needed for "release" only)."""
     if name == "video":
         return SchedulerConfig.video_model()
-    return replace(SchedulerConfig.sdxl_base(), timestep_spacing="trailing", algorithm_type="euler")
+    if name == "sdxl":
+        return replace(SchedulerConfig.sdxl_base(), timestep_spacing="trailing", algorithm_type="euler")
+    path = source / RELEASE_SCHEDULER
+    try:
+        config = SchedulerConfig.from_diffusers_config(load_json(path))
+    except ValueError as error:
+        raise ConversionError(f"{path}: {error}") from None
+    return replace(config, timestep_spacing="trailing", algorithm_type="sde-dpmsolver++")
+
+
+def default_schedule(source: Path, parts: dict[str, Part]) -> str:
+    """The published release's own schedule for a release folder (a video UNet and a scheduler
+    config), else the original video model's."""
+    release = source.is_dir() and (source / RELEASE_SCHEDULER).is_file() and not parts["unet"].fresh_temporal
+    return "release" if release else "video"
+
+
+def sample_defaults(parts: dict[str, Part]) -> dict:
+    """sample.py's defaults for OUT: the published program's recipe for a model with a refiner, else
+    the seed text's loop (video_settings.RECIPES)."""
+    if "refiner" in parts:
+        return {name: value for name, value in RECIPES["flowingframes"].items() if value is not None}
+    return SAMPLE_DEFAULTS
 
 
 def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: str = "fp32",
             overwrite: bool = False, loras: list[tuple[str, float]] = (), unet_file=None,
-            schedule: str = "video") -> dict:
+            schedule: str | None = None) -> dict:
     """Convert SRC (and a video UNet, or a UNet alone) into a checkpoint folder OUT, with `loras`
-    [(file, strength)] merged, sampling with `schedule` (SCHEDULES); return its provenance."""
+    [(file, strength)] merged, sampling with `schedule` (SCHEDULES; None: `default_schedule`); return
+    its provenance."""
     started = time.perf_counter()
     source, out = Path(source), Path(out)
 
@@ -780,7 +809,10 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     models = {name: build(part, DTYPES[dtype]) for name, part in parts.items()}
     clip_tokenizers = [CLIPTokenizer.from_pretrained(path, local_files_only=True) for path in tokenizer_paths]
     text_encoder = TextEncoder(*clip_tokenizers, models["text_encoder"], models["text_encoder_2"])
-    scheduler = stored_schedule(schedule)
+    schedule = schedule or default_schedule(source, parts)
+    if schedule == "release" and not (source / RELEASE_SCHEDULER).is_file():
+        raise ConversionError(f"--schedule release: {source} has no {RELEASE_SCHEDULER}")
+    scheduler = stored_schedule(schedule, source)
     pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler,
                                               models.get("refiner"))
     if loras:
@@ -795,7 +827,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     provenance = make_provenance(source, parts, tokenizer_paths, configs, dtype, loras)
     provenance["scheduler"] = SCHEDULES[schedule]
     print(f"writing {out}")
-    write_checkpoint(pipeline, out, provenance, overwrite)
+    write_checkpoint(pipeline, out, provenance, overwrite, sample_defaults(parts))
     print(summary(models, provenance, mapped.dropped, time.perf_counter() - started))
     return provenance
 
@@ -874,9 +906,10 @@ def main(argv=None) -> None:
     parser.add_argument("--unet", metavar="FILE",
                         help="a UNet alone (.safetensors or .bin, diffusers' or the original names) in place of "
                              "SRC's, e.g. SDXL-Lightning's or DMD2's few-step UNet")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="video",
-                        help="the noise schedule to sample with: the original video model's (default) or SDXL's "
-                             "own, which few-step SDXL models need")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="the noise schedule to sample with: the original video model's, SDXL's own (which "
+                             "few-step SDXL models need), or the release's (SRC's scheduler config, as its run.py "
+                             "uses it); default: the release's for a video release folder with one, else video")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT, a checkpoint folder or an empty one, once the new folder is complete")
     parser.add_argument("--revision", metavar="REV", help="branch, tag or commit of a SRC given by its hub name")

@@ -966,3 +966,42 @@ def test_a_temporal_depth_that_differs_per_level_is_refused_in_one_line(video_sd
     assert (f"{folder / 'diffusion_pytorch_model.safetensors'}: temporal_layers_per_block differs per level, which "
             "is not supported (temporal blocks at level 1: 1, level 2: 2, mid block: 2)") in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video"]
+
+
+def test_a_release_converts_with_its_own_scheduler_and_samples_with_the_published_recipe(video_sdxl_folder, tmp_path):
+    """The release's scheduler config is read (its betas), with the two overrides of its run.py
+    (trailing timesteps, SDE DPM-Solver++); with a refiner, the stored defaults are the published
+    recipe, which sample.py then runs by default (refiner on, 7 frames skipped, its negative prompt)."""
+    import json
+
+    import sample
+    from convert_weights import SCHEDULES
+    from video_settings import RECIPES
+
+    release = release_folder(video_sdxl_folder, tmp_path)
+    shutil.copytree(REFINER_FIXTURE / "refiner", release / "refiner")
+    config_file = release / "scheduler" / "scheduler_config.json"
+    released = {**json.loads(config_file.read_text()), "beta_start": 0.00085, "beta_end": 0.012,
+                "timestep_spacing": "leading", "algorithm_type": "dpmsolver++"}
+    config_file.write_text(json.dumps(released))
+    provenance = convert(release, tmp_path / "out")
+    stored = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert SchedulerConfig.from_dict(stored["scheduler"]) == SchedulerConfig(
+        beta_start=0.00085, beta_end=0.012, beta_schedule=released["beta_schedule"], algorithm_type="sde-dpmsolver++",
+        timestep_spacing="trailing", steps_offset=released["steps_offset"], prediction_type=released["prediction_type"])
+    assert provenance["scheduler"] == SCHEDULES["release"]
+    assert stored["sample_defaults"] == {name: value for name, value in RECIPES["flowingframes"].items() if value is not None}
+    out = tmp_path / "frames"
+    sample.main(["--model", str(tmp_path / "out"), "--prompt", "a red circle", "--steps", "1", "--height", "32",
+                 "--width", "32", "--chunks", "3", "--out", f"{out}/"])
+    settings = torch.load(f"{out}.state.pt", weights_only=True)["settings"]
+    assert (settings["refiner"], settings["skip_frames"], settings["frames"], settings["context_frames"],
+            settings["guidance"], settings["negative_prompt"]) == (True, 7, 6, 4, 12.0, "low quality, grainy, bad textures")
+    assert len(list(out.glob("*.png"))) == 3 * 6 - 7
+
+    config_file.unlink()
+    convert(release, tmp_path / "no-scheduler")  # the original video model's schedule, then
+    assert json.loads((tmp_path / "no-scheduler" / "config.json").read_text())["scheduler"] == \
+        SchedulerConfig.video_model().to_dict()
+    with pytest.raises(ConversionError, match=r"--schedule release: .* has no scheduler/scheduler_config.json"):
+        convert(release, tmp_path / "refused", schedule="release")

@@ -245,3 +245,23 @@ def test_empty_restart_keeps_the_first_frame_without_the_anchor_frame_control():
     state = VideoState()
     DriftControls(empty_restart=0.4).finish_chunk(latents, state, CHUNK)
     assert torch.equal(state.anchor, latents[:, :, :1])
+
+
+def test_context_matching_is_the_earlier_releases_over_the_whole_stack(pipeline):
+    """FluxDiff (the release's earlier version) matched each new chunk's per-channel mean and std to
+    those of every latent made so far, clipped it to [-1, 1], and took its context from that; its
+    frames kept their own latents. Rewritten here over the whole stack, in memory."""
+    settings = Settings.from_options(timeline=[(0, "a red circle")], height=32, width=48, frames=3, context_frames=2,
+                                     steps=2, context_matching=True)
+    contexts = []
+    chunks = generate_latents(pipeline, settings.chunk, settings.drift,
+                              Prompts([(0, pipeline.encode_prompt("a red circle"))]), VideoState(),
+                              torch.Generator().manual_seed(0), on_chunk=lambda index, context, _: contexts.append(context))
+    made = [next(chunks) for _ in range(4)]
+    for index in range(1, 4):
+        stack, chunk = torch.cat(made[:index], dim=2), made[index - 1]
+        axes = (0, 2, 3, 4)
+        matched = ((chunk - chunk.mean(axes, keepdim=True)) * (stack.std(axes, keepdim=True)
+                   / (chunk.std(axes, keepdim=True) + 1e-8)) + stack.mean(axes, keepdim=True)).clip(-1, 1)
+        assert torch.allclose(contexts[index], matched[:, :, -2:], atol=1e-6)
+    assert not torch.allclose(contexts[2], made[1][:, :, -2:])  # it does change the context
