@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from endless import Prompts, VideoState, decoded_chunks, frames_of
+from endless import Prompts, VideoState, frames_of, generate_latents
 from infra import memory
 from infra.checkpoint import DTYPES, load_checkpoint_config
 from infra.cli import OneLineParser, check_device_name, option_name, without_nan
@@ -87,11 +87,14 @@ def made_chunks(pipeline, videos: list[Settings], chunks: int):
     generator = generators[0] if len(videos) == 1 else generators
     progress = Progress(chunks, 0)
     first = videos[0]
-    stream = decoded_chunks(pipeline, first.chunk, first.drift, Prompts([(0, embeddings)]), VideoState(), generator,
-                            first.decode_frames, callback=progress.step)
-    for index in range(chunks):
-        yield next(stream)
-        progress.chunk = index + 1
+    stream = generate_latents(pipeline, first.chunk, first.drift, Prompts([(0, embeddings)]), VideoState(), generator,
+                              callback=progress.step, refine=first.refiner)
+    scored = 0
+    while scored < chunks:
+        latents = next(stream)  # with a refiner, the frames of two chunks before, once they left its window
+        if latents.shape[2]:
+            yield frames_of(pipeline, latents, first.decode_frames)
+            scored = progress.chunk = scored + 1
     print(file=sys.stderr)
 
 
@@ -325,9 +328,9 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     settings = Settings.from_options(timeline=[(0, text)], seed=seed, **values)
     check_settings(settings, config)
     check_sampler(settings, SAMPLERS)
-    if settings.refiner or settings.skip_frames:
-        raise ValueError(f"--model {model}: its recipe has a refiner or skipped frames, which evaluate.py "
-                         f"does not score yet (its chunks are scored as they are made)")
+    if settings.skip_frames:
+        raise ValueError(f"--model {model}: its recipe skips {settings.skip_frames} frames; evaluate.py scores every "
+                         f"chunk from the first (give --recipe seed, or a model without skipped frames)")
     return settings
 
 

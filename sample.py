@@ -157,13 +157,6 @@ def read_timeline_file(path: str) -> list[str]:
 # Options
 
 
-def on_off(text: str) -> bool:
-    """An on|off option's value."""
-    if text not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"give on or off, not {text!r}")
-    return text == "on"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help='"TEXT", or "TEXT@T" (T: chunk index or seconds like 4s); repeat for a timeline')
@@ -196,10 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
                              f"encoders; repeat for more: {LORA_SYNTAX}; strengths blend over --transition chunks "
                              f"like prompts, e.g. style.safetensors:0@0,1@10,0.3@20s")
     parser.add_argument("--drop-first-chunk", action="store_true", default=None, help="drop the first chunk (made without context), as the original did")
-    parser.add_argument("--refiner", type=on_off, metavar="on|off",
-                        help="refine the last two chunks' latents after every chunk with the model's refiner, as the "
-                             "published release does; a frame is written once no later chunk changes it "
-                             "(default: on when the model has one)")
     parser.add_argument("--skip-frames", type=int,
                         help="frames not written at the start of a new video (default: the model's, else 0; "
                              "the published release's recipe: 7)")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from formats import lora_files
-from infra.cli import of_type, option_name
+from infra.cli import of_type, on_off, option_name
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "baby"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -370,6 +370,10 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
                              "the sampler's own for lcm and tcd, else the scheduler config's)")
     parser.add_argument("--timesteps", metavar="T,T,...",
                         help=f"sample at these training timesteps, in place of --steps and the spacing: {TIMESTEPS_SYNTAX}")
+    parser.add_argument("--refiner", type=on_off, metavar="on|off",
+                        help="refine the last two chunks' latents after every chunk with the model's refiner, as the "
+                             "published release does; a frame is final once no later chunk changes it "
+                             "(default: on when the model has one)")
     add_drift_options(parser)
     parser.add_argument("--decode-frames", type=int, help=f"frames the VAE decodes at a time (default {Settings.decode_frames})")
     parser.add_argument("--threads", type=int,

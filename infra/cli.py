@@ -48,3 +48,10 @@ def check_device_name(device: str | None) -> None:
     kind, _, index = device.partition(":")
     if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())):
         raise ValueError(f"--device {device!r}: expected one of cpu, cuda, cuda:N, mps")
+
+
+def on_off(text: str) -> bool:
+    """An on|off option's value (argparse type)."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"give on or off, not {text!r}")
+    return text == "on"

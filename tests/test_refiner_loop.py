@@ -181,3 +181,20 @@ def test_a_recipe_by_name_replaces_the_models_defaults_and_options_still_win(ref
     assert len(list(out.glob("*.png"))) == 2 * FRAMES
     with pytest.raises(ValueError, match="--recipe flowingframes"):
         sample.main(["--out", f"{out}/", "--resume", "--chunks", "3", "--recipe", "flowingframes"])
+
+
+def test_evaluate_scores_the_refined_frames_chunk_by_chunk(refined_model):
+    """evaluate.py's chunks with a refiner: each chunk's frames once they are final, two chunks late
+    (the last two chunks made are not scored), equal to the published loop's."""
+    import evaluate
+    from pipeline import StableDiffusionXLVideoPipeline
+
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(refined_model)
+    settings = Settings(timeline=[(0, "a red circle")], height=32, width=48, frames=FRAMES, context_frames=CONTEXT,
+                        steps=2, guidance=3.0, refiner=True, decode_frames=1)
+    scored = list(evaluate.made_chunks(pipeline, [settings], 3))
+    with torch.no_grad():
+        expected = published_loop(pipeline, 5, settings)
+    for index, chunk in enumerate(scored):
+        latents = expected[:, :, index * FRAMES:(index + 1) * FRAMES]
+        assert np.array_equal(chunk[0], frames_of(pipeline, latents, decode_frames=1)[0])
