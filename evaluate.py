@@ -53,7 +53,7 @@ from scheduler import SAMPLERS
 from shapes.scoring import METRICS, SCORE_COLUMNS, caption, mean_over, parse_scene, video_score
 from shapes.failures import Blanks, failure_rows, failure_table, read_scores
 from shapes.survival import Curves, checkpoints, plot, read_curves, summary_table, write_curves
-from video_settings import DEFAULT_MODEL, SETTING_NAMES, Settings, add_chunk_options, check_sampler, check_settings
+from video_settings import DEFAULT_MODEL, RECIPES, SETTING_NAMES, Settings, add_chunk_options, check_sampler, check_settings
 from shapes.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, placed_scene, render
 
 
@@ -324,7 +324,8 @@ def settings_for(args: argparse.Namespace, text: str, seed: int) -> Settings:
     model = args.model or str(DEFAULT_MODEL)
     config = load_checkpoint_config(model)
     given = {name: value for name, value in vars(args).items() if name in SETTING_NAMES and value is not None}
-    values = {**config.get("sample_defaults", {}), **given, "model": model}
+    recipe = RECIPES[args.recipe] if args.recipe else {}
+    values = {**config.get("sample_defaults", {}), **recipe, **given, "model": model}
     settings = Settings.from_options(timeline=[(0, text)], seed=seed, **values)
     check_settings(settings, config)
     check_sampler(settings, SAMPLERS)

@@ -558,8 +558,8 @@ def not_skipped(latents, final: int, skip: int):
 
 def write_unfinished(pipeline, writer, settings: Settings, state) -> None:
     """At the end of a run with a refiner: write the frames still in its window, final since the video
-    ends here. The state file still ends before them, so --resume and --extend write them again as
-    the chunks after them change them."""
+    ends here. The state file still ends before them, so --resume of a finished run for more chunks
+    writes them again as the chunks after them change them."""
     import endless
 
     latents = endless.unfinished(state)

@@ -198,3 +198,13 @@ def test_evaluate_scores_the_refined_frames_chunk_by_chunk(refined_model):
     for index, chunk in enumerate(scored):
         latents = expected[:, :, index * FRAMES:(index + 1) * FRAMES]
         assert np.array_equal(chunk[0], frames_of(pipeline, latents, decode_frames=1)[0])
+
+
+def test_evaluate_takes_the_models_recipe_or_a_named_one(refined_model):
+    import evaluate
+
+    with pytest.raises(ValueError, match="its recipe skips 4 frames"):
+        evaluate.settings_for(evaluate.parse_arguments(["--model", str(refined_model)]), "a red circle", 0)
+    settings = evaluate.settings_for(evaluate.parse_arguments(["--model", str(refined_model), "--recipe", "seed"]),
+                                     "a red circle", 0)
+    assert (settings.refiner, settings.skip_frames, settings.steps, settings.guidance) == (False, 0, 50, 9.0)
