@@ -7,12 +7,11 @@ what every UNet block gets besides its input; `ChunkCache` is what the steps of 
 Module names follow diffusers, so its state dicts load with a strict `load_state_dict`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 
@@ -28,12 +27,12 @@ class Conditioning(NamedTuple):
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
     """(batch, channels, frames, height, width) -> (batch * frames, channels, height, width)."""
-    return rearrange(video, "b c f h w -> (b f) c h w")  # (b*f, c, h, w)
+    return video.transpose(1, 2).flatten(0, 1)  # (b*f, c, h, w)
 
 
 def unfold_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch * frames, channels, height, width) -> (batch, channels, frames, height, width)."""
-    return rearrange(images, "(b f) c h w -> b c f h w", f=num_frames)  # (b, c, f, h, w)
+    return images.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (b, c, f, h, w)
 
 
 def repeat_per_frame(per_video: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -43,12 +42,14 @@ def repeat_per_frame(per_video: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 def frames_to_tokens(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(batch * frames, channels, h, w) -> (batch * h * w, frames, channels): one sequence per position."""
-    return rearrange(images, "(b f) c h w -> (b h w) f c", f=num_frames)  # (b*h*w, f, c)
+    video = images.unflatten(0, (-1, num_frames))  # (b, f, c, h, w)
+    return video.permute(0, 3, 4, 1, 2).flatten(0, 2)  # (b*h*w, f, c)
 
 
 def tokens_to_frames(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(batch * h * w, frames, channels) -> (batch * frames, channels, h, w): `frames_to_tokens` undone."""
-    return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)  # (b*f, c, h, w)
+    grid = tokens.unflatten(0, (-1, height, width))  # (b, h, w, f, c)
+    return grid.permute(0, 3, 4, 1, 2).flatten(0, 1)  # (b*f, c, h, w)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -92,7 +93,6 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(time_embed_dim, out_channels) if time_embed_dim else None
         self.norm2 = GroupNorm(num_groups, out_channels, eps, across_frames)
-        self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = None
         if in_channels != out_channels:
@@ -105,7 +105,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x, num_frames)))
         if self.time_emb_proj is not None:
             h += self.time_emb_proj(F.silu(time_embedding))[:, :, None, None]  # (b*f, out_channels, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h, num_frames))))
+        h = self.conv2(F.silu(self.norm2(h, num_frames)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut)  # in place on a fresh output (convolutions keep only their inputs for backward)
 
@@ -137,7 +137,9 @@ class ChunkCache:
       `prepare_context`; for `TemporalConditionerTransformer`, each block's `CrossKeysValues` of the
       encoded context); empty without a context;
     - `sizes` and `sources`: the (batch, height, width) and the very tensors (text, pooled text,
-      time_ids, context) it was built for, which `check` holds a step's inputs against.
+      time_ids, context) it was built for, which `check` holds a step's inputs against;
+    - `made`: what depends only on the chunk's sizes (the temporal modules' frame-position terms),
+      by a key that names it and its sizes, made at the first step that needs it (`kept`).
     """
 
     added_embedding: torch.Tensor
@@ -145,6 +147,14 @@ class ChunkCache:
     context: dict[nn.Module, Any]
     sizes: tuple[int, int, int]
     sources: tuple[torch.Tensor | None, ...]
+    made: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def kept(self, key: tuple, make) -> torch.Tensor:
+        """make() at the first call with `key`, the same tensor at the chunk's later steps (never
+        write into it). `key` names what `make` makes and every size it depends on."""
+        if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
 
     def check(self, sizes: tuple[int, int, int], dtype: torch.dtype, sources: tuple[torch.Tensor | None, ...]) -> None:
         """ValueError unless `sizes` and the sample's `dtype` are the same and `sources` the same
@@ -189,7 +199,7 @@ class Attention(nn.Module):
         bias = None if layers[0].bias is None else stack([layer.bias for layer in layers])
         out = F.linear(x, weight, bias)  # (b, n, len(layers) * inner)
         parts = out.chunk(len(layers), dim=-1)  # (b, n, inner) each
-        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in parts]  # (b, heads, n, head_dim) each
+        return [t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in parts]  # (b, heads, n, head_dim) each
 
     def keys_values(self, context: torch.Tensor) -> KeysValues:
         """context: (batch, context_tokens, context_dim) -> its keys and values, to reuse while it is fixed."""
@@ -210,7 +220,7 @@ class Attention(nn.Module):
             k, v = context if isinstance(context, KeysValues) else self.keys_values(context)
             (q,) = self.project(x.reshape(k.shape[0], -1, x.shape[-1]), self.to_q)  # (shared, heads, m * tokens, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (shared, heads, m * tokens, head_dim)
-        out = rearrange(out, "b h n d -> b n (h d)").reshape(batch, tokens, -1)  # (batch, tokens, inner)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (batch, tokens, inner)
         return self.to_out[0](out)
 
 
@@ -227,16 +237,15 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward with inner width `mult` * dim (`net.0.proj`, `net.2` as in diffusers)."""
+    """GEGLU feed-forward with inner width `mult` * dim (`net.0.proj`, `net.2` as in diffusers; `net.1`
+    is diffusers' dropout of rate 0, kept so that the indices match, and not called)."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        return self.net[2](self.net[0](x))
 
 
 class TransformerBlock(nn.Module):

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -191,13 +190,13 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: (batch * frames, channels, h, w)."""
         height, width = x.shape[-2:]
-        tokens = rearrange(self.norm(x, cond.num_frames), "n c h w -> n (h w) c")  # (b*f, h*w, c)
+        tokens = self.norm(x, cond.num_frames).permute(0, 2, 3, 1).flatten(1, 2)  # (b*f, h*w, c)
         tokens = self.proj_in(tokens)
         text = self.text_keys_values(cond.text) if cond.chunk is None else cond.chunk.text[self]
         for block, keys_values in zip(self.transformer_blocks, text):
             tokens = block(tokens, keys_values)
         tokens = self.proj_out(tokens)
-        return x + rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)  # (b*f, c, h, w) in x's memory format
+        return x + tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (b*f, c, h, w) in x's memory format
 
     def text_keys_values(self, text: torch.Tensor) -> list[CrossKeysValues]:
         """text: (batch, tokens, cross_attention_dim) -> every block's keys and values of it."""

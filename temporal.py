@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from layers import Conditioning, CrossKeysValues, GroupNorm, TransformerBlock, frames_to_tokens, tokens_to_frames
@@ -45,6 +44,18 @@ def frame_position_encoding(num_frames: int, dim: int, device=None) -> torch.Ten
     encoding[:, 0::2] = angles.cos()
     encoding[:, 1::2] = angles[:, : dim // 2].sin()
     return encoding
+
+
+def chunk_frame_positions(num_frames: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """(frames, 1): exp(-p / frames) for chunk frame p, what the conditioner adds to its chunk's tokens."""
+    positions = torch.arange(num_frames, device=device, dtype=dtype)
+    return torch.exp(-positions / num_frames)[:, None]  # (f, 1)
+
+
+def per_chunk(cond: Conditioning, key: tuple, make) -> torch.Tensor:
+    """make(), a tensor that depends only on the chunk's sizes: with the chunk's cache, made at its
+    first step and kept for the others (`ChunkCache.kept`); without, made at every call."""
+    return make() if cond.chunk is None else cond.chunk.kept(key, make)
 
 
 class TemporalTransformer(nn.Module):
@@ -77,7 +88,8 @@ class TemporalTransformer(nn.Module):
         height, width = x.shape[-2:]
         tokens = frames_to_tokens(self.norm(x, cond.num_frames), cond.num_frames)  # (b*h*w, f, c)
         tokens = self.proj_in(tokens)
-        tokens.add_(frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype))
+        encode = lambda: frame_position_encoding(cond.num_frames, tokens.shape[-1], x.device).to(x.dtype)
+        tokens.add_(per_chunk(cond, ("frame_position_encoding", cond.num_frames, tokens.shape[-1]), encode))
         for block in self.transformer_blocks:
             tokens = block(tokens)
         return x + tokens_to_frames(self.proj_out(tokens), height, width)  # (b*f, c, h, w)
@@ -126,7 +138,7 @@ class TemporalConditionerTransformer(nn.Module):
             align_corners=False,
         )  # (context_batch, c, k, h, w)
         context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)  # (b, c, k, h, w)
-        tokens = rearrange(self.conv_in(context), "b d k h w -> (b h w) k d")  # (b*h*w, k, D)
+        tokens = self.conv_in(context).permute(0, 3, 4, 2, 1).flatten(0, 2)  # (b*h*w, k, D)
         positions = torch.arange(context_frames, device=tokens.device, dtype=tokens.dtype)
         return tokens + torch.exp(positions / context_frames)[:, None]  # (k, 1) over (b*h*w, k, D)
 
@@ -141,8 +153,8 @@ class TemporalConditionerTransformer(nn.Module):
         else:
             context = cond.chunk.context[self]
         tokens = self.proj_in(self.ln(frames_to_tokens(x, cond.num_frames)))  # (b*h*w, f, D)
-        positions = torch.arange(cond.num_frames, device=x.device, dtype=tokens.dtype)
-        tokens.add_(torch.exp(-positions / cond.num_frames)[:, None])  # (f, 1) over (b*h*w, f, D)
+        positions = lambda: chunk_frame_positions(cond.num_frames, x.device, tokens.dtype)
+        tokens.add_(per_chunk(cond, ("chunk_frame_positions", cond.num_frames), positions))  # (f, 1) over (b*h*w, f, D)
         for block, keys_values in zip(self.transformer_blocks, context):
             assert keys_values.attn1.keys.shape[0] == tokens.shape[0], "context prepared for other sizes"
             tokens = block(tokens, keys_values)

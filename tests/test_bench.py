@@ -5,6 +5,9 @@ UNet's fast paths are in test_unet_fast_paths.py).
 - At full size, counted on the meta device, the parameters and FLOPs per frame are docs/SEED_FORMAT.md's
   (4.21 B against 2.57 B; 3.64, 4.51 and 7.35 TFLOP at 768x768), and diffusers counts the same
   SDXL FLOPs.
+- The baby row runs the shipped baby with the model code before issue 24's cuts and with this
+  checkout's, and their UNet passes agree within 1e-5 (issue 24's bound; they are equal bit for bit
+  since no cut changed the maths).
 """
 
 import json
@@ -136,3 +139,14 @@ def test_json_is_checked_writable_at_start_and_only_with_quick(tmp_path):
         with pytest.raises(ValueError, match=message):
             bench.parse_arguments(arguments)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_baby_row_compares_the_code_before_with_this_checkouts():
+    row = bench.baby(bench.parse_arguments(["--rows", "baby", "--repeats", "1", "--warmup", "0"]))
+    if "skipped" in row:
+        pytest.skip(row["skipped"])
+    assert row["shapes"] == {"batch": 2, "frames": 4, "latent": [8, 8], "context_frames": 2, "text_tokens": 16,
+                             "steps": 25, "guidance": 3.0}
+    assert row["max_abs_difference"]["unet_pass"] <= 1e-5
+    assert all(row[key]["before"] > 0 and row[key]["after"] > 0 for key in ("unet_pass_ms", "seconds_per_chunk"))
+    assert 0.45 < row["gflop_per_pass"] < 0.55  # issue 24: 497 MFLOP; the meta count adds the attention products

@@ -5,6 +5,10 @@
 - Channels-last memory equals contiguous memory, in the forward and in a temporal training step.
 - The fused query/key/value projections equal separate ones, and frames that share one text (or
   its precomputed keys and values) equal frames that each get a copy.
+- Issue 24's cuts from every step, bit for bit: the folds between frames, tokens and positions equal
+  einops' `rearrange` of the same pattern (which they replace); the temporal modules' frame-position
+  terms equal their formulas computed by hand, and with a chunk's cache they are made at its first
+  step only, the cached steps equal to uncached ones.
 """
 
 import math
@@ -12,9 +16,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from layers import Attention
+import temporal
+from layers import Attention, fold_frames, frames_to_tokens, tokens_to_frames, unfold_frames
 from model import UNet, UNetConfig
 
 
@@ -128,3 +134,50 @@ def test_frames_sharing_a_context_equal_a_context_per_frame():
     per_frame = attention(frames, text.repeat_interleave(3, dim=0))
     assert torch.allclose(attention(frames, text), per_frame, atol=1e-6, rtol=0)
     assert torch.allclose(attention(frames, attention.keys_values(text)), per_frame, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folds_equal_einops(channels_last):
+    batch, channels, frames, height, width = 2, 5, 3, 4, 6
+    video = torch.randn(batch, channels, frames, height, width)
+    images = rearrange(video, "b c f h w -> (b f) c h w")
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    tokens = rearrange(images, "(b f) c h w -> (b h w) f c", f=frames)
+    assert torch.equal(fold_frames(video), rearrange(video, "b c f h w -> (b f) c h w"))
+    assert torch.equal(unfold_frames(images, frames), rearrange(images, "(b f) c h w -> b c f h w", f=frames))
+    assert torch.equal(frames_to_tokens(images, frames), tokens)
+    assert torch.equal(tokens_to_frames(tokens, height, width),
+                       rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width))
+
+
+def test_frame_position_terms_equal_their_formulas():
+    frames, dim = 5, 6
+    angle = lambda p, i: p / 10000 ** ((i - i % 2) / dim)  # channels 2i and 2i + 1 share an angle
+    by_hand = torch.tensor([[(math.cos if i % 2 == 0 else math.sin)(angle(p, i)) for i in range(dim)]
+                            for p in range(frames)])
+    assert torch.allclose(temporal.frame_position_encoding(frames, dim), by_hand, atol=1e-6, rtol=0)
+    positions = temporal.chunk_frame_positions(frames, "cpu", torch.float32)
+    assert positions.shape == (frames, 1)
+    by_hand = torch.tensor([math.exp(-p / frames) for p in range(frames)])
+    assert torch.allclose(positions[:, 0], by_hand, atol=1e-7, rtol=0)
+
+
+@torch.no_grad()
+def test_frame_position_terms_are_made_once_per_chunk(monkeypatch):
+    unet = randomised_unet()
+    fixed = conditions(unet.config)
+    calls = []
+    for name in ("frame_position_encoding", "chunk_frame_positions"):
+        function = getattr(temporal, name)
+        counted = lambda *args, function=function, name=name: calls.append(name) or function(*args)
+        monkeypatch.setattr(temporal, name, counted)
+    uncached = [unet(**step(index), **fixed) for index in range(3)]
+    kinds = (temporal.TemporalTransformer, temporal.TemporalConditionerTransformer)
+    modules = [m for m in unet.modules() if isinstance(m, kinds)]
+    assert len(calls) == 3 * len(modules)  # without a cache: each module, each step
+    calls.clear()
+    cache = prepared(unet, {**step(0), **fixed})
+    cached = [unet(**step(index), **fixed, cache=cache) for index in range(3)]
+    assert sorted(calls) == ["chunk_frame_positions", "frame_position_encoding"]  # the tiny UNet's levels are one width
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))

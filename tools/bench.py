@@ -22,6 +22,9 @@ Rows (`--rows` picks some):
 - sdpa_backends (GPU rows): a denoising step under each scaled_dot_product_attention backend;
 - chunk: one whole chunk per frame: text encoding, denoising with guidance, VAE decode;
 - vae_decode: the VAE decode in float32 and in bfloat16;
+- baby: the shipped baby (models/baby) as the quick start runs it, this checkout's model code
+  against BASELINE_REVISION's (before the chunk's overhead was cut), interleaved: a UNet pass of a
+  step (ms, GFLOP/s), a whole chunk (seconds), and the largest difference of their outputs;
 - endless / peak_memory: chunk after chunk as sample.py makes them, each run in a fresh process:
   throughput, and peak memory (RSS on CPU, max_memory_allocated on GPU) at 5 and at 50 chunks.
 
@@ -33,6 +36,7 @@ configs/sdxl-base-1.0 with random weights.
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -60,8 +64,8 @@ from infra.files import check_writable
 from infra.checkpoint import DTYPES
 from infra.cli import OneLineParser
 from infra.files import atomic_file, check_not_an_input
-from infra.memory import unet_inputs
-from model import UNet, UNetConfig
+from infra.memory import TEXT_TOKENS, unet_inputs
+from model import UNet, UNetConfig, micro_conditioning
 from pipeline import StableDiffusionXLVideoPipeline
 from scheduler import SchedulerConfig
 from text import TextEncoder, clip_tokenizers
@@ -77,10 +81,15 @@ except ImportError:
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
-CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "endless")
+CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "baby", "endless")
 GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
 PROMPT = "a red circle moving left"
 SCRIPTS = ("convert_weights.py", "sample.py")  # what `--quick`'s whole path runs (`run_script`)
+BABY = REPOSITORY / "models" / "baby"
+# The baby row's "before": the last commit whose model code (MODEL_FILES) had the per-step overhead
+# that issue 24 measured; its files are read with `git show`, so the row needs the repository's history.
+BASELINE_REVISION = "ff59651"
+MODEL_FILES = ("model.py", "layers.py", "temporal.py")
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -238,17 +247,18 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(functions: dict, warmup: int, repeats: int, device) -> dict[str, list[float]]:
-    """Seconds of each of `functions`, called in turn, `repeats` times after `warmup` rounds."""
+def interleaved(functions: dict, warmup: int, repeats: int, device, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each of `functions` on `clock` (wall time by default), called in turn, `repeats`
+    times after `warmup` rounds."""
     times = {name: [] for name in functions}
     for round_ in range(warmup + repeats):
         for name, function in functions.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             function()
             synchronize(device)
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
@@ -299,12 +309,12 @@ def prepared_chunk(unet, inputs: dict):
 
 
 def meta_flops(config: UNetConfig, batch: int, frames: int, height: int, width: int, context_frames: int,
-               cached: bool = False) -> int:
+               cached: bool = False, text_tokens: int = TEXT_TOKENS) -> int:
     """FLOPs of one forward (`cached`: of a step after the first of a chunk), counted on the meta
     device: free, whatever the size."""
     with torch.device("meta"):
         unet = UNet(config)
-    inputs = unet_inputs(config, batch, frames, height, width, context_frames, "meta", torch.float32)
+    inputs = unet_inputs(config, batch, frames, height, width, context_frames, "meta", torch.float32, text_tokens)
     with torch.no_grad():
         return count_flops(in_the_loop(unet, inputs) if cached else lambda: unet(**inputs))
 
@@ -606,6 +616,101 @@ def vae_decode(args) -> dict:
         "seconds_per_frame": {name: round(median(values) / 2, 4) for name, values in times.items()},
         "bf16_minus_fp32_levels": {"max": float(difference.max()), "mean": round(float(difference.mean()), 4)},
         "times": {name: rounded(values) for name, values in times.items()},
+    }
+
+
+def model_code_at(revision: str, folder: Path):
+    """model.py as it was at `revision` of this repository (with that revision's layers.py and
+    temporal.py), imported from `folder` beside this checkout's modules; None where git or the
+    revision is missing. The import swaps the modules' names in `sys.modules` for its duration only."""
+    for name in MODEL_FILES:
+        try:
+            shown = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=REPOSITORY, capture_output=True)
+        except OSError:  # no git
+            return None
+        if shown.returncode:
+            return None
+        (folder / name).write_bytes(shown.stdout)
+    names = [Path(name).stem for name in MODEL_FILES]
+    current = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module("model")
+    finally:
+        sys.path.remove(str(folder))
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(current)
+
+
+@torch.no_grad()
+def baby(args) -> dict:
+    """The shipped baby as the quick start runs it (its sample_defaults: guidance 3, so a UNet batch
+    of 2, 4 frames of 8x8 latents, 2 context frames, 25 steps), with this checkout's model code
+    ("after") and BASELINE_REVISION's ("before"), the same weights: a UNet pass of a step after the
+    first (text and context cached, as in the loop) and a whole chunk's denoising (`pipeline(...)`,
+    latents out, no decode), interleaved. On one CPU thread the clock is the process's CPU time,
+    which the other processes of a shared machine do not stretch; wall time otherwise."""
+    config = json.loads((BABY / "config.json").read_text())
+    defaults = config["sample_defaults"]
+    with tempfile.TemporaryDirectory() as folder:
+        before_code = model_code_at(BASELINE_REVISION, Path(folder))
+    if before_code is None:
+        return {"name": "baby", "skipped": f"git cannot show {BASELINE_REVISION}:{{{','.join(MODEL_FILES)}}} here"}
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(BABY, args.device, args.dtype)
+    before = before_code.UNet(before_code.UNetConfig(**config["unet"]))
+    before.load_state_dict(pipeline.unet.state_dict(), strict=True)
+    unets = {"before": maybe_compile(before.to(args.device, args.dtype).eval(), args),
+             "after": maybe_compile(pipeline.unet, args)}
+    embeddings = pipeline.encode_prompt(PROMPT, "", True)
+    _, text, pooled = pipeline.guidance_batch(None, None, embeddings, True)
+    batch, frames, context_frames = text.shape[0], defaults["frames"], defaults["context_frames"]
+    latent = (defaults["height"] // pipeline.vae_scale_factor, defaults["width"] // pipeline.vae_scale_factor)
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda *shape: torch.randn(shape, generator=generator).to(args.device, args.dtype)
+    channels = pipeline.unet.config.in_channels
+    inputs = dict(sample=draw(batch, channels, frames, *latent), timestep=torch.tensor(500.0, device=args.device),
+                  encoder_hidden_states=text, text_embeds=pooled,
+                  time_ids=micro_conditioning(batch, defaults["height"], defaults["width"], dtype=args.dtype,
+                                              device=args.device),
+                  previous_latents=draw(1, channels, context_frames, *latent))
+    passes = 10  # UNet passes per timed call: one pass is milliseconds
+    steps = {name: in_the_loop(unet, inputs) for name, unet in unets.items()}
+    context = inputs["previous_latents"]
+
+    def chunk_with(unet):
+        pipeline.unet = unet
+        return pipeline(prompt_embeds=embeddings, height=defaults["height"], width=defaults["width"],
+                        num_frames=frames, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance"],
+                        generator=torch.Generator().manual_seed(0), previous_latents=context, output_type="latent")
+
+    cpu_clock = not args.device.startswith("cuda") and torch.get_num_threads() == 1
+    clock = time.process_time if cpu_clock else time.perf_counter
+    functions = {**{f"pass_{name}": lambda step=step: [step() for _ in range(passes)] for name, step in steps.items()},
+                 **{f"chunk_{name}": lambda unet=unet: chunk_with(unet) for name, unet in unets.items()}}
+    times = interleaved(functions, args.warmup, args.repeats, args.device, clock)
+    pass_seconds = {name: median(times[f"pass_{name}"]) / passes for name in unets}
+    chunk_seconds = {name: median(times[f"chunk_{name}"]) for name in unets}
+    flops = meta_flops(pipeline.unet.config, batch, frames, *latent, context_frames, cached=True,
+                       text_tokens=text.shape[1])
+    return {
+        "name": "baby", "config": "models/baby (the shipped baby)",
+        "before": f"{BASELINE_REVISION}'s {', '.join(MODEL_FILES)}", "after": "this checkout's",
+        **describe_device(args), "compile": args.compile,
+        "clock": "process CPU time" if cpu_clock else "wall time",
+        "shapes": {"batch": batch, "frames": frames, "latent": list(latent), "context_frames": context_frames,
+                   "text_tokens": text.shape[1], "steps": defaults["steps"], "guidance": defaults["guidance"]},
+        "unet_pass_ms": {name: round(1e3 * seconds, 2) for name, seconds in pass_seconds.items()},
+        "unet_pass_speedup": round(pass_seconds["before"] / pass_seconds["after"], 3),
+        "gflop_per_pass": round(flops / 1e9, 3),
+        "gflop_per_second": {name: round(flops / seconds / 1e9, 2) for name, seconds in pass_seconds.items()},
+        "seconds_per_chunk": {name: round(seconds, 3) for name, seconds in chunk_seconds.items()},
+        "chunk_speedup": round(chunk_seconds["before"] / chunk_seconds["after"], 3),
+        "max_abs_difference": {
+            "unet_pass": float((steps["after"]() - steps["before"]()).abs().max()),
+            "chunk_latents": float((chunk_with(unets["after"]) - chunk_with(unets["before"])).abs().max())},
+        "times": {name: rounded(values) for name, values in times.items()},
+        "command": f"python tools/bench.py --rows baby --threads {torch.get_num_threads()}",
     }
 
 
@@ -987,7 +1092,8 @@ def flatten(values: dict, prefix: str = ""):
 
 
 ROWS = {"full_size_flops": full_size_flops, "unet_vs_diffusers": unet_vs_diffusers,
-        "temporal_overhead": temporal_overhead, "sdpa_backends": sdpa_backends, "chunk": chunk, "vae_decode": vae_decode, "endless": endless}
+        "temporal_overhead": temporal_overhead, "sdpa_backends": sdpa_backends, "chunk": chunk,
+        "vae_decode": vae_decode, "baby": baby, "endless": endless}
 
 
 def main(argv=None) -> None:
