@@ -335,6 +335,7 @@ class Plan:
     vae_tiles: bool  # decode in tiles, as stored in the state (`decoding`)
     image: "torch.Tensor | None"  # --image (3, H, W) in [-1, 1], for a video's first chunk
     video: "torch.Tensor | None"  # --extend's last frames (3, context_frames, H, W) in [-1, 1]
+    unfinished_frames: int = 0  # written at the end from the refiner's window (`write_unfinished`)
 
 
 def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> None:
@@ -359,11 +360,12 @@ def run(args: argparse.Namespace, settings: Settings | None, on_chunk=None) -> N
         if not getattr(error, "__notes__", None):
             error.add_note(what_now(error, args.out, resumable=args.resume))
         raise
+    frames = plan.state.frames_written + plan.unfinished_frames
     if in_place and plan.state_file is None:
-        print(f"\nstandard output: {plan.state.frames_written} frames at {plan.settings.fps:g} fps, made in "
+        print(f"\nstandard output: {frames} frames at {plan.settings.fps:g} fps, made in "
               f"{format_seconds(time.time() - started)}", file=sys.stderr)
     elif in_place:
-        out, frames, fps = plan.out, plan.state.frames_written, plan.settings.fps
+        out, fps = plan.out, plan.settings.fps
         print(f"\n{out}: {frames} frames, {frames / fps:.1f} s at {fps:g} fps, "
               f"made in {format_seconds(time.time() - started)}; state in {plan.state_file}: "
               f"`python sample.py --out {out} --resume --chunks N` continues it", file=sys.stderr)
@@ -527,7 +529,7 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
                 progress.chunk = written_chunks
             if writer.in_place and state_file is not None:
                 endless.save_state(state_file, settings, state)
-        write_unfinished(pipeline, writer, settings, state)
+        plan.unfinished_frames = write_unfinished(pipeline, writer, settings, state)
     except BrokenPipeError:  # --out -: the player reading the stream quit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that no flush at exit fails again
         print(f"\nstopped: standard output was closed after {state.frames_written} frames", file=sys.stderr)
@@ -556,18 +558,20 @@ def not_skipped(latents, final: int, skip: int):
     return latents[:, :, max(skip - first, 0):]
 
 
-def write_unfinished(pipeline, writer, settings: Settings, state) -> None:
+def write_unfinished(pipeline, writer, settings: Settings, state) -> int:
     """At the end of a run with a refiner: write the frames still in its window, final since the video
     ends here. The state file still ends before them, so --resume of a finished run for more chunks
-    writes them again as the chunks after them change them."""
+    writes them again as the chunks after them change them. Returns how many frames it wrote."""
     import endless
 
     latents = endless.unfinished(state)
     if latents is not None:
         latents = not_skipped(latents, endless.final_latents(state, settings.frames) + latents.shape[2],
                               settings.skip_frames)
-    if latents is not None and latents.shape[2]:
-        writer.write_chunk(endless.frames_of(pipeline, latents, settings.decode_frames)[0])
+    if latents is None or not latents.shape[2]:
+        return 0
+    writer.write_chunk(endless.frames_of(pipeline, latents, settings.decode_frames)[0])
+    return latents.shape[2]
 
 
 def warn_unknown_words(tokenizer, settings: Settings) -> None:

@@ -87,7 +87,7 @@ def published_loop_without_refiner(pipeline, settings: Settings) -> torch.Tensor
         pipeline.refiner = refiner
 
 
-def test_sample_writes_the_published_video_frame_for_frame(refined_model, tmp_path):
+def test_sample_writes_the_published_video_frame_for_frame(refined_model, tmp_path, capsys):
     """sample.py with the model's recipe (refiner on, 4 frames skipped) writes the stack decoded from
     latent 4 on: 5 chunks of 3 frames, 11 frames, the last 6 of them written at the end."""
     from pipeline import StableDiffusionXLVideoPipeline
@@ -100,6 +100,7 @@ def test_sample_writes_the_published_video_frame_for_frame(refined_model, tmp_pa
     with torch.no_grad():
         expected = frames_of(pipeline, published_loop(pipeline, 5, settings)[:, :, SKIP:], decode_frames=1)[0]
     assert np.array_equal(png_frames(out), expected)
+    assert f"{out}/: 11 frames" in capsys.readouterr().err  # the window's, written at the end, counted
     saved = torch.load(state_path(f"{out}/"), weights_only=True)
     assert saved["state"]["frames_written"] == 5 and saved["state"]["latents_made"] == 15  # the window's 6 not counted
 
