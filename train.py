@@ -2,11 +2,15 @@
 
     python train.py --mode temporal --model CHECKPOINT --data VIDEOS --out runs/temporal
     python train.py --mode baby --out runs/baby          # VAE, then UNet, on the shapes world
+    python train.py --mode refiner --model models/baby --out runs/refiner   # a refiner for a model
 
 Mode `temporal` freezes every spatial weight (and the VAE and text encoders) and trains only the
 temporal transformers and conditioners. Mode `baby` builds a small model of the same architecture
 and trains its VAE, then its whole UNet; its text encoders are frozen random CLIPs with a tokenizer
-of the shapes world's words. Each training sample is a clip cut into context frames (clean; with a
+of the shapes world's words. Mode `refiner` freezes the whole --model and trains a new refiner
+(refiner.py) to restore windows of 2 x --frames latents from corrupted ones (training/refiner.py);
+its model is --model's with the refiner, which sample.py then runs by default.
+Each training sample is a clip cut into context frames (clean; with a
 probability noised, with a probability dropped so that the first chunk is in distribution, with a
 probability cut to its last frames) and chunk frames, which are noised; the loss is on the chunk's
 prediction of the noise or of v. The defaults are the recipe of the shipped baby (models/baby).
@@ -57,6 +61,15 @@ ADDED_WITH = {"vocabulary": ("shapes", 2)}
 # Settings per process: a run resumed on another number of processes keeps their product with it (the
 # global batch), which train_config.json's "world_size" (the processes that started the run) gives.
 PER_PROCESS = ("batch_size", "vae_batch_size")
+REFINER_GROUPS = 32  # refiner.RefinerConfig.norm_num_groups: the refiner's width is a multiple of it
+# Settings of the UNet's and the VAE's training and of the samples: mode refiner, which keeps --model's UNet,
+# VAE and sample defaults, refuses them at other than their defaults (as the other modes refuse --refiner-*).
+NOT_FOR_REFINER = ("vocabulary", "vae_downsampling", "context_frames", "context_drop", "context_shorten",
+                   "context_noise", "context_noise_probability", "self_context", "self_context_probability",
+                   "self_context_steps", "self_context_level", "text_drop", "prediction_type", "conditioner",
+                   "unet_steps", "learning_rate", "gradient_checkpointing", "fsdp", "plan", "processes", "peak_tflops",
+                   "vae_steps", "vae_batch_size", "vae_learning_rate", "sample_every", "sample_steps",
+                   "sample_guidance", "sample_anchor_frame")
 
 
 def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None, aliases=()):
@@ -73,9 +86,11 @@ class TrainConfig:
     """Every setting, typed; each becomes a command-line option (`--context-drop 0.3`) with its help,
     default and choices (from a Literal), and is checked before any work."""
 
-    mode: Literal["baby", "temporal"] = setting(
-        "baby", "baby: everything from scratch; temporal: only the temporal modules of --model", FIXED)
-    model: str = setting("", "mode temporal: the checkpoint folder to start from (convert_weights.py)", FIXED)
+    mode: Literal["baby", "temporal", "refiner"] = setting(
+        "baby", "baby: everything from scratch; temporal: only the temporal modules of --model; refiner: only a new "
+                "refiner (refiner.py) for the frozen --model", FIXED)
+    model: str = setting("", "modes temporal and refiner: the checkpoint folder to start from (convert_weights.py)",
+                         FIXED)
     data: str = setting("shapes", '"shapes" (the shapes world), a folder of videos with captions, or one of shards '
                                   "(tools/prepare_data.py; mode temporal)", FIXED)
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
@@ -143,7 +158,8 @@ class TrainConfig:
              "checkpoint, and write it as the model; 0: none", FIXED, minimum=0)
     validate_every: int = setting(
         500, "every n UNet steps: the validation loss (and on the shapes world the metrics of shapes/scoring.py) in "
-             "OUT/log.jsonl and OUT/curves.png; 0: never", FREE, minimum=0)
+             "OUT/log.jsonl and OUT/curves.png (mode refiner: every n refiner steps, its losses); 0: never", FREE,
+        minimum=0)
     validation_clips: int = setting(8, "held-out clips of the validation loss, at most 100000", FREE, minimum=1,
                                     maximum=100_000)
     validation_data: str = setting(
@@ -159,6 +175,31 @@ class TrainConfig:
     vae_batch_size: int = setting(32, "mode baby: images per VAE step and process", FIXED, minimum=1)
     vae_learning_rate: float = setting(2e-3, "mode baby: peak learning rate of the VAE stage, at most 1", FIXED,
                                        above=0, maximum=1)
+    refiner_steps: int = setting(3000, "mode refiner: steps of the refiner stage", EXTEND, minimum=1)
+    refiner_learning_rate: float = setting(1e-3, "mode refiner: peak learning rate of the refiner stage, at most 1",
+                                           FIXED, above=0, maximum=1)
+    refiner_channels: int = setting(
+        32, f"mode refiner: the refiner's convolution width, a multiple of {REFINER_GROUPS} (its GroupNorms' groups; "
+            f"the release's: 320)", FIXED, minimum=REFINER_GROUPS, maximum=4096)
+    refiner_heads: int = setting(2, "mode refiner: attention heads of the refiner's spatial and temporal transformers "
+                                    "(the release's: 8)", FIXED, minimum=1, maximum=64)
+    refiner_head_dim: int = setting(16, "mode refiner: the width of each of those heads (the release's: 64)", FIXED,
+                                    minimum=1, maximum=1024)
+    refiner_spatial_layers: int = setting(1, "mode refiner: blocks of the refiner's spatial transformer (the "
+                                             "release's: 6)", FIXED, minimum=1, maximum=64)
+    refiner_temporal_layers: int = setting(1, "mode refiner: blocks of the refiner's temporal transformer (the "
+                                              "release's: 6)", FIXED, minimum=1, maximum=64)
+    refiner_shift: float = setting(
+        0.1, "mode refiner: std of the mean shift, per video and latent channel, of a corrupted window (colour "
+             "drift; training/refiner.py); the latents have unit variance", FIXED, minimum=0, maximum=10)
+    refiner_scale: float = setting(
+        0.1, "mode refiner: std of the log of the scale of the deviations from that mean, per video and latent "
+             "channel (contrast drift)", FIXED, minimum=0, maximum=10)
+    refiner_noise: float = setting(0.2, "mode refiner: a corrupted window's Gaussian noise has a std drawn uniformly "
+                                        "in [0, this] per video", FIXED, minimum=0, maximum=10)
+    refiner_newest_only: float = setting(
+        0.5, "mode refiner: probability that only the newest chunk of a window is corrupted (at sampling time its "
+             "older chunk was refined once already)", FIXED, minimum=0, maximum=1)
     log_every: int = setting(100, "a progress line every n steps (OUT/log.jsonl has every step)", FREE, minimum=1)
     sample_every: int = setting(3000, "sample GIFs in OUT/samples every n UNet steps", FREE, minimum=1)
     checkpoint_every: int = setting(250, "a checkpoint every n steps (and at the end of a stage, and on Ctrl-C)",
@@ -181,12 +222,13 @@ class TrainConfig:
         """ValueError naming the option for a value the run cannot use."""
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
+        check_mode_settings(self)
         for option, path in (("--out", self.out), ("--data", self.data),
-                             ("--model", self.model if self.mode == "temporal" else "unused")):
+                             ("--model", self.model if self.mode != "baby" else "unused")):
             if not path.strip():  # Path("") is the current folder
                 raise ValueError(f"{option} is empty; give a folder (an empty path would be the current one)")
-        if self.mode == "temporal" and not Path(self.model, "config.json").is_file():
-            raise ValueError(f"--model {self.model!r}: mode temporal needs a checkpoint folder (convert_weights.py)")
+        if self.mode != "baby" and not Path(self.model, "config.json").is_file():
+            raise ValueError(f"--model {self.model!r}: mode {self.mode} needs a checkpoint folder (convert_weights.py)")
         if self.data != "shapes" and not Path(self.data).is_dir():
             raise ValueError(f"--data must be 'shapes' or a folder of videos, got {self.data!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -199,7 +241,8 @@ class TrainConfig:
             if value > most:
                 raise ValueError(f"{option} must be at most {most} ({what}), got {value}")
         rates = [("--learning-rate", self.learning_rate)] + (
-            [("--vae-learning-rate", self.vae_learning_rate)] if self.mode == "baby" else [])
+            [("--vae-learning-rate", self.vae_learning_rate)] if self.mode == "baby" else []) + (
+            [("--refiner-learning-rate", self.refiner_learning_rate)] if self.mode == "refiner" else [])
         for option, rate in rates:
             if rate * self.weight_decay >= 1:
                 raise ValueError(f"--weight-decay {self.weight_decay} with {option} {rate}: AdamW multiplies every "
@@ -210,7 +253,7 @@ class TrainConfig:
         if self.validation_data and not Path(self.validation_data).is_dir():
             raise ValueError(f"--validation-data must be a folder of videos or prepared shards, got "
                              f"{self.validation_data!r}")
-        check_not_an_input("--out", self.out, [("--model", self.model if self.mode == "temporal" else None),
+        check_not_an_input("--out", self.out, [("--model", self.model if self.mode != "baby" else None),
                                                ("--data", None if self.data == "shapes" else self.data),
                                                ("--validation-data", self.validation_data or None)])
         if (model := model_folder_holding(self.out)) is not None:
@@ -228,6 +271,23 @@ class TrainConfig:
         factor = vae_factor(self)
         if self.size % factor:
             raise ValueError(f"--size must be a multiple of {factor} (the VAE's downsampling), got {self.size}")
+
+
+def check_mode_settings(config: TrainConfig) -> None:
+    """ValueError naming the option for a setting the run's mode does not read, at other than its
+    default: those of NOT_FOR_REFINER in mode refiner, the --refiner-* ones in the other modes."""
+    for field in dataclasses.fields(config):
+        if getattr(config, field.name) == field.default:
+            continue
+        if config.mode == "refiner" and field.name in NOT_FOR_REFINER:
+            raise ValueError(f"{option_name(field.name)} does not apply to mode refiner, which trains only a new "
+                             f"refiner for the frozen --model (its UNet, VAE and sample defaults kept); leave it out")
+        if config.mode != "refiner" and field.name.startswith("refiner_"):
+            raise ValueError(f"{option_name(field.name)} applies to mode refiner only; leave it out in mode "
+                             f"{config.mode}")
+    if config.refiner_channels % REFINER_GROUPS:
+        raise ValueError(f"--refiner-channels must be a multiple of {REFINER_GROUPS} (the refiner's GroupNorm "
+                         f"groups), got {config.refiner_channels}")
 
 
 def model_folder_holding(path) -> Path | None:
@@ -287,7 +347,7 @@ def shown(value) -> str:
 def vae_factor(config: TrainConfig) -> int:
     """How much the run's VAE downsamples: the baby's, or the one in --model's config.json."""
     channels = BABY_VAE_CHANNELS[config.vae_downsampling]
-    if config.mode == "temporal":
+    if config.mode != "baby":
         path = Path(config.model, "config.json")
         vae = read_json_object(path).get("vae")
         channels = vae.get("block_out_channels") if isinstance(vae, dict) else None
@@ -374,8 +434,8 @@ def resume_changes(config: TrainConfig) -> list[str]:
     accepted, refused = [], []
     for field in dataclasses.fields(TrainConfig):
         if field.name in PER_PROCESS and field.name in stored and processes != started_on:
-            if field.name == "vae_batch_size" and config.mode == "temporal":
-                continue  # mode temporal has no VAE stage
+            if field.name == "vae_batch_size" and config.mode != "baby":
+                continue  # only mode baby has a VAE stage
             old, new = stored[field.name], getattr(config, field.name)
             change = f"{option_name(field.name)} {old} x {started_on} processes -> {new} x {processes} processes"
             total = old * started_on  # the global batch
@@ -429,12 +489,14 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from endless import Prompts, VideoState, decoded_chunks
-from infra.checkpoint import model_configs
+from infra.checkpoint import load_checkpoint_config, model_configs
 from infra.files import atomic_file, fsync_tree, naming
 from infra.run_state import OutputLock, resolve_device
 from model import UNet, micro_conditioning
 from pipeline import StableDiffusionXLVideoPipeline
+from refiner import Refiner
 from scheduler import SchedulerConfig, add_noise, make_schedule, training_target
+from training.refiner import refiner_config, refiner_loss, validation_losses, validation_windows, window_clips
 from training.self_context import SelfContext
 from vae import AutoencoderKL
 from training.baby import baby_configs, baby_text_encoder
@@ -564,12 +626,15 @@ def save_model(pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig) ->
     folder = Path(config.out) / "model"
     temporary = folder.with_name("model.tmp")
     provenance = {"trained_by": "train.py", "settings": asdict(config)}
-    if config.mode == "temporal":
+    if config.mode != "baby":
         provenance["base"] = pipeline.provenance  # the --model it was trained from
+    defaults = sample_defaults(config)
+    if config.mode == "refiner":  # --model's, with its new refiner on
+        defaults = {**load_checkpoint_config(config.model).get("sample_defaults", {}), "refiner": True}
     try:
         with naming(folder):
             shutil.rmtree(temporary, ignore_errors=True)  # left by a save that was killed
-            pipeline.save_pretrained(temporary, provenance=provenance, sample_defaults=sample_defaults(config))
+            pipeline.save_pretrained(temporary, provenance=provenance, sample_defaults=defaults)
             fsync_tree(temporary)
             replace_folder(temporary, folder)
     finally:
@@ -636,6 +701,13 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
     UNet stays on the CPU: `fully_shard` moves each process's shards to the device."""
     device = resolve_device(config.device)
     unet_device = "cpu" if config.fsdp else device
+    if config.mode == "refiner":  # every part of --model frozen, a new refiner drawn from --seed
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, device)
+        for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+            module.requires_grad_(False).eval()
+        torch.manual_seed(config.seed)
+        pipeline.refiner = Refiner(refiner_config(config)).to(device)
+        return pipeline
     if config.mode == "temporal":
         pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, unet_device)
         pipeline.vae.to(device)
@@ -688,7 +760,8 @@ def check_batches_fit(config: TrainConfig, data=None) -> None:
     if isinstance(data, ShardData):
         return
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if data is not None else 1
-    clip = 4 * 3 * config.size**2 * (config.context_frames + config.frames)  # bytes of one clip
+    clip_frames = 2 * config.frames if config.mode == "refiner" else config.context_frames + config.frames
+    clip = 4 * 3 * config.size**2 * clip_frames  # bytes of one clip
     free = available_memory("cpu")
     shape = f"--size {config.size} --context-frames {config.context_frames} --frames {config.frames}"
     batches = [(f"--batch-size {config.batch_size} {shape}: a batch of clips is", config.batch_size, "--batch-size, ")]
@@ -709,7 +782,10 @@ def check_batches_fit(config: TrainConfig, data=None) -> None:
 
 def check_sampler_steps(config: TrainConfig) -> None:
     """ValueError naming --sample-steps (the samples', the validation's and sample.py's default) or
-    --self-context-steps when the model's scheduler cannot sample in that many steps."""
+    --self-context-steps when the model's scheduler cannot sample in that many steps (mode refiner
+    samples nothing)."""
+    if config.mode == "refiner":
+        return
     scheduler_config = model_configs(config.model)["scheduler"] if config.mode == "temporal" else \
         SchedulerConfig.video_model()
     steps = [("--sample-steps", config.sample_steps)]
@@ -741,6 +817,8 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
         raise ValueError("--fsdp shards the UNet over processes: run it under torchrun "
                          "(torchrun --nproc_per_node N train.py ... --fsdp)")
     paths = {"vae": out / "vae.pt", "unet": out / ("unet.dcp" if config.fsdp else "unet.pt")}
+    if config.mode == "refiner":
+        paths = {"refiner": out / "refiner.pt"}
     other = out / ("unet.pt" if config.fsdp else "unet.dcp")
     if other.exists():
         raise ValueError(f"{other} is the checkpoint of a run {'without' if config.fsdp else 'with'} --fsdp: "
@@ -751,8 +829,8 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
     if config.mode == "baby" and "unet" in steps and "vae" not in steps:
         raise ValueError(f"{paths['unet']} was trained on the latents of the VAE of {out / 'vae.pt'}, which is "
                          f"missing: move {paths['unet'].name} away too, or use a new --out")
-    data = make_data(config)
-    clips = validation_clips(config)
+    data = window_clips(config) if config.mode == "refiner" else make_data(config)
+    clips = validation_windows(config) if config.mode == "refiner" else validation_clips(config)
     check_batches_fit(config, data)
     check_sampler_steps(config)
     device = resolve_device(config.device)
@@ -779,6 +857,8 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
             file.write((json.dumps({**asdict(config), "world_size": world_size}, indent=2) + "\n").encode())
     pipeline = build_pipeline(config)
     pipeline.unet.gradient_checkpointing = config.gradient_checkpointing
+    if config.mode == "refiner":
+        return train_refiner(pipeline, data, clips, config, on_step, rank, world_size)
 
     if config.mode == "baby":
         vae = pipeline.vae.train()
@@ -824,6 +904,35 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
     if distributed:
         dist.barrier()
     return pipeline if rank == 0 or not config.fsdp else None
+
+
+def train_refiner(pipeline: StableDiffusionXLVideoPipeline, data, windows, config: TrainConfig, on_step, rank: int,
+                  world_size: int) -> StableDiffusionXLVideoPipeline:
+    """Mode refiner: the refiner stage (training/refiner.py's loss; every --validate-every steps its
+    validation losses on `windows`, by rank 0), then OUT/model, --model's parts and the refiner."""
+    stage = Stage("refiner", pipeline.refiner.train(), refiner_loss(pipeline, data, config, rank, world_size),
+                  config.refiner_steps, config.refiner_learning_rate, config, batch_size=config.batch_size,
+                  frames_per_sample=2 * config.frames, ema_decay=config.ema_decay)
+    stage.load()
+
+    def every_step(stage):
+        if config.validate_every and stage.step % config.validate_every == 0 and windows is not None and rank == 0:
+            losses = validation_losses(pipeline.refiner, pipeline, windows, config)
+            append_log(config.out, {"stage": "validation", "of": "refiner", "step": stage.step, **losses})
+            write_curves(config)
+        if on_step is not None:
+            on_step(stage)
+
+    stage.run(every_step)
+    if stage.ema is not None:
+        stage.ema.copy_to(stage.trained)
+    if rank == 0:
+        pipeline.refiner.eval()
+        save_model(pipeline, config)
+        write_curves(config)
+    if world_size > 1:
+        dist.barrier()
+    return pipeline
 
 
 def text_encoder_parameters(folder: Path) -> int:

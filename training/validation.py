@@ -127,11 +127,12 @@ COLOURS = {"training": (150, 180, 225), "average": (30, 80, 180), "validation": 
 
 def curves(log: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{stage: {"training": [(step, loss)], "validation": [(step, loss)]}} of a log.jsonl; a step
-    logged twice (a resumed run) keeps its last value. Validation belongs to the unet stage."""
+    logged twice (a resumed run) keeps its last value. Validation belongs to the stage its record's
+    "of" names, else to the unet stage."""
     found: dict[str, dict[str, dict[int, float]]] = {}
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        stage, kind = (("unet", "validation") if record.get("stage") == "validation"
+        stage, kind = ((record.get("of", "unet"), "validation") if record.get("stage") == "validation"
                        else (record.get("stage"), "training"))
         if isinstance(record.get("loss"), (int, float)) and math.isfinite(record["loss"]) and record["loss"] > 0:
             found.setdefault(stage, {"training": {}, "validation": {}})[kind][record["step"]] = record["loss"]
