@@ -2,7 +2,7 @@
 
     python convert_weights.py SRC OUT [--video-unet DIR] [--tokenizers DIR] [--configs DIR]
                                       [--dtype fp32|fp16|bf16] [--lora FILE[:STRENGTH]]... [--overwrite]
-                                      [--revision REV] [--unet FILE] [--schedule video|sdxl]
+                                      [--revision REV] [--unet FILE] [--schedule video|sdxl|release]
 
 SRC is one of:
 - an SDXL folder in diffusers' layout (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
@@ -38,10 +38,11 @@ and nothing is written.
 
 Every key and shape is checked before anything is written, and a source file that cannot be read
 (truncated, not JSON) is named; pickled .bin files are read with `torch.load(weights_only=True)`
-only. OUT is written to a hidden sibling folder named with the process id, flushed to disk, and
-moved into place when complete, so a failure (a full disk included) loses nothing; the next run
-removes what a killed one left. `--overwrite` replaces only a checkpoint folder or an empty folder,
-and never one that holds an input or lies inside one.
+only (memory-mapped, but for the legacy non-zip format, which is read whole). OUT is written to a
+hidden sibling folder named with the process id, flushed to disk, and moved into place when complete,
+so a failure (a full disk included) loses nothing; the next run removes what a killed one left.
+`--overwrite` replaces only a checkpoint folder or an empty folder, and never one that holds an input
+or lies inside one.
 """
 
 import argparse
@@ -106,6 +107,12 @@ class ConversionError(ValueError):
 # 1. Weights, read lazily: names and shapes first, one tensor at a time when building.
 
 
+ZIP_SIGNATURE = b"PK\x03\x04"  # how torch.save's zip format begins; the legacy format is a pickle stream
+WEIGHTS_UNPICKLER = "WeightsUnpickler error:"  # in torch.load's error when weights_only refuses what a file holds
+# What torch.load raises for a damaged or foreign file (a legacy one: whatever its unpickler meets).
+TORCH_LOAD_ERRORS = (OSError, RuntimeError, EOFError, LookupError, ValueError, pickle.UnpicklingError)
+
+
 class LazyTensor(NamedTuple):
     name: str  # in the source, for messages
     shape: tuple[int, ...]
@@ -124,8 +131,43 @@ WEIGHT_NAMES = tuple(
 )
 
 
+def shown(value) -> str:
+    """A value in a message: its repr on one line, cut at 40 characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def load_reason(error: Exception) -> str:
+    """Why torch.load failed, in one line: what the weights-only unpickler refused, else the first sentence."""
+    text = str(error).split(WEIGHTS_UNPICKLER)[-1].strip()
+    return text.split(". ")[0].splitlines()[0] if text else type(error).__name__
+
+
+def read_pickled(path: Path):
+    """What a torch.save file holds, unpickled weights_only: the zip format memory-mapped, a legacy
+    (non-zip) file, one pickle stream that torch cannot map, read whole. ConversionError naming `path`."""
+    try:
+        with open(path, "rb") as file:
+            legacy = file.read(len(ZIP_SIGNATURE)) != ZIP_SIGNATURE
+    except OSError as error:
+        raise ConversionError(f"{path} cannot be read ({error.strerror})") from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except TORCH_LOAD_ERRORS as error:
+        if WEIGHTS_UNPICKLER in str(error):
+            raise ConversionError(f"{path} holds more than tensors, which is not unpickled: "
+                                  f"{load_reason(error)}") from error
+        if legacy:
+            reason = type(error).__name__ + (f": {load_reason(error)}" if str(error) else "")
+            raise ConversionError(f"{path} is not in torch.save's zip format, and cannot be read as a legacy (non-zip) "
+                                  f"torch file either ({reason}); is it truncated?") from error
+        raise ConversionError(f"{path} cannot be read as a torch.save zip file ({load_reason(error)}); "
+                              "is it truncated?") from error
+
+
 def read_weights(path: Path) -> dict[str, LazyTensor]:
-    """The tensors of a .safetensors file, a .bin file (weights_only, memory-mapped) or a shard index.
+    """The tensors of a .safetensors file, a .bin file (weights_only; memory-mapped unless in the
+    legacy non-zip format) or a shard index.
 
     Both formats are checked whole when opened (the safetensors header against the file size, the
     zip directory at the end of a .bin), so a truncated file fails here, before anything is built."""
@@ -142,15 +184,13 @@ def read_weights(path: Path) -> dict[str, LazyTensor]:
         except (OSError, SafetensorError) as error:
             raise ConversionError(f"{path} cannot be read as safetensors ({error}); is it truncated?") from error
         return {key: LazyTensor(key, shape, lambda key=key: handle.get_tensor(key)) for key, shape in shapes.items()}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        raise ConversionError(f"{path} holds more than tensors, which is not unpickled: {error}") from error
-    except (OSError, RuntimeError) as error:
-        reason = str(error).split(". ")[0]
-        raise ConversionError(f"{path} cannot be read as a torch.save zip file ({reason}); is it truncated?") from error
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ConversionError(f"{path} is not a state dict of tensors")
+    state = read_pickled(path)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} is not a state dict (tensors by name): it holds a {type(state).__name__}")
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise ConversionError(f"{path} is not a state dict (tensors by name): it holds {shown(key)} "
+                                  f"({type(key).__name__}) -> {type(value).__name__}")
     return {key: LazyTensor(key, tuple(value.shape), lambda value=value: value) for key, value in state.items()}
 
 
@@ -728,17 +768,25 @@ def check_arguments(source: Path, out: Path, video_unet, tokenizers, configs, dt
         raise ConversionError("; ".join(failed))
 
 
-def few_step_problems(out: Path, unet_file, video_unet, schedule: str) -> list[str]:
+def few_step_problems(source: Path, out: Path, unet_file, video_unet, schedule: str) -> list[str]:
     """Why `--unet FILE` or `--schedule` cannot be used: the file missing or of no weight format,
-    given with --video-unet (each replaces the whole UNet), OUT the file or around it."""
+    given with --video-unet (each replaces the whole UNet), OUT the file or around it; "release"
+    for a SRC without a scheduler config, or with one that `stored_schedule` refuses."""
+    release = schedule == "release" and (source / RELEASE_SCHEDULER).is_file()
     problems = {
         f"--schedule must be one of {list(SCHEDULES)}, got {schedule!r}": schedule not in (None, *SCHEDULES),
+        f"--schedule release: {source} has no {RELEASE_SCHEDULER}": schedule == "release" and not release,
         f"--unet {unet_file} is not a file": unet_file is not None and not Path(unet_file).is_file(),
         f"--unet must be a {' or '.join(UNET_FILE_SUFFIXES)} file, got {Path(unet_file or '').name}":
             unet_file is not None and Path(unet_file).suffix not in UNET_FILE_SUFFIXES,
         "--unet and --video-unet each give the whole UNet: give one": unet_file is not None and video_unet is not None,
     }
     failed = [message for message, fails in problems.items() if fails]
+    if release:
+        try:
+            stored_schedule("release", source)
+        except ConversionError as error:
+            failed.append(str(error))
     return failed + nesting_problems(out, {"--unet": unet_file})
 
 
@@ -750,9 +798,10 @@ def stored_schedule(name: str, source: Path | None = None) -> SchedulerConfig:
     if name == "sdxl":
         return replace(SchedulerConfig.sdxl_base(), timestep_spacing="trailing", algorithm_type="euler")
     path = source / RELEASE_SCHEDULER
+    values = load_json(path)
     try:
-        config = SchedulerConfig.from_diffusers_config(load_json(path))
-    except ValueError as error:
+        config = SchedulerConfig.from_diffusers_config(values)
+    except (TypeError, ValueError) as error:  # TypeError: a value of the wrong type, such as "beta_start": "low"
         raise ConversionError(f"{path}: {error}") from None
     return replace(config, timestep_spacing="trailing", algorithm_type="sde-dpmsolver++")
 
@@ -784,7 +833,7 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     # 1. Read names, shapes and configs, and check them all: nothing is written unless this passes.
     clean_up_killed_conversions(out)
     check_arguments(source, out, video_unet, tokenizers, configs, dtype, overwrite, loras)
-    if problems := few_step_problems(out, unet_file, video_unet, schedule):
+    if problems := few_step_problems(source, out, unet_file, video_unet, schedule):
         raise ConversionError("; ".join(problems))
     print(f"reading {source}" + (f" and {video_unet}" if video_unet else ""))
     unet = read_video_unet(Path(video_unet)) if video_unet else None
@@ -798,6 +847,8 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
         parts, mapped = read_diffusers_folder(source, unet)
         tokenizer_paths = [source / name for name in TOKENIZERS]
     check(parts, mapped.unknown)
+    schedule = schedule or default_schedule(source, parts)
+    scheduler = stored_schedule(schedule, source)  # a default "release": its config checked before any tensor
     try:  # the LoRAs' tensors too: one holding NaN is refused before any model is built
         updates = [read_updates(file) for file in
                    check_loras([path for path, _ in loras], {name: parts[name].model for name in LORA_COMPONENTS})]
@@ -809,10 +860,6 @@ def convert(source, out, video_unet=None, tokenizers=None, configs=None, dtype: 
     models = {name: build(part, DTYPES[dtype]) for name, part in parts.items()}
     clip_tokenizers = [CLIPTokenizer.from_pretrained(path, local_files_only=True) for path in tokenizer_paths]
     text_encoder = TextEncoder(*clip_tokenizers, models["text_encoder"], models["text_encoder_2"])
-    schedule = schedule or default_schedule(source, parts)
-    if schedule == "release" and not (source / RELEASE_SCHEDULER).is_file():
-        raise ConversionError(f"--schedule release: {source} has no {RELEASE_SCHEDULER}")
-    scheduler = stored_schedule(schedule, source)
     pipeline = StableDiffusionXLVideoPipeline(models["unet"], models["vae"], text_encoder, scheduler,
                                               models.get("refiner"))
     if loras:

@@ -193,9 +193,9 @@ def fetch_offline(option: str, repo_id: str, revision: str | None, why: str, wan
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except IncompleteSnapshotError as error:  # it lacks files of the repository: those read are checked below
         folder = Path(error.snapshot_path)
-    except LocalEntryNotFoundError:
-        raise HubError(f"{option} {repository(repo_id, revision)}: the hub cannot be reached ({why}) and the "
-                       f"cache {constants.HF_HUB_CACHE} holds no copy of it") from None
+    except LocalEntryNotFoundError:  # nothing says it is a repository: perhaps a mistyped local path
+        raise HubError(f"{option} {repository(repo_id, revision)}: no such local folder or file, and the hub cannot "
+                       f"be reached ({why}) and the cache {constants.HF_HUB_CACHE} holds no copy of it") from None
     files, missing = selection(snapshot_names(folder), wanted, weight_names)
     if missing := missing + absent(folder, files):
         raise HubError(f"{option} {repository(repo_id, revision)}: the hub cannot be reached ({why}) and its "

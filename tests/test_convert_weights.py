@@ -1005,3 +1005,110 @@ def test_a_release_converts_with_its_own_scheduler_and_samples_with_the_publishe
         SchedulerConfig.video_model().to_dict()
     with pytest.raises(ConversionError, match=r"--schedule release: .* has no scheduler/scheduler_config.json"):
         convert(release, tmp_path / "refused", schedule="release")
+
+
+# Review findings: a pickle of no state dict, --schedule release refused before the weights, legacy .bin files.
+
+
+NOT_STATE_DICTS = {  # what a pickled --unet FILE holds: the one line that names it
+    "int keys": ({1: torch.ones(2)}, "it holds 1 (int) -> Tensor"),
+    "a list": ([torch.ones(2)], "it holds a list"),
+    "a number for a tensor": ({"conv_in.weight": 3}, "it holds 'conv_in.weight' (str) -> int"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_STATE_DICTS)
+def test_a_pickle_of_no_state_dict_is_one_line_naming_the_file(sdxl_folders, tmp_path, capsys, name):
+    """Review finding 2: `--unet intkeys.bin` ({1: tensor}) ended in a TypeError traceback."""
+    folder, _ = sdxl_folders["safetensors"]
+    state, reason = NOT_STATE_DICTS[name]
+    unet_file = tmp_path / "intkeys.bin"
+    torch.save(state, unet_file)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder), str(tmp_path / "out"), "--unet", str(unet_file)])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 1 and error.count("\n") == 1, error
+    assert error.endswith(f"error: {unet_file} is not a state dict (tensors by name): {reason}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["intkeys.bin"]
+
+
+def no_weights_read(path):
+    raise AssertionError(f"weights were read: {path}")
+
+
+SCHEDULER_BREAKAGES = {  # what is done to the release's scheduler config: the message
+    "missing": (lambda path: path.unlink(), "--schedule release: .* has no scheduler/scheduler_config.json"),
+    "a setting not implemented": (lambda path: path.write_text(json.dumps(
+        json.loads(path.read_text()) | {"use_karras_sigmas": True})), "use_karras_sigmas=True is not supported"),
+    "a value of the wrong type": (lambda path: path.write_text(json.dumps(
+        json.loads(path.read_text()) | {"beta_start": "low"})), "scheduler_config.json: "),
+    "not JSON": (lambda path: path.write_text("{"), "scheduler_config.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("breakage", SCHEDULER_BREAKAGES)
+def test_a_release_schedule_that_cannot_be_had_is_refused_before_any_weight_is_read(
+        video_sdxl_folder, tmp_path, monkeypatch, breakage):
+    """Review finding 14: `--schedule release` without the release's scheduler config, or with one
+    that cannot be read, is refused in step 1, before a weight file is opened."""
+    change, message = SCHEDULER_BREAKAGES[breakage]
+    release = release_folder(video_sdxl_folder, tmp_path)
+    change(release / "scheduler" / "scheduler_config.json")
+    monkeypatch.setattr(convert_weights, "read_weights", no_weights_read)
+    with pytest.raises(ConversionError, match=message) as error:
+        convert(release, tmp_path / "out", schedule="release")
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_a_release_whose_own_scheduler_config_is_bad_is_refused_before_the_models_are_built(
+        video_sdxl_folder, tmp_path, monkeypatch):
+    """The release's schedule by default (a video UNet and a scheduler config): a config it cannot
+    read is refused once the weights' names and shapes are checked, before any tensor is read."""
+    release = release_folder(video_sdxl_folder, tmp_path)
+    config_file = release / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"use_karras_sigmas": True}))
+    monkeypatch.setattr(convert_weights, "build", lambda *args: pytest.fail("the models were built"))
+    with pytest.raises(ConversionError, match=re.escape(f"{config_file}: use_karras_sigmas=True is not supported")):
+        convert(release, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def save_legacy(path: Path) -> dict:
+    """Re-save a torch.save zip file in the legacy (non-zip) format, as torch before 1.6 wrote it; its state."""
+    state = torch.load(path, weights_only=True)
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    return state
+
+
+def test_a_legacy_non_zip_bin_converts_and_a_broken_one_is_one_line(sdxl_folders, tmp_path):
+    """Review finding 15a: torch cannot memory-map the legacy format; such a file is read whole,
+    weights_only, and gives the tensors torch.load gives; a truncated one is named in one line."""
+    source = copied(sdxl_folders["bin"][0], tmp_path / "sdxl")
+    unet = save_legacy(source / "unet" / "diffusion_pytorch_model.bin")
+    vae = save_legacy(source / "vae" / "diffusion_pytorch_model.bin")
+    convert(source, tmp_path / "out")
+    stored_unet = load_file(tmp_path / "out" / "unet.safetensors")
+    assert_same_tensors({key: stored_unet[key] for key in unet}, unet)
+    assert_same_tensors(load_file(tmp_path / "out" / "vae.safetensors"), vae)
+
+    weights = source / "vae" / "diffusion_pytorch_model.bin"
+    truncate(weights)
+    with pytest.raises(ConversionError) as error:
+        convert(source, tmp_path / "refused")
+    assert re.fullmatch(rf"{re.escape(str(weights))} is not in torch.save's zip format, and cannot be read as a "
+                        r"legacy \(non-zip\) torch file either \(\w+: [^\n]+\); is it truncated\?", str(error.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sdxl"]
+
+
+def test_a_legacy_bin_holding_code_is_refused_without_running_it(sdxl_folders, tmp_path):
+    source = copied(sdxl_folders["bin"][0], tmp_path / "sdxl")
+    weights = source / "vae" / "diffusion_pytorch_model.bin"
+    trap = {**torch.load(weights, weights_only=True), "trap": RunsCodeWhenUnpickled(tmp_path / "ran")}
+    torch.save(trap, weights, _use_new_zipfile_serialization=False)
+    with pytest.raises(ConversionError, match=f"{re.escape(str(weights))} holds more than tensors, which is not "
+                                              "unpickled: Unsupported global") as error:
+        convert(source, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl"]

@@ -155,11 +155,12 @@ def test_a_file_missing_offline_is_one_line_naming_it(folders, offline, tmp_path
 
 def test_a_repository_not_in_the_cache_is_one_line(offline, tmp_path, capsys):
     error = one_line_error(capsys, REPO, str(tmp_path / "out"))
-    assert error.endswith(f"error: SRC {REPO}: the hub cannot be reached (HF_HUB_OFFLINE is set) and the cache "
-                          f"{offline} holds no copy of it\n")
+    assert error.endswith(f"error: SRC {REPO}: no such local folder or file, and the hub cannot be reached "
+                          f"(HF_HUB_OFFLINE is set) and the cache {offline} holds no copy of it\n")
     (tmp_path / "sd_xl.safetensors").write_bytes(b"")
     error = one_line_error(capsys, str(tmp_path / "sd_xl.safetensors"), str(tmp_path / "out"), "--tokenizers", REPO)
-    assert f"error: --tokenizers {REPO}: the hub cannot be reached (HF_HUB_OFFLINE is set) and the cache" in error
+    assert (f"error: --tokenizers {REPO}: no such local folder or file, and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set) and the cache") in error
 
 
 @pytest.mark.parametrize("name", ["no/such/folder", "missing-folder", "./missing", "owner/bad--name"])
@@ -195,8 +196,8 @@ HUB_ANSWERS = {  # what the hub answers repo_info with: the error it raises, the
                            f"repository {REPO} that you may read (a private or gated one needs `hf auth login`)"),
     "no such revision": (RevisionNotFoundError, 404,
                          f"error: --revision v1: the hub's {REPO} has no such branch, tag or commit"),
-    "hub down": (HfHubHTTPError, 503, f"error: SRC {REPO} at revision v1: the hub cannot be reached (it answered "
-                 "HTTP 503) and the cache"),
+    "hub down": (HfHubHTTPError, 503, f"error: SRC {REPO} at revision v1: no such local folder or file, and the hub "
+                 "cannot be reached (it answered HTTP 503) and the cache"),
 }
 
 
@@ -337,3 +338,17 @@ def test_online_only_the_selection_is_fetched(folders, tmp_path, monkeypatch, ca
     assert fetched == [name for name in names if name not in extras] and len(asked) == 1
     assert f"fetching {len(fetched)} files of {REPO} (" in capsys.readouterr().out
     assert_same_conversion(tmp_path / "out", folders.converted)
+
+
+def test_a_mistyped_local_path_offline_says_both_that_no_such_path_exists_and_why_the_hub_does_not_answer(
+        offline, tmp_path, capsys, monkeypatch):
+    """Review finding 15b: `sdxx/unet` (meant: a local sdxl/unet) is no path, but reads as owner/name;
+    offline, the one line says that no such local folder exists, not only that the hub is unreachable."""
+    (tmp_path / "sdxl" / "unet").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    error = one_line_error(capsys, "sdxx", "out")  # a bare name is a path: refused without the hub
+    assert error.endswith("error: SRC sdxx does not exist, and is no hub repository name (owner/name) either\n")
+    error = one_line_error(capsys, str(tmp_path / "sdxl"), "out", "--video-unet", "sdxx/unet")
+    assert error.endswith("error: --video-unet sdxx/unet: no such local folder or file, and the hub cannot be "
+                          f"reached (HF_HUB_OFFLINE is set) and the cache {offline} holds no copy of it\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "sdxl"]
