@@ -59,6 +59,7 @@ class VideoState:
     # per (video, channel), (3, batch, 4) float64 (video_settings.match_statistics).
     matched_context: torch.Tensor | None = None
     followed_bytes: int = 0  # with sample.py --follow: how much of the followed file has been read
+    followed_file: list[int] | None = None  # [st_dev, st_ino] of that file: another one is read from its start
     latent_moments: torch.Tensor | None = field(default=None, metadata={"on_cpu": True})
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
@@ -357,6 +358,9 @@ def state_from_dict(values: dict) -> VideoState:
         raise TypeError("vae_dtype")
     if not (state.vae_tiles is None or isinstance(state.vae_tiles, bool)):
         raise TypeError("vae_tiles")
+    if not (state.followed_file is None or isinstance(state.followed_file, list) and len(state.followed_file) == 2
+            and all(isinstance(number, int) and number >= 0 for number in state.followed_file)):
+        raise TypeError("followed_file")
     if state.chunk_index > 0 and state.context is None:
         raise TypeError("context")
     return state

@@ -17,6 +17,7 @@ import argparse
 import errno
 import math
 import os
+import stat
 import sys
 import time
 import warnings
@@ -80,20 +81,34 @@ def parse_timeline(values: list[str], fps: float, frames: int) -> list[tuple[int
     return entries
 
 
-def follow_start(path: str) -> int:
-    """The size of the --follow file now; ValueError naming it unless it is a readable file."""
+def follow_start(path: str) -> tuple[int, list[int]]:
+    """The size of the --follow file now and its [st_dev, st_ino]; ValueError naming it unless it is
+    a readable regular file."""
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValueError(f"--follow {path}: not a readable file (create it, then append prompts to it while the run goes on)")
-    return os.path.getsize(path)
+    status = os.stat(path)
+    return status.st_size, [status.st_dev, status.st_ino]
 
 
 def followed_lines(settings: Settings, state) -> list[str]:
     """The complete lines appended to the --follow file since `state.followed_bytes` (which moves past
-    them); a line still being written waits for its newline. A file that cannot be read now, or that
-    shrank (replaced), gives a warning and no line; a shrunk file is followed from its new end."""
+    them); a line still being written waits for its newline. A file that cannot be read now, is no
+    regular file (a FIFO would block), or shrank gives a warning and no line; a shrunk file is
+    followed from its new end; a file replaced by another (`state.followed_file`, its device and
+    inode, changed) is read from its start."""
     try:
-        with open(settings.follow, "rb") as file:
-            size = file.seek(0, os.SEEK_END)
+        descriptor = os.open(settings.follow, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open must not wait for a writer
+        with open(descriptor, "rb") as file:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                warnings.warn(f"--follow {settings.follow}: not a regular file now; trying again at the next chunk")
+                return []
+            identity = [status.st_dev, status.st_ino]
+            if state.followed_file is not None and state.followed_file != identity:
+                warnings.warn(f"--follow {settings.follow}: the file was replaced; reading the new one from its start")
+                state.followed_bytes = 0
+            state.followed_file = identity
+            size = status.st_size
             if size < state.followed_bytes:
                 warnings.warn(f"--follow {settings.follow}: the file shrank; following it from its end")
                 state.followed_bytes = size
@@ -109,9 +124,10 @@ def followed_lines(settings: Settings, state) -> list[str]:
 
 
 def place_followed(settings: Settings, prompts, state, lines: list[str]) -> None:
-    """Place each followed line on the timeline, "TEXT" at the first chunk not yet made plus
-    --transition (so the blend toward it starts now), "TEXT@T" at T or, if T is past, as "TEXT" would;
-    a blank line or one starting with # is skipped silently, a bad one with a warning."""
+    """Place each followed line on the timeline, "TEXT" at the first chunk free of a prompt from the
+    first chunk not yet made plus --transition on (so the blend toward it starts now, and lines read
+    together go to successive chunks), "TEXT@T" at T or, if T is past, as "TEXT" would; a blank line or
+    one starting with # is skipped silently, a bad one, or one at a T that has a prompt, with a warning."""
     import endless
 
     now = state.chunk_index + settings.transition
@@ -120,7 +136,10 @@ def place_followed(settings: Settings, prompts, state, lines: list[str]) -> None
             continue
         text, _, position = line.rpartition("@") if "@" in line else (line, "", "")
         try:
-            chunk = max(parse_position(position.strip(), settings.fps, settings.frames), now) if position else now
+            chunk = parse_position(position.strip(), settings.fps, settings.frames) if position else -1
+            if chunk < now:  # no position, or a past one
+                taken = {start for start, _ in settings.timeline}
+                chunk = next(free for free in range(now, now + len(taken) + 1) if free not in taken)
         except (ValueError, OverflowError):
             warnings.warn(f"--follow {settings.follow}: {line!r} skipped: after its last '@' give a chunk index or "
                           f"seconds like 12.5s")
@@ -164,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--follow", metavar="FILE",
                         help='a UTF-8 text file to follow while the run goes on: each line appended to it, "TEXT" or '
                              '"TEXT@T", places a prompt, "TEXT" at the next chunk (blended over --transition from '
-                             'there); a bad line is skipped with a warning; the state file keeps the timeline as used')
+                             'there) that has no prompt yet, so lines appended together go to successive chunks; '
+                             '"TEXT@T" at T (a past T: as "TEXT"), skipped with a warning if T has a prompt; a bad '
+                             'line is skipped with a warning; the state file keeps the timeline as used')
     add_chunk_options(parser)
     parser.add_argument("--negative-prompt")
     parser.add_argument("--out", default="video.mp4",
@@ -220,9 +241,11 @@ def settings_from_arguments(args: argparse.Namespace, model_defaults: dict | Non
     """Options given on the command line, else the model's `sample_defaults`, else Settings' defaults."""
     given = {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name) is not None}
     values = {**(model_defaults or {}), **(RECIPES[args.recipe] if args.recipe else {}), **given}
-    for name in ("model", "image", "extend", "negative_prompt"):
+    for name in ("model", "image", "extend", "negative_prompt", "follow"):
         if isinstance(values.get(name), str):
             check_text(f"--{name.replace('_', '-')}", values[name])
+    if isinstance(values.get("follow"), str):  # stored absolute: a resumed run may start in another folder
+        values["follow"] = os.path.abspath(values["follow"])
     prompts = (args.prompt or []) + (read_timeline_file(args.timeline) if args.timeline else [])
     fps, frames = values.get("fps", Settings.fps), values.get("frames", Settings.frames)
     for option, value in (("--fps", fps), ("--frames", frames)):
@@ -245,6 +268,28 @@ def total_chunks(args: argparse.Namespace, settings: Settings) -> int | None:
             raise ValueError(f"--seconds must be a positive finite number, got {args.seconds}")
         return math.ceil(args.seconds * settings.fps / settings.frames)
     return None
+
+
+def check_steps(settings: Settings, model_config: dict) -> None:
+    """ValueError naming --steps unless the sampler's schedule can take that many (at most the model's
+    training timesteps; at most 50 with the lcm spacing), from the model's config, before its weights."""
+    from scheduler import LCM_ORIGINAL_STEPS, SchedulerConfig, make_schedule, with_sampler
+
+    if settings.timesteps is not None:  # checked by `check_settings`
+        return
+    config = with_sampler(SchedulerConfig.from_dict(model_config["scheduler"]), settings.scheduler,
+                          settings.timestep_spacing)
+    steps, training_timesteps = settings.steps, config.num_train_timesteps
+    if config.timestep_spacing == "lcm" and steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"--steps {steps}: the lcm timestep spacing (--scheduler lcm or tcd, or --timestep-spacing "
+                         f"lcm) takes at most {LCM_ORIGINAL_STEPS} steps")
+    if steps > training_timesteps:
+        raise ValueError(f"--steps {steps}: the model has {training_timesteps} training timesteps; give at most that")
+    try:
+        make_schedule(config, steps)
+    except ValueError:
+        raise ValueError(f"--steps {steps} at timestep spacing {config.timestep_spacing} repeats a noise level "
+                         f"of the model's schedule; give fewer steps") from None
 
 
 def check_not_an_input(out: str, settings: Settings) -> None:
@@ -295,6 +340,9 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless
         elif name == "model":
             if os.path.realpath(args.model) != os.path.realpath(stored.model):
                 conflicts.append(f"{option} {args.model} (the state file has {stored.model})")
+        elif name == "follow":
+            if os.path.abspath(args.follow) != stored.follow:
+                conflicts.append(f"{option} {args.follow} (the state file has {stored.follow})")
         elif name in ("overwrite",):
             conflicts.append("--overwrite (a resumed run keeps what was written)")
         elif name == "recipe":  # a None height or width: the model's, whichever the run took
@@ -313,7 +361,8 @@ def resume_conflicts(args: argparse.Namespace, stored: Settings, state: "endless
                 conflicts.append(f"{option} {args.vae_tiles} (the state file's frames are decoded "
                                  f"{'in tiles' if state.vae_tiles else 'whole'})")
         elif getattr(args, name) != stored_values[name]:
-            conflicts.append(f"{option} {getattr(args, name)} (the state file has {stored_values[name]})")
+            shown = lambda value: ("on" if value else "off") if isinstance(value, bool) else value  # as --refiner takes it
+            conflicts.append(f"{option} {shown(getattr(args, name))} (the state file has {shown(stored_values[name])})")
     return conflicts
 
 
@@ -415,14 +464,18 @@ def preflight(args: argparse.Namespace, settings: Settings | None):
                 raise ValueError(f"--out {out} exists: give --overwrite to replace it, or --resume to continue it")
             state = endless.VideoState()
             if settings.follow:  # only what is appended from now on counts
-                state.followed_bytes = follow_start(settings.follow)
+                state.followed_bytes, state.followed_file = follow_start(settings.follow)
         if not streaming:
             check_not_an_input(out, settings)
         check_sampler(settings, SAMPLERS)
+        check_steps(settings, model_config)
         check_checkpoint_files(settings.model)
         if not streaming:
             check_output_path(out, state.frames_written if args.resume else None)
         chunks_to_write = total_chunks(args, settings)
+        if args.chunks is not None and settings.skip_frames >= chunks_to_write * settings.frames:
+            raise ValueError(f"--skip-frames {settings.skip_frames} skips all {chunks_to_write * settings.frames} frames "
+                             f"of --chunks {chunks_to_write}: nothing would be written")
         settings.device = device = resolve_device(settings.device)  # stored as it is run
         vae_dtype, vae_tiles = decoding(settings, model_config, args.vae_dtype, args.vae_tiles)
         # A resumed run decodes as its state file says; one from before that was stored, as it was given
@@ -467,7 +520,7 @@ def load(plan: Plan):
 def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
     """Encode the prompts and start from --image or --extend, then chunk after chunk: denoise,
     decode, write, save the state; until --chunks or --seconds, or Ctrl-C. Returns whether the output
-    is in place (a new one's first chunk was complete)."""
+    is in place (a new one's first chunk was complete), False for a stream whose reader quit."""
     import torch
 
     import endless
@@ -530,14 +583,20 @@ def write_video(pipeline, plan: Plan, on_chunk=None) -> bool:
             if writer.in_place and state_file is not None:
                 endless.save_state(state_file, settings, state)
         plan.unfinished_frames = write_unfinished(pipeline, writer, settings, state)
+        if state.frames_written + plan.unfinished_frames == 0:
+            print(f"\nnothing was written: the run made {state.chunk_index * settings.frames} frames, "
+                  f"none past --skip-frames {settings.skip_frames}", file=sys.stderr)
     except BrokenPipeError:  # --out -: the player reading the stream quit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that no flush at exit fails again
-        print(f"\nstopped: standard output was closed after {state.frames_written} frames", file=sys.stderr)
+        print(f"\nstopped: standard output was closed after {writer.frames_written} frames", file=sys.stderr)  # those sent
+        return False  # no summary of a finished run
     except OSError as error:  # a full disk, say: the state file describes the output, or nothing of this run is kept
         error.add_note(what_now(error, out, resumable=writer.in_place))
         raise
     except KeyboardInterrupt:
-        if writer.in_place:
+        if writer.in_place and state_file is None:
+            print("\nstopped: the stream ends at its last complete chunk", file=sys.stderr)
+        elif writer.in_place:
             print(f"\nstopped: {out} ends at its last complete chunk; --resume continues it", file=sys.stderr)
         else:
             print(f"\nstopped before the first chunk was complete: nothing was written"
@@ -612,6 +671,10 @@ def with_model_defaults(args: argparse.Namespace, model_config: dict) -> Setting
         if not of_type(value, types[name]):
             raise ValueError(f"{config}: sample_defaults {name} {value!r} is not {type_name(types[name])}")
     settings = settings_from_arguments(args, defaults)
+    if settings.refiner and not model_config.get("refiner") and args.refiner is None:
+        source = f"--recipe {args.recipe}" if args.recipe else f"{config}'s sample_defaults"
+        raise ValueError(f"{source} turns the refiner on, but the model {settings.model} has no refiner: "
+                         f"give --refiner off")
     check_settings(settings, model_config)
     return settings
 
@@ -637,6 +700,9 @@ def main(argv=None, on_chunk=None) -> None:
         raise ValueError("give --resume (continue --out) or --overwrite (replace it), not both")
     if args.out == STANDARD_OUTPUT and (args.resume or args.overwrite):
         raise ValueError("--out - streams the video to standard output: there is nothing to --resume or --overwrite")
+    if args.out == STANDARD_OUTPUT and sys.stdout is None:
+        raise ValueError("--out - writes an MP4 stream to standard output, which is closed here; pipe it to a "
+                         "player (| ffplay -) or a file")
     if args.out == STANDARD_OUTPUT and sys.stdout.isatty():
         raise ValueError("--out - writes an MP4 stream to standard output, which is a terminal here; pipe it to a "
                          "player (| ffplay -) or a file")
@@ -657,6 +723,8 @@ def what_now(error: OSError, out: str, resumable: bool) -> str:
     resumable (a resumed run, or a new one whose first chunk is in place: the state file describes
     the output) or not (a new run before that: nothing of it was kept, an old output is as it was)."""
     mend = "free some, then " if error.errno == errno.ENOSPC else ""
+    if out == STANDARD_OUTPUT:
+        return "the stream ends at its last complete chunk" if resumable else f"nothing was streamed: {mend}run it again"
     if resumable:
         return f"{mend}--resume continues the run"
     kept = f" (the old {out} is as it was)" if os.path.lexists(out) else ""

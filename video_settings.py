@@ -82,11 +82,11 @@ class DriftControls:
     `ChunkSpec` (its frames and context_frames), in this order:
 
     `next_context`, before a chunk: its context, from the last latents made
-        1. anchor_frame: the first frame replaces the oldest frame of the context
-        2. empty_restart: a video whose newest context frame is empty (its spatial latent std below
+        1. context_matching: the context is the last chunk matched to every latent's statistics (7.)
+        2. anchor_frame: the first frame replaces the oldest frame of the context
+        3. empty_restart: a video whose newest context frame is empty (its spatial latent std below
            this fraction of the first frame's) starts again from the first frame: every context
            frame becomes it
-        3. context_matching: the context is the last chunk matched to every latent's statistics (7.)
         4. context_noise: Gaussian noise of this std is added to the context
     `finish_chunk`, after it: its latents, before they are decoded and kept as the next context
         5. renormalize: the original's renormalisation over every latent made so far
@@ -129,6 +129,8 @@ class DriftControls:
         if state.context is None:
             return None
         context = state.context
+        if self.context_matching and state.matched_context is not None:
+            context = state.matched_context
         if self.anchor_frame and state.anchor is not None:
             context = context.clone()
             context[:, :, :1] = state.anchor  # (b, 4, k, h, w)
@@ -137,8 +139,6 @@ class DriftControls:
             if empty.any():
                 context = context.clone()
                 context[empty] = state.anchor[empty].expand_as(context[empty])  # (e, 4, k, h, w)
-        if self.context_matching and state.matched_context is not None:
-            context = state.matched_context
         if self.context_noise > 0:
             context = context + self.context_noise * noise(context.shape)
         return context
@@ -421,6 +421,10 @@ def check_settings(settings: Settings, model_config: dict | None = None) -> None
         raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {settings.dtype!r}")
     if settings.image and settings.extend:
         raise ValueError("give --image or --extend, not both")
+    if settings.drop_first_chunk and (settings.refiner or settings.skip_frames > 0):
+        raise ValueError(f"--drop-first-chunk is not taken with {'--refiner on' if settings.refiner else '--skip-frames'} "
+                         f"(from the options, the recipe or the model's defaults): drop the first chunk as "
+                         f"--skip-frames {settings.frames} (skip-frames = frames) instead")
     if settings.timestep_spacing is not None and settings.timestep_spacing not in SPACING_NAMES:
         raise ValueError(f"--timestep-spacing must be one of {list(SPACING_NAMES)}, got {settings.timestep_spacing!r}")
     check_lora_values(settings.loras)

@@ -265,3 +265,19 @@ def test_context_matching_is_the_earlier_releases_over_the_whole_stack(pipeline)
                    / (chunk.std(axes, keepdim=True) + 1e-8)) + stack.mean(axes, keepdim=True)).clip(-1, 1)
         assert torch.allclose(contexts[index], matched[:, :, -2:], atol=1e-6)
     assert not torch.allclose(contexts[2], made[1][:, :, -2:])  # it does change the context
+
+
+def test_with_context_matching_the_anchor_frame_and_empty_restart_apply_on_the_matched_context():
+    """Matching comes first: the anchor replaces the matched context's oldest frame; an empty newest
+    matched frame restarts from the first frame; then the noise."""
+    matched, anchor = torch.full((1, 4, 3, 2, 2), 0.25), torch.full((1, 4, 1, 2, 2), 2.0)
+    state = VideoState(context=torch.zeros(1, 4, 3, 2, 2), matched_context=matched, anchor=anchor)
+    controls = DriftControls(context_matching=True, anchor_frame=True, context_noise=0.5)
+    context = controls.next_context(state, lambda shape: torch.ones(shape), CHUNK)
+    assert torch.equal(context[:, :, 0], torch.full((1, 4, 2, 2), 2.5))  # the anchor, noised
+    assert torch.equal(context[:, :, 1:], torch.full((1, 4, 2, 2, 2), 0.75))  # the matched context, noised
+    assert torch.equal(state.matched_context, torch.full((1, 4, 3, 2, 2), 0.25))  # the state is not changed
+    anchor = torch.randn(1, 4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    state = VideoState(context=torch.randn(1, 4, 3, 2, 2), matched_context=matched, anchor=anchor)  # matched: flat
+    restarted = DriftControls(context_matching=True, empty_restart=0.5).next_context(state, None, CHUNK)
+    assert torch.equal(restarted, anchor.expand(1, 4, 3, 2, 2))

@@ -166,3 +166,99 @@ def torch_load(path):
     import torch
 
     return torch.load(path, weights_only=True)
+
+
+# Regressions of a review of the live surfaces
+
+
+def followed_settings(path) -> "sample.Settings":
+    return sample.Settings(timeline=[(0, "a red circle")], follow=str(path))
+
+
+def test_a_followed_fifo_is_skipped_with_a_warning_not_waited_on(tmp_path):
+    import os
+
+    from endless import VideoState
+
+    fifo = tmp_path / "live.txt"
+    os.mkfifo(fifo)  # no writer: a blocking open would wait for ever
+    with pytest.warns(UserWarning, match="live.txt: not a regular file now"):
+        assert sample.followed_lines(followed_settings(fifo), VideoState(followed_bytes=3)) == []
+
+
+def test_a_followed_file_replaced_by_another_is_read_from_its_start(tmp_path):
+    from endless import VideoState
+
+    followed = tmp_path / "live.txt"
+    followed.write_text("an old line that was read\n", encoding="utf-8")
+    state = VideoState()
+    state.followed_bytes, state.followed_file = sample.follow_start(str(followed))
+    replacement = tmp_path / "new.txt"  # made while the old file exists: another inode (an editor's save)
+    replacement.write_text("a blue square\na white circle that is longer than the old file\n", encoding="utf-8")
+    replacement.replace(followed)
+    with pytest.warns(UserWarning, match="replaced; reading the new one from its start"):
+        lines = sample.followed_lines(followed_settings(followed), state)
+    assert lines == ["a blue square", "a white circle that is longer than the old file"]
+    assert state.followed_bytes == followed.stat().st_size
+    assert state.followed_file == [followed.stat().st_dev, followed.stat().st_ino]
+
+
+def test_lines_read_together_go_to_successive_free_chunks(monkeypatch):
+    """At chunk 2 (transition 1: "now" is 3, where a prompt is already): three lines without a
+    position, or with a past one, take chunks 4, 5, 6; a future position that has a prompt is skipped."""
+    import endless
+
+    monkeypatch.setattr(endless, "place_prompt", lambda settings, prompts, chunk, text: settings.timeline.append((chunk, text)))
+    settings = sample.Settings(timeline=[(0, "a red circle"), (3, "a green square")], transition=1, follow="live.txt")
+    state = endless.VideoState(chunk_index=2)
+    with pytest.warns(UserWarning, match="'a white circle@3' skipped: chunk 3 has a prompt already"):
+        sample.place_followed(settings, None, state, ["a blue square", "a red square@1", "a white square",
+                                                      "a white circle@3"])
+    assert settings.timeline == [(0, "a red circle"), (3, "a green square"), (4, "a blue square"),
+                                 (5, "a red square"), (6, "a white square")]
+
+
+def test_a_relative_followed_path_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = sample.settings_from_arguments(sample.parse_arguments(["--prompt", "a red circle", "--follow", "live.txt"]))
+    assert settings.follow == str(tmp_path / "live.txt")
+
+
+def test_a_closed_standard_output_is_refused_in_one_line(model, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(ValueError, match="^--out - writes an MP4 stream to standard output, which is closed here"):
+        sample.main(["--model", str(model), *ARGUMENTS, "--out", "-"])
+
+
+def test_a_pipe_closed_before_the_first_chunk_counts_no_frame_and_prints_no_summary(model, monkeypatch, capsys):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: every write is a broken pipe
+    pipe = open(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        sample.main(["--model", str(model), *ARGUMENTS, "--out", "-"])
+    finally:
+        pipe.close()
+    errors = capsys.readouterr().err
+    assert "stopped: standard output was closed after 0 frames" in errors
+    assert "standard output: " not in errors
+
+
+def test_ctrl_c_ends_a_stream_without_offering_to_resume_it(model, monkeypatch, capsys):
+    def stop(index, context, embeddings):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdout", Pipe())
+    sample.main(["--model", str(model), *ARGUMENTS, "--out", "-"], stop)
+    errors = capsys.readouterr().err
+    assert "stopped: the stream ends at its last complete chunk" in errors and "--resume" not in errors
+
+
+def test_a_write_error_of_a_stream_does_not_offer_to_resume_it():
+    import errno
+
+    message = sample.what_now(OSError(errno.EIO, "I/O error"), "-", resumable=True)
+    assert message == "the stream ends at its last complete chunk"

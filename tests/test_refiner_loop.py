@@ -209,3 +209,50 @@ def test_evaluate_takes_the_models_recipe_or_a_named_one(refined_model):
     settings = evaluate.settings_for(evaluate.parse_arguments(["--model", str(refined_model), "--recipe", "seed"]),
                                      "a red circle", 0)
     assert (settings.refiner, settings.skip_frames, settings.steps, settings.guidance) == (False, 0, 50, 9.0)
+
+
+# Regressions of a review: options that were silently ignored or refused late
+
+
+@pytest.mark.parametrize("extra, named", [(["--skip-frames", "2", "--refiner", "off"], "--skip-frames"),
+                                          ([], "--refiner on")])  # the refiner and skip from the model's defaults
+def test_drop_first_chunk_with_skipped_frames_or_the_refiner_is_refused_in_one_line(refined_model, tmp_path, extra,
+                                                                                    named):
+    with pytest.raises(ValueError, match=f"^--drop-first-chunk is not taken with {named} .*--skip-frames {FRAMES} "
+                                         r"\(skip-frames = frames\)"):
+        sample.main(["--model", str(refined_model), *ARGUMENTS, "--chunks", "2", "--drop-first-chunk", *extra,
+                     "--out", f"{tmp_path / 'v'}/"])
+    assert not (tmp_path / "v").exists()
+
+
+def test_skipping_every_frame_is_refused_and_a_run_that_writes_nothing_says_so(refined_model, tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"^--skip-frames {SKIP} skips all {FRAMES} frames of --chunks 1: nothing"):
+        sample.main(["--model", str(refined_model), *ARGUMENTS, "--chunks", "1", "--out", f"{tmp_path / 'v'}/"])
+    assert not (tmp_path / "v").exists()
+    sample.main(["--model", str(refined_model), *ARGUMENTS, "--seconds", "0.5", "--out", f"{tmp_path / 's'}/"])
+    assert f"nothing was written: the run made {FRAMES} frames, none past --skip-frames {SKIP}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scheduler", "lcm", "--steps", "51"], "^--steps 51: the lcm timestep spacing .* takes at most 50 steps"),
+    (["--timestep-spacing", "lcm", "--steps", "60"], "^--steps 60: the lcm timestep spacing"),
+    (["--steps", "1001"], "^--steps 1001: the model has 1000 training timesteps")])
+def test_too_many_steps_are_refused_naming_steps_before_the_weights_load(refined_model, tmp_path, monkeypatch, extra,
+                                                                         message):
+    from pipeline import StableDiffusionXLVideoPipeline
+
+    monkeypatch.setattr(StableDiffusionXLVideoPipeline, "from_pretrained", None)  # loading would fail
+    with pytest.raises(ValueError, match=message):
+        sample.main(["--model", str(refined_model), *ARGUMENTS, "--chunks", "3", *extra, "--out", f"{tmp_path / 'v'}/"])
+
+
+def test_a_refiner_from_a_recipe_names_the_recipe_and_resume_says_on_or_off(refined_model, model, tmp_path):
+    with pytest.raises(ValueError, match="^--recipe flowingframes turns the refiner on, but the model .* has no "
+                                         "refiner: give --refiner off"):
+        sample.main(["--model", str(model), *ARGUMENTS, "--recipe", "flowingframes", "--chunks", "2",
+                     "--out", f"{tmp_path / 'none'}/"])
+    out = f"{tmp_path / 'off'}/"
+    sample.main(["--model", str(refined_model), *ARGUMENTS, "--chunks", "1", "--refiner", "off", "--skip-frames", "0",
+                 "--out", out])
+    with pytest.raises(ValueError, match=r"--refiner on \(the state file has off\)"):
+        sample.main(["--out", out, "--resume", "--chunks", "2", "--refiner", "on"])
