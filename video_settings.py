@@ -59,12 +59,15 @@ def parse_timesteps(text: str) -> list[int]:
     """--timesteps "999,749,499,249" -> [999, 749, 499, 249]; ValueError naming --timesteps unless
     they are distinct integers >= 0 in descending order (the model's bound is `check_settings`')."""
     items = [item.strip() for item in text.split(",")]
+    shown = repr(text if len(text) <= 80 else text[:77] + "...")  # one line, however long the value
     for item in items:
         if not re.fullmatch("-?[0-9]+", item):
-            raise ValueError(f"--timesteps {text!r}: {item!r} is no integer; give {TIMESTEPS_SYNTAX}")
+            raise ValueError(f"--timesteps {shown}: {item[:20]!r} is no integer; give {TIMESTEPS_SYNTAX}")
+        if len(item) > 18:  # no training schedule has timesteps past 10**18 (and int() refuses 4,300 digits)
+            raise ValueError(f"--timesteps {shown}: {item[:20]}... is too large; give {TIMESTEPS_SYNTAX}")
     values = [int(item) for item in items]
     if min(values) < 0 or any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"--timesteps {text!r}: give {TIMESTEPS_SYNTAX}")
+        raise ValueError(f"--timesteps {shown}: give {TIMESTEPS_SYNTAX}")
     return values
 
 

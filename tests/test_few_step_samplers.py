@@ -208,6 +208,13 @@ HOSTILE_TIMESTEPS = ["", " ", "999,999", "-1", "999,-5", "1000", "a", "249,499",
 FAST = ["--frames", "2", "--context-frames", "1", "--height", "32", "--width", "48"]
 
 
+def test_a_timestep_of_thousands_of_digits_is_refused_in_one_short_line(tmp_path):
+    value = "9" * 5000  # int() alone refuses it, without naming the option
+    with pytest.raises(ValueError, match=r"^--timesteps '9{77}\.\.\.': 9{20}\.\.\. is too large") as refused:
+        sample.main(["--prompt", "a", "--timesteps", value, "--out", str(tmp_path / "video.mp4")])
+    assert len(str(refused.value)) < 300
+
+
 @pytest.mark.parametrize("value", HOSTILE_TIMESTEPS)
 def test_hostile_timesteps_are_refused_in_one_line_before_any_work(model, tmp_path, value):
     with pytest.raises(ValueError, match=f"^--timesteps {re.escape(repr(value))}: ") as refused:
