@@ -29,6 +29,7 @@ step; nothing of them is written, so the last checkpoint and the model stay as t
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -72,6 +73,15 @@ NOT_FOR_REFINER = ("vocabulary", "vae_downsampling", "context_frames", "context_
                    "sample_guidance", "sample_anchor_frame")
 
 
+# Mode distill's own settings, and those it refuses at other than their defaults.
+DISTILL_SETTINGS = ("distill_method", "student_steps", "teacher_guidance", "distill_steps", "distill_learning_rate",
+                    "distill_weights")
+NOT_FOR_DISTILL = ("vocabulary", "vae_downsampling", "self_context", "self_context_steps", "self_context_level",
+                   "text_drop", "prediction_type", "conditioner", "unet_steps", "learning_rate", "vae_steps",
+                   "vae_batch_size", "vae_learning_rate", "sample_steps", "sample_guidance", "sample_anchor_frame",
+                   "plan", "processes", "peak_tflops")
+
+
 def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None, aliases=()):
     """A TrainConfig field: its default, its --help text, what a resumed run may do with it (FIXED,
     EXTEND or FREE), the range its value must be in (`above`: strictly greater), and other option
@@ -86,11 +96,12 @@ class TrainConfig:
     """Every setting, typed; each becomes a command-line option (`--context-drop 0.3`) with its help,
     default and choices (from a Literal), and is checked before any work."""
 
-    mode: Literal["baby", "temporal", "refiner"] = setting(
+    mode: Literal["baby", "temporal", "refiner", "distill"] = setting(
         "baby", "baby: everything from scratch; temporal: only the temporal modules of --model; refiner: only a new "
-                "refiner (refiner.py) for the frozen --model", FIXED)
-    model: str = setting("", "modes temporal and refiner: the checkpoint folder to start from (convert_weights.py)",
-                         FIXED)
+                "refiner (refiner.py) for the frozen --model; distill: a few-step student of --model "
+                "(training/distill.py)", FIXED)
+    model: str = setting("", "modes temporal, refiner and distill: the checkpoint folder to start from "
+                             "(convert_weights.py; distill: the teacher)", FIXED)
     data: str = setting("shapes", '"shapes" (the shapes world), a folder of videos with captions, or one of shards '
                                   "(tools/prepare_data.py; mode temporal)", FIXED)
     clips: int = setting(0, "shapes world: cycle over this many clips (1 overfits one); 0: endless", FIXED, minimum=0)
@@ -200,6 +211,19 @@ class TrainConfig:
     refiner_newest_only: float = setting(
         0.5, "mode refiner: probability that only the newest chunk of a window is corrupted (at sampling time its "
              "older chunk was refined once already)", FIXED, minimum=0, maximum=1)
+    distill_method: Literal["consistency", "distribution-matching"] = setting(
+        "consistency", "mode distill: consistency (LCM, the guidance folded in) or distribution-matching (DMD2, a "
+                       "fake denoiser trained beside the student); training/distill.py", FIXED)
+    student_steps: int = setting(4, "mode distill: the student's steps per chunk (the LCM sampler, no guidance), also "
+                                    "those of the contexts it makes itself", FIXED, minimum=1, maximum=50)
+    teacher_guidance: float = setting(0.0, "mode distill: the teacher's guidance scale; 0: --model's sample default "
+                                           "(the shipped baby's: 3)", FIXED, minimum=0, maximum=100)
+    distill_steps: int = setting(2000, "mode distill: steps of the distillation stage", EXTEND, minimum=1)
+    distill_learning_rate: float = setting(1e-4, "mode distill: peak learning rate of the student (and the fake "
+                                                 "denoiser), at most 1", FIXED, above=0, maximum=1)
+    distill_weights: Literal["all", "temporal"] = setting(
+        "all", "mode distill: the student's trained weights: all (a baby) or the temporal modules (a converted SDXL, "
+               "its spatial weights frozen)", FIXED)
     log_every: int = setting(100, "a progress line every n steps (OUT/log.jsonl has every step)", FREE, minimum=1)
     sample_every: int = setting(3000, "sample GIFs in OUT/samples every n UNet steps", FREE, minimum=1)
     checkpoint_every: int = setting(250, "a checkpoint every n steps (and at the end of a stage, and on Ctrl-C)",
@@ -242,7 +266,8 @@ class TrainConfig:
                 raise ValueError(f"{option} must be at most {most} ({what}), got {value}")
         rates = [("--learning-rate", self.learning_rate)] + (
             [("--vae-learning-rate", self.vae_learning_rate)] if self.mode == "baby" else []) + (
-            [("--refiner-learning-rate", self.refiner_learning_rate)] if self.mode == "refiner" else [])
+            [("--refiner-learning-rate", self.refiner_learning_rate)] if self.mode == "refiner" else []) + (
+            [("--distill-learning-rate", self.distill_learning_rate)] if self.mode == "distill" else [])
         for option, rate in rates:
             if rate * self.weight_decay >= 1:
                 raise ValueError(f"--weight-decay {self.weight_decay} with {option} {rate}: AdamW multiplies every "
@@ -259,6 +284,9 @@ class TrainConfig:
         if (model := model_folder_holding(self.out)) is not None:
             raise ValueError(f"--out {self.out} is or lies inside the model folder {model} (it holds a checkpoint's "
                              f"config.json); give a run's folder outside it")
+        if self.fsdp and self.mode == "distill":
+            raise ValueError("--fsdp with mode distill: the student makes its contexts itself, a number of UNet calls "
+                             "that differs between processes, which FSDP cannot gather for; use DDP")
         if self.fsdp and self.self_context != "off":
             raise ValueError("--fsdp with --self-context: the self-made contexts call the UNet a number of times "
                              "that differs between processes, which FSDP cannot gather for; use DDP")
@@ -284,6 +312,13 @@ def check_mode_settings(config: TrainConfig) -> None:
                              f"refiner for the frozen --model (its UNet, VAE and sample defaults kept); leave it out")
         if config.mode != "refiner" and field.name.startswith("refiner_"):
             raise ValueError(f"{option_name(field.name)} applies to mode refiner only; leave it out in mode "
+                             f"{config.mode}")
+        if config.mode == "distill" and field.name in NOT_FOR_DISTILL:
+            raise ValueError(f"{option_name(field.name)} does not apply to mode distill, whose student starts from "
+                             f"--model (its VAE, text encoders and sample defaults kept) and makes its own contexts "
+                             f"in --student-steps; leave it out")
+        if config.mode != "distill" and field.name in DISTILL_SETTINGS:
+            raise ValueError(f"{option_name(field.name)} applies to mode distill only; leave it out in mode "
                              f"{config.mode}")
     if config.refiner_channels % REFINER_GROUPS:
         raise ValueError(f"--refiner-channels must be a multiple of {REFINER_GROUPS} (the refiner's GroupNorm "
@@ -495,9 +530,10 @@ from infra.run_state import OutputLock, resolve_device
 from model import UNet, micro_conditioning
 from pipeline import StableDiffusionXLVideoPipeline
 from refiner import Refiner
-from scheduler import SchedulerConfig, add_noise, make_schedule, training_target
+from scheduler import SchedulerConfig, add_noise, make_schedule, training_target, with_sampler
 from training.refiner import refiner_config, refiner_loss, validation_losses, validation_windows, window_clips
-from training.self_context import SelfContext
+from training.distill import SAMPLER as STUDENT_SAMPLER, Distillation, Distiller, draws as distillation_draws
+from training.self_context import SelfContext, augmented_context
 from vae import AutoencoderKL
 from training.baby import baby_configs, baby_text_encoder
 from training.data import Batches, ShardData, batch_of, encoded_batch, make_data
@@ -564,15 +600,7 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
         keep_text = (torch.rand(every, generator=generator)[mine] >= config.text_drop).to(text)  # (b,)
         text, pooled = text * keep_text[:, None, None], pooled * keep_text[:, None]
         context, chunk = self_context.split(pipeline, latents, text, pooled, index)  # (b, 4, k, h, w), (b, 4, f, h, w)
-        draws = torch.rand(3, generator=generator)
-        if draws[0] < config.context_drop:
-            context = None
-        else:
-            if draws[2] < config.context_shorten and k > 1:
-                context = context[:, :, -int(torch.randint(1, k, (), generator=generator)):]  # (b, 4, 1 .. k-1, h, w)
-            if draws[1] < config.context_noise_probability:
-                context_noise = torch.randn((every, *context.shape[1:]), generator=generator)[mine]
-                context = context + config.context_noise * context_noise.to(context)
+        context = augmented_context(context, config, every, mine, generator)  # None, or (b, 4, 1 .. k, h, w)
         timesteps = torch.randint(0, train_steps, (every,), generator=generator)[mine]
         noise = torch.randn((every, *chunk.shape[1:]), generator=generator)[mine].to(chunk)
         chunk, noise = chunk.float(), noise.float()  # (b, 4, f, h, w), the noising and target in float32
@@ -585,12 +613,45 @@ def unet_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfi
     return loss
 
 
+def distill_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, rank: int, world_size: int):
+    """Mode distill's loss (training/distill.py's method on the Distiller the stage trains): each
+    batch's contexts made by the student itself in --student-steps for --self-context-probability of
+    the samples (as --self-context sampled makes them, with the student's sampler), then dropped,
+    shortened and noised as the UNet's loss does; no text is dropped (the guidance is the teacher's)."""
+    k = config.context_frames
+    mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+    self_context = SelfContext("sampled", config.self_context_probability, config.student_steps, 1.0, k,
+                               config.frames, config.size, config.seed, mine.start, sampler=STUDENT_SAMPLER)
+    data = make_data(dataclasses.replace(config, context_frames=k + self_context.extra_frames))
+    batches = Batches(data, config.batch_size, rank, world_size, config.workers)
+    train_steps = pipeline.scheduler_config.num_train_timesteps
+
+    def loss(distiller, index, generator):
+        latents, text, pooled = encoded_batch(pipeline, batches[index])  # (b, 4, f + k + f, h, w), (b, tokens, dim), (b, p)
+        every = latents.shape[0] * world_size
+        context, chunk = self_context.split(pipeline, latents, text, pooled, index)  # (b, 4, k, h, w), (b, 4, f, h, w)
+        context = augmented_context(context, config, every, mine, generator)  # None, or (b, 4, 1 .. k, h, w)
+        drawn = distillation_draws(config.distill_method, config.student_steps, chunk.shape[1:], every, mine,
+                                   train_steps, generator)
+        drawn = {name: value.to(chunk.device) if torch.is_tensor(value) else value for name, value in drawn.items()}
+        time_ids = micro_conditioning(chunk.shape[0], config.size, config.size, dtype=text.dtype, device=text.device)
+        inputs = {"chunk": chunk} if config.distill_method == "consistency" else {}
+        return distiller(**inputs, **drawn, text=text, pooled=pooled, time_ids=time_ids, context=context)
+
+    return loss
+
+
 # Samples, validation, the model ----------------------------------------------------------------
 
 
 def sample_defaults(config: TrainConfig) -> dict:
     """How sample.py makes videos with the trained model (its config.json's `sample_defaults`), and
-    how write_samples makes the training samples."""
+    how write_samples makes the training samples. Mode distill: --model's, in --student-steps of the
+    student's sampler without guidance."""
+    if config.mode == "distill":
+        teacher = load_checkpoint_config(config.model).get("sample_defaults", {})
+        kept = {name: value for name, value in teacher.items() if name not in ("timestep_spacing", "timesteps")}
+        return {**kept, "steps": config.student_steps, "guidance": 1.0, "scheduler": STUDENT_SAMPLER}
     return {"height": config.size, "width": config.size, "frames": config.frames,
             "context_frames": config.context_frames, "steps": config.sample_steps,
             "guidance": config.sample_guidance, "anchor_frame": config.sample_anchor_frame}
@@ -696,6 +757,15 @@ def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfi
         write_curves(config)
 
 
+def teacher_guidance(config: TrainConfig) -> float:
+    """--teacher-guidance, or (0) --model's sample default guidance; ValueError when it has none."""
+    guidance = config.teacher_guidance or load_checkpoint_config(config.model).get("sample_defaults", {}).get("guidance")
+    if not guidance:
+        raise ValueError(f"--model {config.model} has no sample default guidance: give the teacher's as "
+                         f"--teacher-guidance")
+    return float(guidance)
+
+
 def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
     """The run's pipeline, its UNet in float32 (the trained weights' master copy). Under --fsdp the
     UNet stays on the CPU: `fully_shard` moves each process's shards to the device."""
@@ -707,6 +777,16 @@ def build_pipeline(config: TrainConfig) -> StableDiffusionXLVideoPipeline:
             module.requires_grad_(False).eval()
         torch.manual_seed(config.seed)
         pipeline.refiner = Refiner(refiner_config(config)).to(device)
+        return pipeline
+    if config.mode == "distill":  # the student is --model's UNet, trained all or in its temporal modules
+        pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, device)
+        pipeline.vae.requires_grad_(False)
+        pipeline.text_encoder.requires_grad_(False)
+        pipeline.unet.float()
+        if config.distill_weights == "temporal":
+            pipeline.unet.requires_grad_(False)
+            for parameter in pipeline.unet.temporal_parameters():
+                parameter.requires_grad_(True)
         return pipeline
     if config.mode == "temporal":
         pipeline = StableDiffusionXLVideoPipeline.from_pretrained(config.model, unet_device)
@@ -786,6 +866,13 @@ def check_sampler_steps(config: TrainConfig) -> None:
     samples nothing)."""
     if config.mode == "refiner":
         return
+    if config.mode == "distill":
+        teacher_guidance(config)
+        try:
+            make_schedule(with_sampler(model_configs(config.model)["scheduler"], STUDENT_SAMPLER), config.student_steps)
+        except ValueError as error:
+            raise ValueError(f"--student-steps {config.student_steps}: {error}") from None
+        return
     scheduler_config = model_configs(config.model)["scheduler"] if config.mode == "temporal" else \
         SchedulerConfig.video_model()
     steps = [("--sample-steps", config.sample_steps)]
@@ -819,6 +906,8 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
     paths = {"vae": out / "vae.pt", "unet": out / ("unet.dcp" if config.fsdp else "unet.pt")}
     if config.mode == "refiner":
         paths = {"refiner": out / "refiner.pt"}
+    if config.mode == "distill":
+        paths = {"distill": out / "distill.pt"}
     other = out / ("unet.pt" if config.fsdp else "unet.dcp")
     if other.exists():
         raise ValueError(f"{other} is the checkpoint of a run {'without' if config.fsdp else 'with'} --fsdp: "
@@ -859,6 +948,8 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
     pipeline.unet.gradient_checkpointing = config.gradient_checkpointing
     if config.mode == "refiner":
         return train_refiner(pipeline, data, clips, config, on_step, rank, world_size)
+    if config.mode == "distill":
+        return train_distill(pipeline, data, config, on_step, rank, world_size)
 
     if config.mode == "baby":
         vae = pipeline.vae.train()
@@ -928,6 +1019,42 @@ def train_refiner(pipeline: StableDiffusionXLVideoPipeline, data, windows, confi
         stage.ema.copy_to(stage.trained)
     if rank == 0:
         pipeline.refiner.eval()
+        save_model(pipeline, config)
+        write_curves(config)
+    if world_size > 1:
+        dist.barrier()
+    return pipeline
+
+
+def train_distill(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, on_step, rank: int,
+                  world_size: int) -> StableDiffusionXLVideoPipeline:
+    """Mode distill: the distill stage (training/distill.py; every --validate-every steps the shapes
+    metrics of the student as sample.py runs it), then OUT/model: --model with the student's UNet and
+    sample defaults (--student-steps of the LCM sampler, no guidance)."""
+    teacher = copy.deepcopy(pipeline.unet).requires_grad_(False).eval()
+    distillation = Distillation(config.distill_method, config.student_steps, teacher_guidance(config))
+    distiller = Distiller(pipeline.unet, teacher, pipeline.scheduler_config, distillation)
+    if distiller.fake is not None:  # a copy of the teacher that trains the same weights as the student
+        for name, parameter in distiller.fake.named_parameters():
+            parameter.requires_grad_(pipeline.unet.get_parameter(name).requires_grad)
+    stage = Stage("distill", distiller.train(), distill_loss(pipeline, data, config, rank, world_size),
+                  config.distill_steps, config.distill_learning_rate, config, batch_size=config.batch_size,
+                  frames_per_sample=config.frames, ema_decay=config.ema_decay)
+    stage.load()
+
+    def every_step(stage):
+        if stage.step % config.sample_every == 0 and rank == 0:
+            write_samples(pipeline, config, stage.step)
+        if config.validate_every and stage.step % config.validate_every == 0:
+            validate(pipeline, None, config, stage.step, rank, world_size)
+        if on_step is not None:
+            on_step(stage)
+
+    stage.run(every_step)
+    if stage.ema is not None:
+        stage.ema.copy_to(stage.trained)
+    if rank == 0:
+        pipeline.unet.eval()
         save_model(pipeline, config)
         write_curves(config)
     if world_size > 1:

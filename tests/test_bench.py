@@ -8,10 +8,14 @@ UNet's fast paths are in test_unet_fast_paths.py).
 - The baby row runs the shipped baby with the model code before issue 24's cuts and with this
   checkout's, and their UNet passes agree within 1e-5 (issue 24's bound; they are equal bit for bit
   since no cut changed the maths).
+- The student row runs the teacher and a student each with its own sample_defaults: the UNet is
+  called once a step, as many steps as each model's defaults say.
 """
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +154,39 @@ def test_baby_row_compares_the_code_before_with_this_checkouts():
     assert row["max_abs_difference"]["unet_pass"] <= 1e-5
     assert all(row[key]["before"] > 0 and row[key]["after"] > 0 for key in ("unet_pass_ms", "seconds_per_chunk"))
     assert 0.45 < row["gflop_per_pass"] < 0.55  # issue 24: 497 MFLOP; the meta count adds the attention products
+
+
+def test_student_row_runs_teacher_and_student_with_their_own_defaults(tmp_path, monkeypatch):
+    # Issue 28: the student (here the baby's weights with a student's sample_defaults: 4 LCM steps, no
+    # guidance) and its teacher make their videos with their own defaults; counted UNet calls show the steps.
+    student = tmp_path / "student"
+    shutil.copytree(bench.BABY, student)
+    config = json.loads((student / "config.json").read_text())
+    config["sample_defaults"].update(steps=4, guidance=1.0, scheduler="lcm")
+    (student / "config.json").write_text(json.dumps(config))
+    calls = {}
+    load = bench.StableDiffusionXLVideoPipeline.from_pretrained
+
+    def counting(folder, device=None, dtype=None):
+        pipeline = load(folder, device, dtype)
+        name = "student" if Path(folder) == student else "teacher"
+        calls[name] = 0
+        pipeline.unet.register_forward_hook(lambda *_: calls.__setitem__(name, calls[name] + 1))
+        return pipeline
+
+    monkeypatch.setattr(bench.StableDiffusionXLVideoPipeline, "from_pretrained", staticmethod(counting))
+    row = bench.student(bench.parse_arguments(["--rows", "student", "--repeats", "1", "--warmup", "0",
+                                               "--student", str(student)]))
+    chunks = bench.CHUNKS_PER_CALL  # one timed call, no warm-up
+    assert calls == {"teacher": 25 * chunks, "student": 4 * chunks}  # one UNet call a step (guidance batches)
+    assert ({key: row["settings"]["student"][key] for key in ("steps", "guidance", "scheduler")}
+            == {"steps": 4, "guidance": 1.0, "scheduler": "lcm"})
+    assert {key: row["settings"]["teacher"][key] for key in ("steps", "guidance")} == {"steps": 25, "guidance": 3.0}
+    assert set(row["seconds_per_chunk"]) == set(row["frames_per_second"]) == {"teacher", "student"}
+    assert all(value > 0 for value in row["frames_per_second"].values()) and row["fps_ratio"] > 0
+    assert row["command"].startswith("python tools/bench.py --rows student --student ")
+
+
+def test_student_row_is_skipped_without_a_student(tmp_path):
+    row = bench.student(bench.parse_arguments(["--rows", "student", "--student", str(tmp_path / "missing")]))
+    assert set(row) == {"name", "skipped"} and row["skipped"].startswith(f"--student {tmp_path / 'missing'}: ")

@@ -25,6 +25,9 @@ Rows (`--rows` picks some):
 - baby: the shipped baby (models/baby) as the quick start runs it, this checkout's model code
   against BASELINE_REVISION's (before the chunk's overhead was cut), interleaved: a UNet pass of a
   step (ms, GFLOP/s), a whole chunk (seconds), and the largest difference of their outputs;
+- student: a few-step student (`--student`, default models/baby-student; skipped where missing)
+  against its teacher, the baby, each making a video as sample.py does with its own sample_defaults,
+  interleaved: seconds per chunk (denoising and decode), frames per second, their ratio (issue 28);
 - endless / peak_memory: chunk after chunk as sample.py makes them, each run in a fresh process:
   throughput, and peak memory (RSS on CPU, max_memory_allocated on GPU) at 5 and at 50 chunks.
 
@@ -81,7 +84,8 @@ except ImportError:
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SDXL = REPOSITORY / "configs" / "sdxl-base-1.0"
-CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "baby", "endless")
+CPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "chunk", "vae_decode", "baby", "student",
+            "endless")
 GPU_ROWS = ("full_size_flops", "unet_vs_diffusers", "temporal_overhead", "sdpa_backends", "chunk", "endless")
 PROMPT = "a red circle moving left"
 SCRIPTS = ("convert_weights.py", "sample.py")  # what `--quick`'s whole path runs (`run_script`)
@@ -90,6 +94,8 @@ BABY = REPOSITORY / "models" / "baby"
 # that issue 24 measured; its files are read with `git show`, so the row needs the repository's history.
 BASELINE_REVISION = "ff59651"
 MODEL_FILES = ("model.py", "layers.py", "temporal.py")
+STUDENT = REPOSITORY / "models" / "baby-student"  # the student row's default: train.py --mode distill's student of the baby
+CHUNKS_PER_CALL = 5  # chunks per timed call in the student row (a student's chunk is a tenth of a second on a CPU)
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -109,6 +115,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="the prepared GPU check (correctness, the whole path, memory modes, speed; a table last, "
                              "under 8 minutes on an H100/H200); with --device cpu a smoke run of tiny models")
     parser.add_argument("--json", help="with --quick: also write the table as JSON to this file")
+    parser.add_argument("--student", metavar="FOLDER", default=str(STUDENT),
+                        help="the student row's few-step model (train.py --mode distill); none there: the row is skipped")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one endless run in this process
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -714,6 +722,61 @@ def baby(args) -> dict:
     }
 
 
+def video_of(args, folder: Path):
+    """The model in `folder` making a video as sample.py makes one with no options but a prompt: its
+    sample_defaults over Settings' defaults, the prompt encoded once, a seeded generator, each chunk
+    decoded. Returns the chunks' ChunkSpec, the name of their sampler and an endless iterator of
+    decoded chunks (each a list of one video's frames, numpy uint8 (frames, H, W, 3))."""
+    from endless import Prompts, VideoState, decoded_chunks
+    from video_settings import Settings, check_settings
+
+    config = json.loads((folder / "config.json").read_text())
+    settings = Settings.from_options(timeline=[(0, PROMPT)], **{**config.get("sample_defaults", {}), "model": str(folder)})
+    check_settings(settings, config)  # a None height and width become the model's
+    pipeline = StableDiffusionXLVideoPipeline.from_pretrained(folder, args.device, args.dtype)
+    pipeline.set_vae_dtype(None, {v: k for k, v in DTYPES.items()}[args.dtype])  # sample.py's VAE dtype for --dtype
+    pipeline.unet = maybe_compile(pipeline.unet, args)
+    chunk = settings.chunk
+    embeddings = pipeline.encode_prompts([PROMPT], settings.negative_prompt, chunk.guidance > 1)[0]
+    chunks = decoded_chunks(pipeline, chunk, settings.drift, Prompts([(0, embeddings)]), VideoState(),
+                            torch.Generator().manual_seed(settings.seed), settings.decode_frames)
+    return chunk, chunk.scheduler or pipeline.scheduler_config.algorithm_type, chunks
+
+
+@torch.no_grad()
+def student(args) -> dict:
+    """Issue 28: the few-step student (`--student`, train.py's mode distill) against its teacher, the
+    shipped baby, each making a video as sample.py does with its own sample_defaults: whole chunks,
+    denoising and VAE decode, CHUNKS_PER_CALL per timed call, interleaved. Frames per second are
+    frames per chunk over seconds per chunk; on one CPU thread the clock is the process's CPU time
+    (as in the baby row), wall time otherwise. Skipped where the student's folder has no config.json."""
+    folder = Path(args.student)
+    if not (folder / "config.json").is_file():
+        return {"name": "student", "skipped": f"--student {folder}: no model folder there (train.py --mode distill "
+                                              f"writes one)"}
+    videos = {"teacher": video_of(args, BABY), "student": video_of(args, folder)}
+    cpu_clock = not args.device.startswith("cuda") and torch.get_num_threads() == 1
+    functions = {name: lambda chunks=chunks: [next(chunks) for _ in range(CHUNKS_PER_CALL)]
+                 for name, (_, _, chunks) in videos.items()}
+    times = interleaved(functions, args.warmup, args.repeats, args.device,
+                        time.process_time if cpu_clock else time.perf_counter)
+    seconds = {name: median(times[name]) / CHUNKS_PER_CALL for name in videos}
+    fps = {name: videos[name][0].frames / seconds[name] for name in videos}
+    return {
+        "name": "student", "teacher": str(BABY.relative_to(REPOSITORY)), "student": str(folder),
+        **describe_device(args), "compile": args.compile, "clock": "process CPU time" if cpu_clock else "wall time",
+        "chunks_per_call": CHUNKS_PER_CALL,
+        "settings": {name: {"steps": chunk.steps, "guidance": chunk.guidance, "scheduler": sampler,
+                            "frames": chunk.frames, "context_frames": chunk.context_frames,
+                            "size": [chunk.height, chunk.width]} for name, (chunk, sampler, _) in videos.items()},
+        "seconds_per_chunk": {name: round(value, 4) for name, value in seconds.items()},
+        "frames_per_second": {name: round(value, 3) for name, value in fps.items()},
+        "fps_ratio": round(fps["student"] / fps["teacher"], 3),
+        "times": {name: rounded(values) for name, values in times.items()},
+        "command": f"python tools/bench.py --rows student --student {folder} --threads {torch.get_num_threads()}",
+    }
+
+
 @torch.no_grad()
 def endless_child(args) -> dict:
     """`args.child` chunks as sample.py makes them (prompt once, context between chunks, decode
@@ -1093,7 +1156,7 @@ def flatten(values: dict, prefix: str = ""):
 
 ROWS = {"full_size_flops": full_size_flops, "unet_vs_diffusers": unet_vs_diffusers,
         "temporal_overhead": temporal_overhead, "sdpa_backends": sdpa_backends, "chunk": chunk,
-        "vae_decode": vae_decode, "baby": baby, "endless": endless}
+        "vae_decode": vae_decode, "baby": baby, "student": student, "endless": endless}
 
 
 def main(argv=None) -> None:

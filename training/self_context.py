@@ -7,8 +7,8 @@ place of the clip's clean context, what the model makes of it, without gradient:
 
     "sampled"   the clip is longer by one chunk: the model makes that chunk (`frames` frames) from
                 the `context_frames` clean frames before it, as sample.py makes the next chunk
-                (the sampler of the model's scheduler config, `steps` steps, the sample's text, no
-                guidance); its last `context_frames` frames are the context
+                (the sampler of the model's scheduler config or `sampler`, `steps` steps, the
+                sample's text, no guidance); its last `context_frames` frames are the context
     "one-step"  the clean context is noised to a random training timestep in [0, level * T) and
                 denoised by the model in one call (as a first chunk: no context of its own)
 
@@ -25,7 +25,7 @@ import torch
 
 from model import micro_conditioning
 from pipeline import randn
-from scheduler import add_noise, denoised_from, make_schedule, training_coefficients
+from scheduler import add_noise, denoised_from, make_schedule, training_coefficients, with_sampler
 from training.loop import seeded_generator
 
 MODES = ("off", "sampled", "one-step")
@@ -44,6 +44,7 @@ class SelfContext:
     size: int  # frame height and width in pixels
     seed: int
     offset: int = 0  # this process's first sample in the global batch (rank x per-process batch)
+    sampler: str | None = None  # "sampled": a name of scheduler.SAMPLERS; None: the scheduler config's own
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -94,12 +95,13 @@ class SelfContext:
     def sampled(self, pipeline, history, text, pooled, generators) -> torch.Tensor:
         """history: (n, 4, k, h, w) -> the chunk (n, 4, frames, h, w) the model makes after it in
         `steps` steps without guidance, each sample drawing its noise from its own of `generators`."""
-        timesteps, sigmas = make_schedule(pipeline.scheduler_config, self.steps)
+        config = with_sampler(pipeline.scheduler_config, self.sampler)
+        timesteps, sigmas = make_schedule(config, self.steps)
         shape = (history.shape[0], history.shape[1], self.frames, *history.shape[-2:])
         noise = randn(shape, generators, history.device, history.dtype)
         time_ids = micro_conditioning(shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
-        return pipeline.denoise(pipeline.scheduler_config, timesteps.to(history.device), sigmas, noise, text, pooled,
-                                time_ids, history, 1.0, generators)
+        return pipeline.denoise(config, timesteps.to(history.device), sigmas, noise, text, pooled, time_ids, history,
+                                1.0, generators)
 
     def one_step(self, pipeline, context, text, pooled, generators) -> torch.Tensor:
         """context: (n, 4, k, h, w) clean -> noised to a random timestep each and denoised in one
@@ -113,3 +115,20 @@ class SelfContext:
         time_ids = micro_conditioning(context.shape[0], self.size, self.size, dtype=text.dtype, device=text.device)
         prediction = pipeline.unet(noisy.to(context.dtype), timesteps.to(context.device), text, pooled, time_ids, None)
         return denoised_from(config, prediction.float(), noisy, *training_coefficients(config, timesteps, noisy))
+
+
+def augmented_context(context, config, every: int, mine: slice, generator: torch.Generator):
+    """A batch's context (b, 4, k, h, w) as the loss sees it, from the draws of `generator` (made for
+    the global batch of `every` samples, this process's `mine`): dropped (None: a first chunk) with
+    probability config.context_drop, else cut to its last 1 .. k-1 frames with probability
+    config.context_shorten and noised (std config.context_noise) with config.context_noise_probability."""
+    draws = torch.rand(3, generator=generator)
+    if draws[0] < config.context_drop:
+        return None
+    k = context.shape[2]
+    if draws[2] < config.context_shorten and k > 1:
+        context = context[:, :, -int(torch.randint(1, k, (), generator=generator)):]  # (b, 4, 1 .. k-1, h, w)
+    if draws[1] < config.context_noise_probability:
+        context_noise = torch.randn((every, *context.shape[1:]), generator=generator)[mine]
+        context = context + config.context_noise * context_noise.to(context)
+    return context
