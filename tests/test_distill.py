@@ -381,3 +381,18 @@ def test_a_teacher_s_refiner_is_kept_with_its_sample_default(tmp_path):
                              "--out", str(tmp_path / "video.mp4"), "--prompt", "a red circle moving left"],
                             cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_shipped_student_is_the_baby_s_with_a_distilled_unet_sampled_in_four_lcm_steps_without_guidance():
+    student = REPOSITORY / "models" / "baby-student"
+    config = json.loads((student / "config.json").read_text())
+    teacher = json.loads((BABY / "config.json").read_text())
+    assert config["sample_defaults"] == {**teacher["sample_defaults"], "steps": 4, "guidance": 1.0, "scheduler": "lcm"}
+    settings = config["provenance"]["settings"]
+    assert (settings["mode"], settings["distill_method"], settings["student_steps"]) == ("distill",
+                                                                                        "distribution-matching", 4)
+    for part in ("vae.safetensors", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        files = sorted(path.relative_to(BABY) for path in (BABY / part).rglob("*") if path.is_file()) \
+            if (BABY / part).is_dir() else [Path(part)]
+        assert files and all((student / name).read_bytes() == (BABY / name).read_bytes() for name in files), part
+    assert (student / "unet.safetensors").read_bytes() != (BABY / "unet.safetensors").read_bytes()
