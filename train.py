@@ -79,7 +79,7 @@ DISTILL_SETTINGS = ("distill_method", "student_steps", "teacher_guidance", "dist
 NOT_FOR_DISTILL = ("vocabulary", "vae_downsampling", "self_context", "self_context_steps", "self_context_level",
                    "text_drop", "prediction_type", "conditioner", "unet_steps", "learning_rate", "vae_steps",
                    "vae_batch_size", "vae_learning_rate", "sample_steps", "sample_guidance", "sample_anchor_frame",
-                   "plan", "processes", "peak_tflops")
+                   "plan", "processes", "peak_tflops", "validation_data", "validation_clips")
 
 
 def setting(default, help: str, resume: str, minimum=None, maximum=None, above=None, aliases=()):
@@ -284,6 +284,9 @@ class TrainConfig:
         if (model := model_folder_holding(self.out)) is not None:
             raise ValueError(f"--out {self.out} is or lies inside the model folder {model} (it holds a checkpoint's "
                              f"config.json); give a run's folder outside it")
+        if (Path(self.out) / "model").exists() and not (Path(self.out) / "train_config.json").is_file():
+            raise ValueError(f"--out {self.out} holds a model folder but no run (no train_config.json), and a run "
+                             f"writes its model over {Path(self.out) / 'model'}: give a new --out or move that away")
         if self.fsdp and self.mode == "distill":
             raise ValueError("--fsdp with mode distill: the student makes its contexts itself, a number of UNet calls "
                              "that differs between processes, which FSDP cannot gather for; use DDP")
@@ -646,12 +649,14 @@ def distill_loss(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainCo
 
 def sample_defaults(config: TrainConfig) -> dict:
     """How sample.py makes videos with the trained model (its config.json's `sample_defaults`), and
-    how write_samples makes the training samples. Mode distill: --model's, in --student-steps of the
-    student's sampler without guidance."""
+    how write_samples makes the training samples. Mode distill: --model's (its height and width too),
+    with the run's frames and context frames, in --student-steps of the student's sampler without
+    guidance."""
     if config.mode == "distill":
         teacher = load_checkpoint_config(config.model).get("sample_defaults", {})
         kept = {name: value for name, value in teacher.items() if name not in ("timestep_spacing", "timesteps")}
-        return {**kept, "steps": config.student_steps, "guidance": 1.0, "scheduler": STUDENT_SAMPLER}
+        return {**kept, "frames": config.frames, "context_frames": config.context_frames,
+                "steps": config.student_steps, "guidance": 1.0, "scheduler": STUDENT_SAMPLER}
     return {"height": config.size, "width": config.size, "frames": config.frames,
             "context_frames": config.context_frames, "steps": config.sample_steps,
             "guidance": config.sample_guidance, "anchor_frame": config.sample_anchor_frame}
@@ -758,11 +763,14 @@ def validate(pipeline: StableDiffusionXLVideoPipeline, clips, config: TrainConfi
 
 
 def teacher_guidance(config: TrainConfig) -> float:
-    """--teacher-guidance, or (0) --model's sample default guidance; ValueError when it has none."""
-    guidance = config.teacher_guidance or load_checkpoint_config(config.model).get("sample_defaults", {}).get("guidance")
-    if not guidance:
-        raise ValueError(f"--model {config.model} has no sample default guidance: give the teacher's as "
-                         f"--teacher-guidance")
+    """--teacher-guidance, or (0) --model's sample default guidance; ValueError when that is missing,
+    not a number in (1, 100] (a model sampled without guidance, such as a student, is no teacher)."""
+    if config.teacher_guidance:
+        return config.teacher_guidance
+    guidance = load_checkpoint_config(config.model).get("sample_defaults", {}).get("guidance")
+    if type(guidance) not in (int, float) or not 1 < guidance <= 100:
+        raise ValueError(f"--model {config.model}: its config.json's sample default guidance is {guidance!r}, not a "
+                         f"teacher's (a number above 1, at most 100); give the teacher's as --teacher-guidance")
     return float(guidance)
 
 

@@ -356,15 +356,20 @@ def test_a_refused_option_is_one_line_before_torch_is_imported(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_teacher_without_a_guidance_needs_teacher_guidance_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("guidance", [None, 1.0, 0.5, -2, "abc", [3]])
+def test_a_teacher_without_a_guidance_needs_teacher_guidance_before_any_work(tmp_path, capsys, guidance):
+    # None: no default at all; 1.0: a model sampled without guidance (a student); the others: not a guidance.
     model = Path(shutil.copytree(BABY, tmp_path / "teacher"))
     values = json.loads((model / "config.json").read_text())
-    del values["sample_defaults"]["guidance"]
+    if guidance is None:
+        del values["sample_defaults"]["guidance"]
+    else:
+        values["sample_defaults"]["guidance"] = guidance
     (model / "config.json").write_text(json.dumps(values))
     status, lines = main_exit(TrainConfig(**{**SMALL, "model": str(model), "out": str(tmp_path / "run")}), capsys)
     assert status == 1 and len(lines) == 1, lines
-    assert lines[0] == (f"error: --model {model} has no sample default guidance: give the teacher's as "
-                        f"--teacher-guidance")
+    assert lines[0] == (f"error: --model {model}: its config.json's sample default guidance is {guidance!r}, not a "
+                        f"teacher's (a number above 1, at most 100); give the teacher's as --teacher-guidance")
     assert not (tmp_path / "run").exists()
     given = TrainConfig(**{**SMALL, "model": str(model), "out": str(tmp_path / "run"), "teacher_guidance": 2.0})
     train.check_sampler_steps(given)  # accepted with --teacher-guidance
@@ -396,3 +401,15 @@ def test_the_shipped_student_is_the_baby_s_with_a_distilled_unet_sampled_in_four
             if (BABY / part).is_dir() else [Path(part)]
         assert files and all((student / name).read_bytes() == (BABY / name).read_bytes() for name in files), part
     assert (student / "unet.safetensors").read_bytes() != (BABY / "unet.safetensors").read_bytes()
+
+
+def test_a_new_out_holding_a_model_folder_is_refused_and_the_folder_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    notes = out / "model" / "NOTES.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match=r"holds a model folder but no run \(no train_config.json\)"):
+        TrainConfig(**{**SMALL, "out": str(out)})
+    with pytest.raises(ValueError, match="holds a model folder but no run"):
+        TrainConfig(mode="baby", out=str(out))
+    assert notes.read_text() == "mine" and sorted(path.name for path in out.iterdir()) == ["model"]

@@ -1,5 +1,5 @@
 """Few-step students: a video model's teacher (N steps with classifier-free guidance) distilled into a
-student that makes a chunk in `steps` <= 4 steps of the LCM sampler, without guidance
+student that makes a chunk in `steps` steps (made for 1 to 4) of the LCM sampler, without guidance
 (train.py --mode distill). The student starts as a copy of the teacher; the teacher stays frozen.
 
 Two methods, each one loss of a batch of chunks, their contexts, texts and draws:
