@@ -1005,6 +1005,21 @@ def train_locked(config: TrainConfig, on_step, locks: ExitStack) -> StableDiffus
     return pipeline if rank == 0 or not config.fsdp else None
 
 
+def write_model(stage: Stage, trained, pipeline: StableDiffusionXLVideoPipeline, config: TrainConfig, rank: int,
+                world_size: int) -> StableDiffusionXLVideoPipeline:
+    """The end of a one-module stage (modes refiner and distill): the weights' average into the
+    weights, then by rank 0 `trained` to eval, OUT/model and the curves; every process waits for it."""
+    if stage.ema is not None:
+        stage.ema.copy_to(stage.trained)
+    if rank == 0:
+        trained.eval()
+        save_model(pipeline, config)
+        write_curves(config)
+    if world_size > 1:
+        dist.barrier()
+    return pipeline
+
+
 def train_refiner(pipeline: StableDiffusionXLVideoPipeline, data, windows, config: TrainConfig, on_step, rank: int,
                   world_size: int) -> StableDiffusionXLVideoPipeline:
     """Mode refiner: the refiner stage (training/refiner.py's loss; every --validate-every steps its
@@ -1023,15 +1038,7 @@ def train_refiner(pipeline: StableDiffusionXLVideoPipeline, data, windows, confi
             on_step(stage)
 
     stage.run(every_step)
-    if stage.ema is not None:
-        stage.ema.copy_to(stage.trained)
-    if rank == 0:
-        pipeline.refiner.eval()
-        save_model(pipeline, config)
-        write_curves(config)
-    if world_size > 1:
-        dist.barrier()
-    return pipeline
+    return write_model(stage, pipeline.refiner, pipeline, config, rank, world_size)
 
 
 def train_distill(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainConfig, on_step, rank: int,
@@ -1059,15 +1066,7 @@ def train_distill(pipeline: StableDiffusionXLVideoPipeline, data, config: TrainC
             on_step(stage)
 
     stage.run(every_step)
-    if stage.ema is not None:
-        stage.ema.copy_to(stage.trained)
-    if rank == 0:
-        pipeline.unet.eval()
-        save_model(pipeline, config)
-        write_curves(config)
-    if world_size > 1:
-        dist.barrier()
-    return pipeline
+    return write_model(stage, pipeline.unet, pipeline, config, rank, world_size)
 
 
 def text_encoder_parameters(folder: Path) -> int:
